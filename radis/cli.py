@@ -1,0 +1,92 @@
+"""The `radis` console command.
+
+    radis build-data    --config X.yaml [key=value ...]   sources -> packed shards
+    radis inspect-data  --config X.yaml [key=value ...]   show examples with spans marked
+    radis rationales    --config X.yaml [key=value ...]   the model writes its rationales
+    radis train         --config X.yaml [key=value ...]   RaDis / vanilla on DeepSpeed
+    radis export        --checkpoint DIR --out DIR        consolidated HF model directory
+    radis evaluate      --config X.yaml [key=value ...]   BLEU/chrF/COMET + retention
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their subcommand runs, so
+`radis --help` stays fast and does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "build-data": ("radis.data.build", "tokenise, span-label and pack parallel data into cached shards"),
+    "inspect-data": ("radis.data.inspect", "print examples with prompt / translation / rationale spans marked"),
+    "rationales": ("radis.rationales.command", "generate rationales with the model itself (distributed, resumable)"),
+    "train": ("radis.train.command", "train with RaDis or vanilla fine-tuning on DeepSpeed"),
+    "export": ("radis.train.export", "export a checkpoint as a consolidated Hugging Face model directory"),
+    "evaluate": ("radis.evaluate.command", "translation quality and general-ability retention"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The `--config FILE` option and trailing `key=value` overrides shared by subcommands."""
+    parser.add_argument("--config", "-c", required=required, help="YAML configuration file (see README: Configuration)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override a config value, e.g. train.lr=1e-5 data.max_tokens=4096"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radis",
+        description="RaDis: rationale distillation for translation fine-tuning of chat LLMs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        # The module is imported to describe its arguments only when this subcommand
+        # (or its --help) is asked for.
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv)
+        parser.print_help()
+        return 0 if not argv else 2
+    name = argv[0]
+    module_name, help_text = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("radis"):
+            print(f"radis {name}: not available in this build ({err})", file=sys.stderr)
+            return 2
+        raise
+    sub = argparse.ArgumentParser(prog=f"radis {name}", description=(module.__doc__ or help_text).strip(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    from radis.config import ConfigError
+
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as err:
+        print(f"radis {name}: config error: {err}", file=sys.stderr)
+        return 2
+
+
+def _version() -> str:
+    from radis import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

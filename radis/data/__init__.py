@@ -1,0 +1,1 @@
+"""The data path: sources -> segments -> packing -> loader (see DESIGN.md)."""

