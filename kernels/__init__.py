@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `radis.kernels` (never as a top-level `kernels`)."""
