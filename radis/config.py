@@ -89,6 +89,9 @@ class DataConfig:
     # Translation instruction; {src_lang}/{tgt_lang} are names, {source} the text.
     instruction: str = "Translate the following text from {src_lang} into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:"
     system_prompt: str | None = None
+    # English names for language codes that radis.data.languages does not know, e.g.
+    # {"ga": "Irish"}; they are what {src_lang}/{tgt_lang} become in the instruction.
+    language_names: dict[str, str] = field(default_factory=dict)
     # Packing: best-fit-decreasing inside shuffled windows of this many examples.
     pack_window: int = 4096
     # Packed sequences per micro-batch (each micro-batch is [packs, max_tokens]).
@@ -181,6 +184,10 @@ class EvalConfig:
     # General-ability retention set (JSONL of {"id", "category", "prompt"}); None: shipped set.
     retention_prompts: str | None = None
     retention_max_new_tokens: int = 128
+    # Retention proxies against `model.name_or_path` (the original model); off: translation only.
+    retention: bool = True
+    # Keep a category-balanced subset of this many retention prompts (the CPU demo uses ~30).
+    retention_limit: int | None = None
     output_dir: str = "outputs/eval"
 
 
