@@ -1,0 +1,430 @@
+"""Packing: segments -> bins of at most `max_tokens` -> the tensors a training step eats.
+
+Two jobs, one layout:
+
+1. `pack_segments` decides which segments share a bin: best-fit-decreasing inside
+   windows of `pack_window` segments taken in a seeded random order. The window keeps
+   packs random (a global sort would put all long examples together) while the
+   best-fit inside it, with under-filled bins carried into the next window, fills the
+   bins almost completely (efficiency = real tokens / (packs x max_tokens)).
+2. `collate_packs` turns a micro-batch of packs into model inputs and loss targets.
+
+`PackedDataset` holds the packed data as flat arrays (what the cache shards store):
+
+    tokens      [N] int32     all segments end to end, segments in pack order
+    spans       [N] int8      span label of each token as a target (IGNORE 0 / MT 1 / RD 2)
+    seq_offsets [S+1] int64   segment s = tokens[seq_offsets[s] : seq_offsets[s+1]]
+    pack_offsets[P+1] int64   pack p = segments pack_offsets[p] : pack_offsets[p+1]
+    example_ids [S] str
+    teacher_ids [N, k] int32, teacher_logprobs [N, k] float32   (optional; top-k of the
+                              rationale generator, row i = its distribution for token i)
+
+One micro-batch of B packs padded to T tokens (here B=2, T=12; three examples a, b, c
+and padding p; `·` is -100 in labels and 0 in spans):
+
+    input_ids     a0 a1 a2 a3 a4 b0 b1 b2 b3 b4 b5 p     | c0 c1 c2 c3 c4 c5 c6 c7 p  p  p  p
+    spans (in)    0  0  1  1  2  0  0  1  1  1  2  -     | 0  0  0  1  1  2  2  2  -  -  -  -
+    labels        ·  a2 a3 a4 ·  ·  b2 b3 b4 b5 ·  ·     | ·  ·  c3 c4 c5 c6 c7 ·  ·  ·  ·  ·
+    spans (out)   0  1  1  2  0  0  1  1  1  2  0  0     | 0  0  1  1  2  2  2  0  0  0  0  0
+    position_ids  0  1  2  3  4  0  1  2  3  4  5  0     | 0  1  2  3  4  5  6  7  0  1  2  3
+
+    labels[b, t]   = input_ids[b, t+1] when token t+1 belongs to the same example and its
+                     span is not IGNORE, else -100 (the last token of each example, the
+                     prompt, padding). spans[b, t] is the span of that target token.
+    position_ids   restart at 0 for every example; the padding tail counts from 0 too.
+    cu_seqlens     int32 boundaries over the flattened B*T tokens, the padding tail of a
+                   pack being one extra sequence (flash-attn varlen needs every token
+                   covered): [0, 5, 11, 12, 20, 24]; max_seqlen = 8.
+    attention_mask (attn = "sdpa" / "eager") float [B, 1, T, T], 0 where query t may see
+                   key s (same example, s <= t), finfo(dtype).min elsewhere:
+
+                       a a a a a b b b b b b p
+                   a0  0 - - - - - - - - - - -
+                   a1  0 0 - - - - - - - - - -
+                   ..
+                   a4  0 0 0 0 0 - - - - - - -
+                   b0  - - - - - 0 - - - - - -
+                   b1  - - - - - 0 0 - - - - -       ('-' = finfo(dtype).min)
+                   ..
+                   p   - - - - - - - - - - - 0
+
+Why the mask (measured with transformers 5.24, tiny Llama, see tests/test_packing.py):
+with sdpa / eager, `position_ids` alone isolate packed examples only when the model
+runs with `use_cache=False` and no 2D mask; with the default `use_cache=True` (a
+cache object is created, which switches off transformers' packed-sequence detection),
+or with a 2D all-ones mask, the second example attends to the first (logit error
+~0.2). The 4D additive float mask isolates them in every case, for sdpa and eager; a
+4D bool mask works for sdpa only. With flash_attention_2, transformers derives varlen
+boundaries from position_ids only when B == 1, so pass the boundaries explicitly
+(`model_forward_kwargs` does: cu_seq_lens_q/k and max_length_q/k).
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from radis.data.example import IGNORE, IGNORE_INDEX, MT, RD, Segment
+
+MASKED_ATTN = ("sdpa", "eager")
+VARLEN_ATTN = ("flash_attention_2", "flash_attention_3")
+# A bin of a packing window with more than this share of free slots is carried over.
+CARRY_SLACK = 0.01
+
+
+# --------------------------------------------------------------------------- bin packing
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into `lengths`, each summing to <= capacity (best-fit-decreasing).
+
+    Items are taken longest first (ties in input order); each goes into the open bin
+    whose free space is the smallest that still fits it, or a new bin.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, bin index), sorted; full bins leave it
+    for i in order.tolist():
+        need = int(lengths[i])
+        j = bisect.bisect_left(free, (need, -1))
+        if j == len(free):
+            bins.append([i])
+            left, b = capacity - need, len(bins) - 1
+        else:
+            left, b = free.pop(j)
+            bins[b].append(i)
+            left -= need
+        if left > 0:
+            bisect.insort(free, (left, b))
+    return bins
+
+
+def pack_segments(lengths: Sequence[int], max_tokens: int, window: int, seed: int,
+                  example_ids: Sequence[str] | None = None) -> list[list[int]]:
+    """Group segment indices into packs of at most `max_tokens` tokens.
+
+    The segments are put in a random order drawn from `seed`, cut into windows of
+    `window` segments, and each window is packed by best-fit-decreasing. Bins left
+    more than CARRY_SLACK (1%) empty are dissolved and their segments carried into the
+    next window (at most `window` carried segments; the last window keeps all its
+    bins): windows alone leave a few half-empty bins each (96% on uniform lengths at
+    512 tokens), carrying brings that to 99%. Same inputs -> same packs.
+    """
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    if window < 1:
+        raise ValueError(f"data.pack_window must be >= 1, got {window}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bad = np.flatnonzero((lengths > max_tokens) | (lengths < 1))
+    if bad.size:
+        i = int(bad[0])
+        name = example_ids[i] if example_ids is not None else f"#{i}"
+        raise ValueError(
+            f"segment {name} has {int(lengths[i])} tokens; packing needs 1..max_tokens={max_tokens} "
+            f"({bad.size} such segments; segments must be truncated or dropped before packing)"
+        )
+    order = np.random.default_rng(seed).permutation(len(lengths)).tolist()
+    slack = int(max_tokens * CARRY_SLACK)
+    packs: list[list[int]] = []
+    carry: list[int] = []
+    for start in range(0, len(order), window):
+        idx = carry + order[start:start + window]
+        last_window = start + window >= len(order)
+        carry = []
+        for b in best_fit_decreasing(lengths[idx], max_tokens):
+            members = [idx[k] for k in b]
+            free = max_tokens - int(lengths[members].sum())
+            # An under-filled bin of this window is dissolved: its segments go on to the
+            # next window, whose new segments can fill it up (bounded to one window).
+            if not last_window and free > slack and len(carry) + len(members) <= window:
+                carry.extend(members)
+            else:
+                packs.append(members)
+    return packs
+
+
+# --------------------------------------------------------------------------- packed data
+
+
+@dataclass
+class Pack:
+    """One bin, ready to collate: its segments end to end (n <= max_tokens tokens)."""
+
+    input_ids: np.ndarray  # [n] integer
+    spans: np.ndarray  # [n] int8, span of each token as a target
+    seq_lens: list[int]
+    example_ids: list[str]
+    teacher_ids: np.ndarray | None = None  # [n, k] int32
+    teacher_logprobs: np.ndarray | None = None  # [n, k] float32
+    teacher_valid: np.ndarray | None = None  # [n] bool: rows that carry a real top-k
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class PackedDataset:
+    """Packed segments as flat arrays (layout in the module docstring)."""
+
+    tokens: np.ndarray
+    spans: np.ndarray
+    seq_offsets: np.ndarray
+    pack_offsets: np.ndarray
+    example_ids: list[str]
+    max_tokens: int
+    teacher_ids: np.ndarray | None = None
+    teacher_logprobs: np.ndarray | None = None
+    teacher_valid: np.ndarray | None = None  # [N] bool; None with teacher data = all valid
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seq_offsets[-1] != len(self.tokens) or len(self.spans) != len(self.tokens):
+            raise ValueError("PackedDataset: seq_offsets / spans do not match tokens")
+        if self.pack_offsets[-1] != len(self.seq_offsets) - 1 or len(self.example_ids) != len(self.seq_offsets) - 1:
+            raise ValueError("PackedDataset: pack_offsets / example_ids do not match seq_offsets")
+        self._pack_stats: np.ndarray | None = None
+
+    # -- sizes
+    @property
+    def num_packs(self) -> int:
+        return len(self.pack_offsets) - 1
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return self.num_packs
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / (packs x max_tokens)."""
+        return self.num_tokens / max(1, self.num_packs * self.max_tokens)
+
+    def pack_stats(self) -> np.ndarray:
+        """[P, 3] int64 per pack: tokens, MT targets, RD targets (targets as in `labels`)."""
+        if self._pack_stats is None:
+            # A token is a target when its span is not IGNORE and it is not the first
+            # token of its segment (nothing before it in the same example predicts it).
+            is_first = np.zeros(len(self.tokens), dtype=bool)
+            is_first[self.seq_offsets[:-1]] = True
+            mt = (self.spans == MT) & ~is_first
+            rd = (self.spans == RD) & ~is_first
+            bounds = self.seq_offsets[self.pack_offsets]  # token offset of each pack
+            csum = lambda x: np.concatenate([[0], np.cumsum(x, dtype=np.int64)])
+            c_mt, c_rd = csum(mt), csum(rd)
+            self._pack_stats = np.stack(
+                [np.diff(bounds), c_mt[bounds[1:]] - c_mt[bounds[:-1]], c_rd[bounds[1:]] - c_rd[bounds[:-1]]], axis=1
+            )
+        return self._pack_stats
+
+    def pack(self, p: int) -> Pack:
+        s0, s1 = int(self.pack_offsets[p]), int(self.pack_offsets[p + 1])
+        t0, t1 = int(self.seq_offsets[s0]), int(self.seq_offsets[s1])
+        teacher = self.teacher_ids is not None
+        valid = None
+        if teacher:
+            valid = self.teacher_valid[t0:t1] if self.teacher_valid is not None else np.ones(t1 - t0, dtype=bool)
+        return Pack(
+            input_ids=self.tokens[t0:t1],
+            spans=self.spans[t0:t1],
+            seq_lens=np.diff(self.seq_offsets[s0:s1 + 1]).tolist(),
+            example_ids=self.example_ids[s0:s1],
+            teacher_ids=self.teacher_ids[t0:t1] if teacher else None,
+            teacher_logprobs=self.teacher_logprobs[t0:t1] if teacher else None,
+            teacher_valid=valid,
+        )
+
+    def segment(self, s: int) -> Segment:
+        t0, t1 = int(self.seq_offsets[s]), int(self.seq_offsets[s + 1])
+        return Segment(
+            example_id=self.example_ids[s],
+            input_ids=self.tokens[t0:t1].tolist(),
+            spans=self.spans[t0:t1].tolist(),
+            teacher_ids=self.teacher_ids[t0:t1] if self.teacher_ids is not None else None,
+            teacher_logprobs=self.teacher_logprobs[t0:t1] if self.teacher_logprobs is not None else None,
+        )
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[Segment], max_tokens: int, window: int, seed: int,
+                      meta: dict[str, Any] | None = None) -> PackedDataset:
+        """Pack `segments` (see `pack_segments`) and lay them out flat."""
+        for seg in segments:
+            if len(seg.spans) != len(seg.input_ids):
+                raise ValueError(f"segment {seg.example_id}: {len(seg.input_ids)} input_ids but {len(seg.spans)} spans")
+        packs = pack_segments([len(s) for s in segments], max_tokens, window, seed, [s.example_id for s in segments])
+        order = [i for p in packs for i in p]
+        ordered = [segments[i] for i in order]
+        lens = np.array([len(s) for s in ordered], dtype=np.int64)
+        seq_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        pack_offsets = np.concatenate([[0], np.cumsum([len(p) for p in packs])]).astype(np.int64)
+        n = int(seq_offsets[-1])
+        tokens = np.fromiter((t for s in ordered for t in s.input_ids), dtype=np.int32, count=n)
+        spans = np.fromiter((t for s in ordered for t in s.spans), dtype=np.int8, count=n)
+        t_ids = t_lp = t_valid = None
+        with_teacher = [s for s in ordered if s.teacher_ids is not None]
+        if with_teacher:
+            k = int(np.asarray(with_teacher[0].teacher_ids).shape[1])
+            t_ids = np.zeros((n, k), dtype=np.int32)
+            t_lp = np.zeros((n, k), dtype=np.float32)
+            t_valid = np.zeros(n, dtype=bool)
+            for s, off in zip(ordered, seq_offsets[:-1].tolist()):
+                if s.teacher_ids is None:
+                    continue
+                ids, lp = np.asarray(s.teacher_ids), np.asarray(s.teacher_logprobs)
+                if ids.shape != (len(s), k) or lp.shape != (len(s), k):
+                    raise ValueError(
+                        f"segment {s.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape}, "
+                        f"expected ({len(s)}, {k}) like the other segments"
+                    )
+                t_ids[off:off + len(s)] = ids
+                t_lp[off:off + len(s)] = lp
+                t_valid[off:off + len(s)] = True
+        return cls(tokens=tokens, spans=spans, seq_offsets=seq_offsets, pack_offsets=pack_offsets,
+                   example_ids=[s.example_id for s in ordered], max_tokens=max_tokens,
+                   teacher_ids=t_ids, teacher_logprobs=t_lp, teacher_valid=t_valid, meta=dict(meta or {}))
+
+
+# --------------------------------------------------------------------------- collation
+
+
+def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] sequence index per token -> [B, 1, T, T] additive mask (0 visible, finfo.min not)."""
+    T = seq_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
+    allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
+                  pad_to: int | None = None) -> dict[str, Any]:
+    """Collate B packs into one micro-batch (layout in the module docstring).
+
+    Returns a dict of
+        input_ids, labels, spans, position_ids   [B, T] int64
+        cu_seqlens [n_seqs + 1] int32, max_seqlen int   (over the flattened B*T tokens)
+        attention_mask [B, 1, T, T] `dtype`      only for attn "sdpa" / "eager"
+        teacher_ids [B, T, k] int64, teacher_logprobs [B, T, k] float32,
+        teacher_mask [B, T] bool                  only when a pack carries a top-k
+        example_ids list[list[str]] per pack, num_seqs int (real examples),
+        num_tokens int (real tokens), num_targets {"mt", "rd", "total"} ints
+    T = `pad_to` (>= the longest pack) or the longest pack. An empty pack (no
+    segments) is all padding: it lets a rank without data still run a step.
+    """
+    if attn not in MASKED_ATTN + VARLEN_ATTN:
+        raise ValueError(f"attn: expected one of {list(MASKED_ATTN + VARLEN_ATTN)}, got {attn!r}")
+    if not packs:
+        raise ValueError("collate_packs: no packs")
+    longest = max(len(p) for p in packs)
+    T = longest if pad_to is None else pad_to
+    if T < longest:
+        raise ValueError(f"collate_packs: pad_to={pad_to} is shorter than the longest pack ({longest} tokens)")
+    T = max(T, 1)
+    B = len(packs)
+    input_ids = np.full((B, T), pad_token_id, dtype=np.int64)
+    labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    spans = np.zeros((B, T), dtype=np.int64)
+    position_ids = np.zeros((B, T), dtype=np.int64)
+    seq_ids = np.zeros((B, T), dtype=np.int64)
+    with_teacher = [p for p in packs if p.teacher_ids is not None]
+    k = int(with_teacher[0].teacher_ids.shape[1]) if with_teacher else 0
+    if with_teacher:
+        t_ids = np.zeros((B, T, k), dtype=np.int64)
+        t_lp = np.zeros((B, T, k), dtype=np.float32)
+        t_mask = np.zeros((B, T), dtype=bool)
+    cu = [0]
+    max_seqlen = 0
+    for b, p in enumerate(packs):
+        n = len(p)
+        x = np.asarray(p.input_ids, dtype=np.int64)
+        s = np.asarray(p.spans, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(p.seq_lens)[:-1]]).astype(np.int64) if p.seq_lens else np.zeros(0, np.int64)
+        if sum(p.seq_lens) != n:
+            raise ValueError(f"pack of {p.example_ids}: seq_lens sum to {sum(p.seq_lens)}, pack has {n} tokens")
+        input_ids[b, :n] = x
+        # position t predicts token t+1; it is a target unless t+1 starts a new example
+        # (or lies past the pack) or its span is IGNORE.
+        nxt_is_start = np.zeros(n, dtype=bool)
+        nxt_is_start[starts[1:] - 1] = True
+        nxt_is_start[n - 1:] = True
+        target = np.zeros(n, dtype=bool)
+        target[:n - 1] = s[1:] != IGNORE
+        target &= ~nxt_is_start
+        lab = np.full(n, IGNORE_INDEX, dtype=np.int64)
+        lab[:n - 1] = np.where(target[:n - 1], x[1:], IGNORE_INDEX)
+        labels[b, :n] = lab
+        sp = np.zeros(n, dtype=np.int64)
+        sp[:n - 1] = np.where(target[:n - 1], s[1:], 0)
+        spans[b, :n] = sp
+        # position ids and sequence ids: restart per example; the padding tail is one
+        # more sequence of its own.
+        seq_of_tok = np.repeat(np.arange(len(p.seq_lens)), p.seq_lens)
+        position_ids[b, :n] = np.arange(n) - starts[seq_of_tok] if n else position_ids[b, :n]
+        seq_ids[b, :n] = seq_of_tok
+        lens = list(p.seq_lens)
+        if T > n:
+            position_ids[b, n:] = np.arange(T - n)
+            seq_ids[b, n:] = len(p.seq_lens)
+            lens.append(T - n)
+        for ln in lens:
+            cu.append(cu[-1] + ln)
+        max_seqlen = max(max_seqlen, max(lens))
+        if p.teacher_ids is not None:
+            if p.teacher_ids.shape[1] != k:
+                raise ValueError(f"pack of {p.example_ids}: teacher top-k {p.teacher_ids.shape[1]}, expected {k}")
+            valid = p.teacher_valid if p.teacher_valid is not None else np.ones(n, dtype=bool)
+            t_ids[b, :n - 1] = p.teacher_ids[1:]
+            t_lp[b, :n - 1] = p.teacher_logprobs[1:]
+            t_mask[b, :n - 1] = valid[1:] & target[:n - 1]
+    out: dict[str, Any] = {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "spans": torch.from_numpy(spans),
+        "position_ids": torch.from_numpy(position_ids),
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "max_seqlen": int(max_seqlen),
+        "example_ids": [list(p.example_ids) for p in packs],
+        "num_seqs": sum(len(p.seq_lens) for p in packs),
+        "num_tokens": sum(len(p) for p in packs),
+    }
+    n_mt = int((spans == MT).sum())
+    n_rd = int((spans == RD).sum())
+    out["num_targets"] = {"mt": n_mt, "rd": n_rd, "total": n_mt + n_rd}
+    if attn in MASKED_ATTN:
+        out["attention_mask"] = block_causal_mask(torch.from_numpy(seq_ids), dtype)
+    if with_teacher:
+        out["teacher_ids"] = torch.from_numpy(t_ids)
+        out["teacher_logprobs"] = torch.from_numpy(t_lp)
+        out["teacher_mask"] = torch.from_numpy(t_mask)
+    return out
+
+
+def model_forward_kwargs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """The keyword arguments of a transformers causal-LM forward for a collated batch.
+
+    sdpa / eager: input_ids, position_ids, attention_mask (the 4D float mask).
+    flash_attention_2: input_ids, position_ids and the varlen boundaries
+    (cu_seq_lens_q/k, max_length_q/k), which transformers passes to
+    flash_attn_varlen_func for any B (from position_ids alone it does so only for B=1).
+    `use_cache=False` always: training has no use for a cache.
+    """
+    to = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
+    kw: dict[str, Any] = {"input_ids": to(batch["input_ids"]), "position_ids": to(batch["position_ids"]),
+                          "use_cache": False}
+    if "attention_mask" in batch:
+        kw["attention_mask"] = to(batch["attention_mask"])
+    else:
+        cu = to(batch["cu_seqlens"])
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+    return kw
