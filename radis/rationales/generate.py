@@ -1,0 +1,291 @@
+"""Batched decoding with the HF model's KV cache: the engine behind `radis rationales`.
+
+One call decodes a batch of prompts of different lengths. Prompts are LEFT-padded so
+that every row's next token is at the same column, and position ids count only real
+tokens, so a padded row computes exactly what it would compute alone:
+
+    input_ids       [ pad pad  p0  p1  p2 ]   row 0: prompt of 3 tokens
+                    [  q0  q1  q2  q3  q4 ]   row 1: prompt of 5 tokens
+    attention_mask  [   0   0   1   1   1 ]
+                    [   1   1   1   1   1 ]
+    position_ids    [   0   0   0   1   2 ]   (cumsum(mask) - 1, clamped at 0)
+                    [   0   1   2   3   4 ]
+
+After the prefill each step feeds one token per row: the mask grows by a column of
+ones and each row's position id is its last one + 1. Rows that have stopped are
+dropped from the batch and from the KV cache (`DynamicCache.batch_select_indices`),
+so a batch gets cheaper as its rows finish instead of decoding padding.
+
+Per step and row, with `logits` = the model's raw next-token logits [B, V] in fp32:
+
+    top-k record   log_softmax(logits).topk(k)        (optional; before anything below)
+    suppression    logits[stop ids] = -inf            while the row has produced fewer
+                                                      than its `min_new_tokens`
+    greedy         argmax
+    sampling       logits / temperature -> softmax -> top-p (nucleus) filter ->
+                   one draw from the row's own torch.Generator
+
+Each row's generator is seeded from (seed, request key), so a sampled rationale does
+not depend on which rank, batch or resumed run produced it.
+
+The recorded top-k is the generator's own distribution: the log_softmax of the raw
+logits, i.e. before end-of-turn suppression, temperature and top-p. Training uses it
+as the teacher for token-level distillation; a sampling warper would distort it.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+StopReason = Literal["eot", "max_length"]
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode; mirrors the decoding fields of `RationaleConfig`."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    topk: int = 0  # record this many top log-probs per generated token (0: off)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.topk < 0:
+            raise ValueError(f"topk must be >= 0, got {self.topk}")
+
+    def as_dict(self) -> dict:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "topk": self.topk,
+        }
+
+
+@dataclass
+class Request:
+    """One prompt to continue. `key` (the example id) seeds sampling."""
+
+    key: str
+    prompt_ids: list[int]
+    # Stop tokens are impossible until this many tokens have been generated.
+    min_new_tokens: int = 0
+
+
+@dataclass
+class Generation:
+    """What one request produced.
+
+    token_ids      the generated tokens, without the stop token             [n]
+    stop_reason    "eot" (a stop token was chosen) or "max_length"
+    topk_ids       top-k token ids per decoding step, or None      [n + (eot), k] int32
+    topk_logprobs  their log-probs (log_softmax of raw logits)     [n + (eot), k] float32
+
+    The top-k arrays have one row per generated token and, when the row stopped on a
+    stop token, one more row: the distribution at the step that chose the stop token.
+    """
+
+    key: str
+    token_ids: list[int]
+    stop_reason: StopReason
+    prompt_tokens: int
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+
+
+def example_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from the run seed and an example id (stable across processes)."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def length_sorted_batches(requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
+    """Split requests into batches of similar prompt length (longest first).
+
+    Similar lengths mean little left padding; longest first means an out-of-memory
+    batch shows up at the start of a run, not after hours.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ordered = sorted(requests, key=lambda r: (-len(r.prompt_ids), r.key))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] input ids and attention mask with each prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """transformers 5 names the KV-cache argument `cache`; older ones `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _sample(
+    logits: torch.Tensor, settings: DecodingSettings, generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Choose one token per row of `logits` [B, V] (fp32, suppression applied)."""
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        # Nucleus: keep the smallest prefix of the sorted distribution whose mass
+        # reaches top_p (the first token is always kept).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= settings.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    # One draw per row from the row's own generator: the same example gives the same
+    # draws whatever batch it is in.
+    return torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(len(generators))])
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    settings: DecodingSettings,
+    *,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> list[Generation]:
+    """Decode one batch of requests with the KV cache; results in request order.
+
+    `model` is an HF causal LM (eval mode, on its device); `stop_token_ids` end a
+    row (e.g. the chat template's end-of-turn and the EOS); `pad_token_id` only
+    fills the left padding (masked out, so any id works).
+    """
+    if not requests:
+        return []
+    for r in requests:
+        if not r.prompt_ids:
+            raise ValueError(f"request {r.key!r}: empty prompt")
+    device = _model_device(model)
+    n = len(requests)
+    stop_ids = torch.tensor(sorted({int(t) for t in stop_token_ids}), dtype=torch.long, device=device)
+    stop_set = set(stop_ids.tolist())
+    generators: list[torch.Generator | None] = [None] * n
+    if settings.do_sample:
+        generators = []
+        for r in requests:
+            g = torch.Generator(device=device)
+            g.manual_seed(example_seed(settings.seed, r.key))
+            generators.append(g)
+
+    input_ids, mask = _left_pad([r.prompt_ids for r in requests], pad_token_id, device)
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    cache_kw = _cache_keyword(model)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :].float()
+    cache = _returned_cache(out)
+    next_pos = positions[:, -1] + 1  # [B]
+
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    top_ids: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    top_lps: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    reasons: list[StopReason | None] = [None] * n
+    active = list(range(n))  # batch row -> request index
+    min_new = torch.tensor([r.min_new_tokens for r in requests], dtype=torch.long, device=device)
+
+    for step in range(settings.max_new_tokens):
+        if settings.topk > 0:
+            k = min(settings.topk, logits.shape[-1])
+            lp, ix = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            lp, ix = lp.cpu(), ix.cpu()
+            for row, req in enumerate(active):
+                top_lps[req].append(lp[row])
+                top_ids[req].append(ix[row])
+        suppress = (min_new[active] > step).nonzero().flatten()
+        if suppress.numel() and stop_ids.numel():
+            logits[suppress.unsqueeze(1), stop_ids.unsqueeze(0)] = float("-inf")
+        chosen = _sample(logits, settings, [generators[req] for req in active]).tolist()
+
+        keep: list[int] = []
+        for row, (req, tok) in enumerate(zip(active, chosen)):
+            if tok in stop_set:
+                reasons[req] = "eot"
+                continue
+            tokens[req].append(tok)
+            if len(tokens[req]) >= settings.max_new_tokens:
+                reasons[req] = "max_length"
+                continue
+            keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            # Drop finished rows from everything that has a batch dimension.
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            if not hasattr(cache, "batch_select_indices"):
+                raise TypeError(f"{type(cache).__name__}: KV cache without batch_select_indices (need a DynamicCache)")
+            cache.batch_select_indices(keep_t)
+            mask, next_pos = mask[keep_t], next_pos[keep_t]
+            chosen = [chosen[row] for row in keep]
+            active = [active[row] for row in keep]
+        step_ids = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=next_pos.unsqueeze(1),
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        cache = _returned_cache(out)
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+    results = []
+    for i, r in enumerate(requests):
+        ids = lps = None
+        if settings.topk > 0:
+            if top_ids[i]:
+                ids = torch.stack(top_ids[i]).to(torch.int32).numpy()
+                lps = torch.stack(top_lps[i]).to(torch.float32).numpy()
+            else:
+                k = min(settings.topk, logits.shape[-1])
+                ids, lps = np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        results.append(
+            Generation(
+                key=r.key,
+                token_ids=tokens[i],
+                stop_reason=reasons[i] or "max_length",
+                prompt_tokens=len(r.prompt_ids),
+                topk_ids=ids,
+                topk_logprobs=lps,
+            )
+        )
+    return results

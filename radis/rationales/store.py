@@ -1,0 +1,327 @@
+"""Crash-safe, sharded output of `radis rationales`: part files, resume and merge.
+
+Layout of `rationale.output_dir`:
+
+    manifest.json                     hash + description of the generation config
+    parts/
+      r00000-000000.jsonl             one committed batch of rank 0: one record per line
+      r00000-000000.topk.safetensors  that batch's top-k arrays (rationale.topk > 0)
+      r00001-000000.jsonl             ... rank 1, and so on
+      .tmp-*                          files being written (removed at the next start)
+    rationales.jsonl                  merged, in example order (written at the end)
+    rationales.topk.safetensors       merged top-k: "<id>/ids" [n, k] int32,
+                                      "<id>/logprobs" [n, k] float32 (see generate.py)
+    skipped.jsonl, summary.json       written by the command at the end
+
+Commit protocol of one batch (`RationaleStore.commit`):
+
+    1. top-k  -> parts/.tmp-X, fsync, rename to parts/rR-S.topk.safetensors
+    2. records -> parts/.tmp-Y, fsync, rename to parts/rR-S.jsonl      <- commit point
+    3. fsync parts/
+
+A part's `.jsonl` appears whole or not at all, so a SIGKILL at any moment loses at
+most the batch in flight: never a broken line, never a record twice (a resumed run
+skips every id found in a committed part). A top-k file whose `.jsonl` never arrived
+is an orphan and is deleted at the next start. Part names carry the rank and a
+per-rank sequence number that continues across resumed runs, so nothing is ever
+overwritten, even when a run is resumed with a different number of ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "radis-rationales/1"
+MANIFEST = "manifest.json"
+PARTS = "parts"
+MERGED = "rationales.jsonl"
+MERGED_TOPK = "rationales.topk.safetensors"
+SKIPPED = "skipped.jsonl"
+SUMMARY = "summary.json"
+_PART_RE = re.compile(r"^r(\d{5})-(\d{6})\.(jsonl|topk\.safetensors)$")
+
+
+class OutputMismatchError(RuntimeError):
+    """The output directory holds rationales generated with a different config."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Run `write(file)` on a temp file beside `path`, fsync it, rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    def write(f):
+        for rec in records:
+            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    _write_atomic(Path(path), write)
+
+
+def save_topk_atomic(path: str | os.PathLike, topk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Save {id: (ids [n, k] int32, logprobs [n, k] float32)} as one safetensors file."""
+    from safetensors.numpy import save
+
+    tensors: dict[str, np.ndarray] = {}
+    for key, (ids, lps) in topk.items():
+        tensors[f"{key}/ids"] = np.ascontiguousarray(ids, dtype=np.int32)
+        tensors[f"{key}/logprobs"] = np.ascontiguousarray(lps, dtype=np.float32)
+    blob = save(tensors, metadata={"format": FORMAT})
+    _write_atomic(Path(path), lambda f: f.write(blob))
+
+
+def load_topk(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a top-k file back into {id: (ids, logprobs)}."""
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(path))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in flat:
+        key, _, kind = name.rpartition("/")
+        if kind == "ids":
+            out[key] = (flat[name], flat[f"{key}/logprobs"])
+    return out
+
+
+class TopkReader:
+    """Lazy access to one example's top-k in a (merged) top-k file.
+
+    >>> reader = TopkReader("outputs/rationales/rationales.topk.safetensors")   # doctest: +SKIP
+    >>> ids, logprobs = reader.get("deen/train:17:de-en")                        # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        self._file = safe_open(self.path, framework="numpy")
+        self._keys = {name.rpartition("/")[0] for name in self._file.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self._keys
+
+    def get(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if example_id not in self._keys:
+            raise KeyError(f"{self.path}: no top-k for example {example_id!r}")
+        return self._file.get_tensor(f"{example_id}/ids"), self._file.get_tensor(f"{example_id}/logprobs")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def config_hash(description: dict) -> str:
+    """Stable hash of the generation-relevant config (sorted-key JSON)."""
+    text = json.dumps(description, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class MergeStats:
+    written: int  # records in rationales.jsonl
+    stale: int  # records in parts for ids outside the current example set (not merged)
+    duplicates: int  # extra records for an id already seen (not merged; should be 0)
+    missing: list[str]  # ids of the example set with no record
+
+
+class RationaleStore:
+    """One rank's view of the output directory (see the module docstring)."""
+
+    def __init__(self, output_dir: str | os.PathLike, rank: int = 0):
+        self.root = Path(output_dir)
+        self.parts = self.root / PARTS
+        self.rank = rank
+        self._next_seq: int | None = None
+
+    # ---- set-up, called before generation
+
+    def prepare(self, description: dict, overwrite: bool) -> None:
+        """Rank 0, before the other ranks look: check or create the manifest.
+
+        A directory holding rationales of another config is refused unless
+        `overwrite`, which deletes them. Leftover temp files and orphaned top-k files
+        of a killed run are removed here, while no rank is writing.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, "config_hash": config_hash(description), "config": description}
+        old = self._read_manifest()
+        has_outputs = (self.parts.is_dir() and any(self.parts.iterdir())) or (self.root / MERGED).exists()
+        foreign = has_outputs if old is None else old.get("config_hash") != manifest["config_hash"]
+        if foreign:
+            if not overwrite:
+                what = (
+                    "differs in " + "; ".join(_diff(old.get("config", {}), description) or ["its format"])
+                    if old is not None
+                    else f"has no {MANIFEST}"
+                )
+                raise OutputMismatchError(
+                    f"rationale.output_dir {self.root}: holds rationales from a different generation config "
+                    f"(the stored {MANIFEST} {what}). Set rationale.overwrite=true to delete them and start "
+                    "again, or choose another rationale.output_dir."
+                )
+            shutil.rmtree(self.parts, ignore_errors=True)
+            for name in (MERGED, MERGED_TOPK, SKIPPED, SUMMARY, MANIFEST):
+                (self.root / name).unlink(missing_ok=True)
+            old = None
+        if old is None:
+            write_json_atomic(self.root / MANIFEST, manifest)
+        self.parts.mkdir(exist_ok=True)
+        self._clean()
+
+    def verify(self, description: dict) -> None:
+        """Ranks > 0, after rank 0's `prepare`: the manifest must be this config's."""
+        old = self._read_manifest()
+        if old is None or old.get("config_hash") != config_hash(description):
+            raise OutputMismatchError(
+                f"rationale.output_dir {self.root}: {MANIFEST} does not match rank {self.rank}'s config "
+                "(do all ranks run the same command?)"
+            )
+
+    def _read_manifest(self) -> dict | None:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise OutputMismatchError(f"{path}: not valid JSON ({err}); delete it or set rationale.overwrite=true") from None
+        if not isinstance(data, dict):
+            raise OutputMismatchError(f"{path}: expected a JSON object")
+        return data
+
+    def _clean(self) -> None:
+        committed = {p.name[: -len(".jsonl")] for p in self.parts.glob("r*.jsonl")}
+        for p in self.parts.iterdir():
+            if p.name.startswith(".tmp-"):
+                p.unlink(missing_ok=True)
+            elif p.name.endswith(".topk.safetensors") and p.name[: -len(".topk.safetensors")] not in committed:
+                p.unlink(missing_ok=True)  # its batch never committed
+
+    # ---- reading committed records
+
+    def part_files(self) -> list[Path]:
+        """Committed record files, in (rank, sequence) order."""
+        if not self.parts.is_dir():
+            return []
+        return sorted(p for p in self.parts.glob("r*.jsonl") if _PART_RE.match(p.name))
+
+    def iter_records(self) -> Iterator[tuple[dict, Path]]:
+        for path in self.part_files():
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        # Parts are renamed into place whole, so this is damage from outside.
+                        raise ValueError(f"{path}:{lineno}: broken record ({err}); delete this part file to regenerate its batch") from None
+                    if not isinstance(rec, dict) or "id" not in rec:
+                        raise ValueError(f"{path}:{lineno}: expected a JSON object with an 'id'")
+                    yield rec, path
+
+    def completed_ids(self) -> set[str]:
+        return {rec["id"] for rec, _ in self.iter_records()}
+
+    # ---- writing
+
+    def commit(self, records: Sequence[dict], topk: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+        """Atomically add one batch of records (and its top-k arrays) to this rank's parts."""
+        if self._next_seq is None:
+            seqs = [int(m.group(2)) for p in self.parts.iterdir() if (m := _PART_RE.match(p.name)) and int(m.group(1)) == self.rank]
+            self._next_seq = max(seqs, default=-1) + 1
+        stem = f"r{self.rank:05d}-{self._next_seq:06d}"
+        self._next_seq += 1
+        if topk:
+            save_topk_atomic(self.parts / f"{stem}.topk.safetensors", topk)
+        path = self.parts / f"{stem}.jsonl"
+        write_jsonl_atomic(path, records)  # the commit point
+        _fsync_dir(self.parts)
+        return path
+
+    # ---- merging (rank 0, after every rank has finished)
+
+    def merge(self, order: Sequence[str], with_topk: bool) -> MergeStats:
+        """Write rationales.jsonl (+ top-k) holding one record per id of `order`, in that order.
+
+        Records for ids outside `order` (e.g. from a run over more data) stay in the
+        parts but are not merged; they are counted as stale.
+        """
+        wanted = {key: i for i, key in enumerate(order)}
+        found: dict[str, tuple[dict, Path]] = {}
+        stale = duplicates = 0
+        for rec, path in self.iter_records():
+            key = rec["id"]
+            if key not in wanted:
+                stale += 1
+            elif key in found:
+                duplicates += 1
+            else:
+                found[key] = (rec, path)
+        ordered = [found[key] for key in order if key in found]
+        write_jsonl_atomic(self.root / MERGED, [rec for rec, _ in ordered])
+        if with_topk:
+            topk: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            by_part: dict[Path, list[str]] = {}
+            for rec, path in ordered:
+                by_part.setdefault(path, []).append(rec["id"])
+            for path, keys in by_part.items():
+                side = path.with_name(path.name[: -len(".jsonl")] + ".topk.safetensors")
+                if not side.exists():
+                    raise FileNotFoundError(f"{side}: top-k file of committed part {path.name} is missing")
+                part = load_topk(side)
+                for key in keys:
+                    if key not in part:
+                        raise KeyError(f"{side}: no top-k for example {key!r}")
+                    topk[key] = part[key]
+            save_topk_atomic(self.root / MERGED_TOPK, {key: topk[key] for key in order if key in topk})
+        missing = [key for key in order if key not in found]
+        return MergeStats(written=len(ordered), stale=stale, duplicates=duplicates, missing=missing)

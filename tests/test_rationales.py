@@ -1,0 +1,247 @@
+"""Rationale generation: the batched decoding engine, the crash-safe store, the command.
+
+The engine runs a tiny random Llama built in-test; the command runs it behind the
+SmolLM2 tokenizer (a real chat template) so that only the weights are fake; one test
+runs the real SmolLM2-135M-Instruct on three pairs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from radis.rationales.generate import (
+    DecodingSettings,
+    Request,
+    example_seed,
+    generate,
+    length_sorted_batches,
+)
+from radis.rationales.store import (
+    MERGED,
+    MERGED_TOPK,
+    OutputMismatchError,
+    RationaleStore,
+    TopkReader,
+    load_topk,
+)
+
+VOCAB = 96
+
+
+def tiny_llama(vocab: int = VOCAB, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_tiny_generator(out_dir: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama with the real SmolLM2 tokenizer (ChatML template), saved
+    as an HF directory: a generator that loads like a real one but runs in milliseconds."""
+    from transformers import AutoTokenizer
+
+    from radis.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+    model = tiny_llama(vocab=len(tok), seed=seed)
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def random_requests(n: int, seed: int, min_new: int = 0) -> list[Request]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 23, (1,), generator=g))
+        out.append(Request(f"ex{i}", torch.randint(3, VOCAB, (length,), generator=g).tolist(), min_new_tokens=min_new))
+    return out
+
+
+STOPS = list(range(80, VOCAB))  # 16 of 96 ids end a row: a random model stops now and then
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def test_batched_greedy_equals_one_at_a_time_with_left_padding():
+    model = tiny_llama()
+    reqs = random_requests(7, seed=1)
+    for i, r in enumerate(reqs):
+        r.min_new_tokens = 2 * (i % 2)  # suppression on some rows only
+    settings = DecodingSettings(max_new_tokens=10, topk=5)
+    batched = generate(model, reqs, settings, stop_token_ids=STOPS, pad_token_id=0)
+    reasons = set()
+    for req, got in zip(reqs, batched):
+        alone = generate(model, [req], settings, stop_token_ids=STOPS, pad_token_id=0)[0]
+        assert got.key == req.key and got.prompt_tokens == len(req.prompt_ids)
+        assert got.token_ids == alone.token_ids, req.key
+        assert got.stop_reason == alone.stop_reason
+        np.testing.assert_array_equal(got.topk_ids, alone.topk_ids)
+        np.testing.assert_allclose(got.topk_logprobs, alone.topk_logprobs, atol=1e-5)
+        rows = len(got.token_ids) + (got.stop_reason == "eot")
+        assert got.topk_ids.shape == got.topk_logprobs.shape == (rows, 5)
+        assert got.topk_ids.dtype == np.int32 and got.topk_logprobs.dtype == np.float32
+        reasons.add(got.stop_reason)
+    assert reasons == {"eot", "max_length"}, "the fixture should exercise both stop reasons"
+
+
+def test_topk_rows_are_log_softmax_of_teacher_forced_logits():
+    model = tiny_llama()
+    req = Request("a", [5, 9, 17, 33], min_new_tokens=3)
+    got = generate(model, [req], DecodingSettings(max_new_tokens=8, topk=4), stop_token_ids=STOPS, pad_token_id=0)[0]
+    full = torch.tensor([req.prompt_ids + got.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(full).logits[0].float(), dim=-1)
+    for j in range(len(got.token_ids)):
+        # Row j is the distribution that chose generated token j (raw: no suppression).
+        ref_lp, ref_ix = logp[len(req.prompt_ids) - 1 + j].topk(4)
+        np.testing.assert_array_equal(got.topk_ids[j], ref_ix.numpy())
+        np.testing.assert_allclose(got.topk_logprobs[j], ref_lp.numpy(), atol=1e-5)
+
+
+def test_stop_tokens_suppressed_for_min_new_tokens():
+    model = tiny_llama()
+    only = 7
+    stops = [t for t in range(VOCAB) if t != only]  # every other token ends the row
+    free = generate(model, [Request("x", [3, 4, 5])], DecodingSettings(max_new_tokens=20), stop_token_ids=stops, pad_token_id=0)[0]
+    assert free.token_ids == [] and free.stop_reason == "eot"  # unsuppressed, it stops at once
+    req = Request("x", [3, 4, 5], min_new_tokens=5)
+    got = generate(model, [req], DecodingSettings(max_new_tokens=20, topk=2), stop_token_ids=stops, pad_token_id=0)[0]
+    assert len(got.token_ids) >= 5 and set(got.token_ids) == {only}
+    # The top-k record is the raw distribution: it still shows the suppressed ids.
+    assert set(got.topk_ids[:5].ravel().tolist()) - {only}
+    sampled = generate(model, [req], DecodingSettings(max_new_tokens=20, do_sample=True, seed=3), stop_token_ids=stops, pad_token_id=0)[0]
+    assert len(sampled.token_ids) >= 5 and set(sampled.token_ids) == {only}
+
+
+def test_max_length_and_empty_prompt():
+    model = tiny_llama()
+    got = generate(model, [Request("m", [4, 5])], DecodingSettings(max_new_tokens=3), stop_token_ids=[], pad_token_id=0)[0]
+    assert len(got.token_ids) == 3 and got.stop_reason == "max_length" and got.topk_ids is None
+    with pytest.raises(ValueError, match="'e': empty prompt"):
+        generate(model, [Request("e", [])], DecodingSettings(), stop_token_ids=[], pad_token_id=0)
+
+
+def test_sampling_is_reproducible_per_example_whatever_the_batch():
+    model = tiny_llama()
+    reqs = random_requests(5, seed=2)
+    s = DecodingSettings(max_new_tokens=12, do_sample=True, temperature=1.3, top_p=0.9, seed=11)
+    batched = generate(model, reqs, s, stop_token_ids=[], pad_token_id=0)
+    reversed_batch = generate(model, reqs[::-1], s, stop_token_ids=[], pad_token_id=0)[::-1]
+    for a, b in zip(batched, reversed_batch):
+        assert a.token_ids == b.token_ids
+    other_seed = generate(model, reqs, DecodingSettings(max_new_tokens=12, do_sample=True, temperature=1.3, top_p=0.9, seed=12),
+                          stop_token_ids=[], pad_token_id=0)
+    assert [g.token_ids for g in other_seed] != [g.token_ids for g in batched]
+    # A nucleus this small keeps only the top token: sampling becomes greedy.
+    greedy = generate(model, reqs, DecodingSettings(max_new_tokens=12), stop_token_ids=[], pad_token_id=0)
+    narrow = generate(model, reqs, DecodingSettings(max_new_tokens=12, do_sample=True, top_p=1e-6, seed=5), stop_token_ids=[], pad_token_id=0)
+    assert [g.token_ids for g in narrow] == [g.token_ids for g in greedy]
+    assert example_seed(1, "a") != example_seed(1, "b") and example_seed(1, "a") == example_seed(1, "a")
+
+
+def test_length_sorted_batches():
+    reqs = random_requests(10, seed=3)
+    batches = length_sorted_batches(reqs, 4)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    lengths = [len(r.prompt_ids) for b in batches for r in b]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(r.key for b in batches for r in b) == sorted(r.key for r in reqs)
+    with pytest.raises(ValueError, match="batch_size"):
+        length_sorted_batches(reqs, 0)
+
+
+def test_bad_decoding_settings():
+    with pytest.raises(ValueError, match="top_p"):
+        DecodingSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        DecodingSettings(do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        DecodingSettings(max_new_tokens=0)
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _rec(key: str) -> dict:
+    return {"id": key, "rationale": f"because {key}", "rationale_tokens": 2, "stop_reason": "eot"}
+
+
+def _topk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 100, (n, 3)).astype(np.int32), rng.standard_normal((n, 3)).astype(np.float32)
+
+
+def test_store_commit_resume_merge_and_topk(tmp_path):
+    desc = {"generator": "g", "decoding": {"max_new_tokens": 4}}
+    store = RationaleStore(tmp_path, rank=0)
+    store.prepare(desc, overwrite=False)
+    tk = {k: _topk(i + 1, i) for i, k in enumerate(["c", "a", "b", "z"])}
+    store.commit([_rec("c"), _rec("a")], {"c": tk["c"], "a": tk["a"]})
+    other = RationaleStore(tmp_path, rank=1)
+    other.verify(desc)
+    other.commit([_rec("b"), _rec("z")], {"b": tk["b"], "z": tk["z"]})  # "z" is not in the example set
+    # A killed run leaves a temp file and an orphaned top-k file (its .jsonl never came).
+    (tmp_path / "parts" / ".tmp-abc").write_text('{"id": "half')
+    (tmp_path / "parts" / "r00000-000001.topk.safetensors").write_bytes(b"junk")
+    assert store.completed_ids() == {"a", "b", "c", "z"}
+
+    restarted = RationaleStore(tmp_path, rank=0)
+    restarted.prepare(desc, overwrite=False)  # same config: resume, clean the leftovers
+    names = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert names == ["r00000-000000.jsonl", "r00000-000000.topk.safetensors", "r00001-000000.jsonl", "r00001-000000.topk.safetensors"]
+    restarted.commit([_rec("d")], {"d": _topk(2, 9)})
+    assert (tmp_path / "parts" / "r00000-000001.jsonl").exists()  # numbering continues
+
+    stats = restarted.merge(["a", "b", "c", "d", "e"], with_topk=True)
+    assert (stats.written, stats.stale, stats.duplicates, stats.missing) == (4, 1, 0, ["e"])
+    lines = (tmp_path / MERGED).read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "b", "c", "d"]
+    merged = load_topk(tmp_path / MERGED_TOPK)
+    assert sorted(merged) == ["a", "b", "c", "d"]
+    for key in "abc":
+        np.testing.assert_array_equal(merged[key][0], tk[key][0])
+        np.testing.assert_array_equal(merged[key][1], tk[key][1])
+    reader = TopkReader(tmp_path / MERGED_TOPK)
+    assert "a" in reader and "z" not in reader
+    np.testing.assert_array_equal(reader.get("b")[1], tk["b"][1])
+    with pytest.raises(KeyError, match="'z'"):
+        reader.get("z")
+
+
+def test_store_refuses_other_config_unless_overwrite(tmp_path):
+    store = RationaleStore(tmp_path)
+    store.prepare({"decoding": {"max_new_tokens": 4}, "strategy": "continue"}, overwrite=False)
+    store.commit([_rec("a")])
+    new = {"decoding": {"max_new_tokens": 8}, "strategy": "continue"}
+    with pytest.raises(OutputMismatchError, match=r"decoding\.max_new_tokens: 4 -> 8.*rationale\.overwrite=true"):
+        RationaleStore(tmp_path).prepare(new, overwrite=False)
+    with pytest.raises(OutputMismatchError, match="rank 1"):
+        RationaleStore(tmp_path, rank=1).verify(new)
+    RationaleStore(tmp_path).prepare(new, overwrite=True)
+    assert RationaleStore(tmp_path).completed_ids() == set()
+    RationaleStore(tmp_path, rank=1).verify(new)
+    # Outputs without a manifest are not ours to extend either.
+    (tmp_path / "manifest.json").unlink()
+    RationaleStore(tmp_path).commit([_rec("b")])
+    with pytest.raises(OutputMismatchError, match="has no manifest.json"):
+        RationaleStore(tmp_path).prepare(new, overwrite=False)
+
+
+def test_store_reports_a_damaged_part(tmp_path):
+    store = RationaleStore(tmp_path)
+    store.prepare({}, overwrite=False)
+    path = store.commit([_rec("a"), _rec("b")])
+    path.write_text(path.read_text()[:-5])
+    with pytest.raises(ValueError, match=r"r00000-000000\.jsonl:2: broken record"):
+        store.completed_ids()
