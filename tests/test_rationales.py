@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from radis.config import load_config
 from radis.rationales.generate import (
     DecodingSettings,
     Request,
@@ -88,8 +89,7 @@ def test_batched_greedy_equals_one_at_a_time_with_left_padding():
         assert got.stop_reason == alone.stop_reason
         np.testing.assert_array_equal(got.topk_ids, alone.topk_ids)
         np.testing.assert_allclose(got.topk_logprobs, alone.topk_logprobs, atol=1e-5)
-        rows = len(got.token_ids) + (got.stop_reason == "eot")
-        assert got.topk_ids.shape == got.topk_logprobs.shape == (rows, 5)
+        assert got.topk_ids.shape == got.topk_logprobs.shape == (len(got.token_ids), 5)
         assert got.topk_ids.dtype == np.int32 and got.topk_logprobs.dtype == np.float32
         reasons.add(got.stop_reason)
     assert reasons == {"eot", "max_length"}, "the fixture should exercise both stop reasons"
@@ -245,3 +245,128 @@ def test_store_reports_a_damaged_part(tmp_path):
     path.write_text(path.read_text()[:-5])
     with pytest.raises(ValueError, match=r"r00000-000000\.jsonl:2: broken record"):
         store.completed_ids()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory) -> Path:
+    return make_tiny_generator(tmp_path_factory.mktemp("tiny_generator"))
+
+
+def _examples() -> list:
+    from radis.data.example import Example
+
+    pairs = [
+        ("Das Haus ist blau.", "The house is blue."),
+        ("Ich habe Hunger.", "I am hungry."),
+        ("Wir fahren morgen nach Berlin, wenn das Wetter gut ist.", "We are going to Berlin tomorrow if the weather is good."),
+        ("Danke!", "Thanks!"),
+        ("Der Zug hat Verspätung.", "The train is late."),
+        ("Sie liest ein Buch über die Geschichte Europas.", "She is reading a book about the history of Europe."),
+    ]
+    out = [Example(f"t:{i}", "de", "en", src, ref, meta={"line": i}) for i, (src, ref) in enumerate(pairs)]
+    out.insert(2, Example("t:empty", "de", "en", "Hallo", "  "))
+    out.insert(5, Example("t:long", "de", "en", "sehr " * 60, "very " * 60))
+    return out
+
+
+def _cfg(gen: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"model.name_or_path={gen}", f"rationale.output_dir={out}", "rationale.max_new_tokens=6",
+        "rationale.min_rationale_tokens=3", "rationale.batch_size=3", "rationale.max_source_tokens=40", *extra,
+    ])
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_command_records_topk_skips_resume_and_mismatch(tiny_generator, tmp_path):
+    from transformers import AutoTokenizer
+
+    from radis.data.prompts import ChatFormat
+    from radis.rationales.command import build_requests, generate_rationales
+    from radis.rationales.store import SKIPPED, SUMMARY
+
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_generator, out, "rationale.topk=4")
+    examples = _examples()
+    summary = generate_rationales(cfg, examples=examples, progress=False)
+    good = [ex for ex in examples if ex.id not in ("t:empty", "t:long")]
+    recs = _lines(out / MERGED)
+    assert [r["id"] for r in recs] == [ex.id for ex in good]  # example order, not length order
+    assert summary["count"] == 6 and summary["skipped"] == {"empty_reference": 1, "source_too_long": 1}
+    assert summary["this_run"]["generated"] == 6 and summary["missing"] == 0
+    assert json.loads((out / SUMMARY).read_text())["count"] == 6
+    assert {(s["id"], s["reason"]) for s in _lines(out / SKIPPED)} == {("t:empty", "empty_reference"), ("t:long", "source_too_long")}
+
+    tok = AutoTokenizer.from_pretrained(tiny_generator)
+    fmt = ChatFormat(tok, cfg.data, "auto")
+    requests = {r.key: r for r in build_requests(fmt, good, cfg)}
+    model = tiny_llama(vocab=len(tok))  # the same seed-0 weights as the saved generator
+    engine = generate(model, list(requests.values()), DecodingSettings(max_new_tokens=6, topk=4),
+                      stop_token_ids=fmt.stop_token_ids, pad_token_id=tok.pad_token_id)
+    topk = load_topk(out / MERGED_TOPK)
+    for rec, ex, gen in zip(recs, good, engine):
+        assert (rec["source"], rec["reference"], rec["direction"], rec["meta"]) == (ex.source, ex.reference, "de-en", ex.meta)
+        assert rec["rationale_token_ids"] == gen.token_ids and rec["rationale_tokens"] == len(gen.token_ids)
+        assert rec["rationale"] == fmt.decode_answer(gen.token_ids)
+        assert rec["stop_reason"] == gen.stop_reason and rec["prompt_tokens"] == len(requests[ex.id].prompt_ids)
+        assert rec["tokenizer_fingerprint"] == fmt.fingerprint and rec["separator"] == "\n\n"
+        assert rec["generator"] == str(tiny_generator) and rec["decoding"]["max_new_tokens"] == 6
+        ids, lps = topk[ex.id]
+        assert ids.shape == lps.shape == (len(gen.token_ids), 4)
+        np.testing.assert_allclose(lps, gen.topk_logprobs, atol=1e-5)
+    # The prompt of "continue" ends with the reference and the separator.
+    tail = fmt.answer_ids(good[0].reference, continuation=False) + fmt.answer_ids("\n\n", continuation=True)
+    assert requests[good[0].id].prompt_ids[-len(tail):] == tail
+
+    before = (out / MERGED).read_bytes()
+    again = generate_rationales(cfg, examples=examples, progress=False)
+    assert again["this_run"]["generated"] == 0 and (out / MERGED).read_bytes() == before
+
+    with pytest.raises(OutputMismatchError, match=r"max_new_tokens: 6 -> 5"):
+        generate_rationales(_cfg(tiny_generator, out, "rationale.topk=4", "rationale.max_new_tokens=5"), examples=examples, progress=False)
+    redo = generate_rationales(_cfg(tiny_generator, out, "rationale.max_new_tokens=5", "rationale.overwrite=true"),
+                               examples=examples, progress=False)
+    assert redo["this_run"]["generated"] == 6 and redo["max_rationale_tokens"] <= 5
+    assert not (out / MERGED_TOPK).exists()
+
+
+def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path):
+    from transformers import AutoTokenizer
+
+    from radis.data.prompts import ChatFormat, ChatFormatError
+    from radis.rationales.command import (
+        RationaleInputError,
+        build_requests,
+        generate_rationales,
+    )
+
+    cfg = _cfg(tiny_generator, tmp_path / "ask", "rationale.strategy=ask", "rationale.ask_prompt=Why?")
+    examples = _examples()[:2]
+    summary = generate_rationales(cfg, examples=examples, progress=False)
+    assert summary["count"] == 2 and {r["strategy"] for r in _lines(tmp_path / "ask" / MERGED)} == {"ask"}
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(tiny_generator), cfg.data, "auto")
+    req = build_requests(fmt, examples[:1], cfg)[0]
+    tail = fmt.end_of_turn_ids() + fmt.followup_ids("Why?")
+    assert req.prompt_ids[-len(tail):] == tail and req.min_new_tokens == 0
+
+    strict = _cfg(tiny_generator, tmp_path / "strict", "data.on_empty=error")
+    with pytest.raises(RationaleInputError, match=r"'t:empty': empty reference"):
+        generate_rationales(strict, examples=_examples(), progress=False)
+
+    # A tokenizer without a chat template and no built-in fallback for it.
+    bare = tmp_path / "bare"
+    tok = AutoTokenizer.from_pretrained(tiny_generator)
+    tok.chat_template = None
+    tok.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    tiny_llama(vocab=len(tok)).save_pretrained(bare)
+    # "auto" would fall back to the built-in chatml (SmolLM2's vocabulary has its
+    # tokens); "model" insists on the tokenizer's own template, which is gone.
+    no_template = _cfg(bare, tmp_path / "bare_out", "model.chat_template=model")
+    with pytest.raises(ChatFormatError, match="no chat template"):
+        generate_rationales(no_template, examples=examples, progress=False)

@@ -39,6 +39,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,29 +154,41 @@ def describe(cfg: RadisConfig, fingerprint: str, template: str) -> dict[str, Any
     }
 
 
-def build_request(fmt, example: Example, cfg: RadisConfig) -> Request:
-    """The prompt of one example for the configured strategy (see the module docstring)."""
+def build_requests(fmt, examples: Sequence[Example], cfg: RadisConfig) -> list[Request]:
+    """The prompts of many examples for the configured strategy (see the module docstring).
+
+    `continue` ends the prompt with answer_ids(separator, continuation=True), exactly
+    where radis.data.segments puts the recorded rationale ids back at training time.
+    """
     r = cfg.rationale
-    head = fmt.prompt_ids(example) + fmt.answer_ids(example.reference, continuation=False)
+    prompts = fmt.prompt_ids_batch(examples)
+    refs = fmt.answer_ids_batch([ex.reference for ex in examples], continuation=False)
     if r.strategy == "continue":
-        ids = head + fmt.answer_ids(cfg.data.separator, continuation=True) if cfg.data.separator else head
-        return Request(example.id, ids, min_new_tokens=r.min_rationale_tokens)
-    ids = head + fmt.end_of_turn_ids() + fmt.followup_ids(r.ask_prompt)
-    return Request(example.id, ids, min_new_tokens=0)
+        tail = fmt.answer_ids(cfg.data.separator, continuation=True) if cfg.data.separator else []
+        min_new = r.min_rationale_tokens
+    else:
+        tail = fmt.end_of_turn_ids() + fmt.followup_ids(r.ask_prompt)
+        min_new = 0
+    return [Request(ex.id, p + ref + tail, min_new_tokens=min_new) for ex, p, ref in zip(examples, prompts, refs)]
 
 
-def skip_reason(example: Example, tokenizer, cfg: RadisConfig) -> str | None:
-    """Why an example cannot be used (None: it can). Empty sides are an error under
+def skip_reasons(examples: Sequence[Example], tokenizer, cfg: RadisConfig) -> list[str | None]:
+    """Why each example cannot be used (None: it can). Empty sides are an error under
     data.on_empty=error."""
-    for side in ("source", "reference"):
-        if not getattr(example, side).strip():
-            if cfg.data.on_empty == "error":
-                raise RationaleInputError(f"example {example.id!r}: empty {side} (data.on_empty=error; use skip to drop it)")
-            return f"empty_{side}"
-    n = len(tokenizer(example.source, add_special_tokens=False)["input_ids"])
-    if n > cfg.rationale.max_source_tokens:
-        return "source_too_long"
-    return None
+    out: list[str | None] = [None] * len(examples)
+    for i, ex in enumerate(examples):
+        for side in ("source", "reference"):
+            if not getattr(ex, side).strip():
+                if cfg.data.on_empty == "error":
+                    raise RationaleInputError(f"example {ex.id!r}: empty {side} (data.on_empty=error; set it to skip to drop such pairs)")
+                out[i] = out[i] or f"empty_{side}"
+    todo = [i for i, reason in enumerate(out) if reason is None]
+    if todo:
+        lengths = tokenizer([examples[i].source for i in todo], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(todo, lengths):
+            if len(ids) > cfg.rationale.max_source_tokens:
+                out[i] = "source_too_long"
+    return out
 
 
 def max_positions(name_or_path: str, cache_dir: str) -> int | None:
@@ -250,6 +263,8 @@ def _read_examples(cfg: RadisConfig) -> tuple[list[Example], Any]:
 
 
 def _jsonable(obj: Any) -> Any:
+    if obj is None:
+        return None
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, dict):
@@ -257,10 +272,12 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def generate_rationales(cfg: RadisConfig, *, progress: bool = True) -> dict[str, Any]:
+def generate_rationales(
+    cfg: RadisConfig, *, examples: Sequence[Example] | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) rationale generation on this rank; returns the summary on rank 0
-    ({} on the other ranks)."""
-    from radis.data.prompts import ChatFormat, tokenizer_fingerprint
+    ({} on the other ranks). `examples` replaces reading `data.train` (API use)."""
+    from radis.data.prompts import ChatFormat
     from radis.models import load_model, load_tokenizer
 
     ranks = Ranks.from_env()
@@ -271,27 +288,31 @@ def generate_rationales(cfg: RadisConfig, *, progress: bool = True) -> dict[str,
         gen_ref = generator_reference(cfg)
         tokenizer = load_tokenizer(cfg.model.tokenizer or gen_ref, cfg.model.cache_dir)
         fmt = ChatFormat(tokenizer, cfg.data, cfg.model.chat_template)
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        template = getattr(fmt, "template", cfg.model.chat_template)
-        description = describe(cfg, fingerprint, str(template))
+        fingerprint = fmt.fingerprint
+        description = describe(cfg, fingerprint, fmt.template)
         chash = config_hash(description)
 
-        examples, source_stats = _read_examples(cfg)
+        if examples is None:
+            examples, source_stats = _read_examples(cfg)
+        else:
+            examples, source_stats = list(examples), None
         usable: list[Example] = []
         requests: list[Request] = []
         skipped: list[dict[str, str]] = []
+        # Skipped examples are decided identically on every rank (same data, same rules).
         limit = max_positions(gen_ref, cfg.model.cache_dir)
-        for ex in examples:
-            reason = skip_reason(ex, tokenizer, cfg)
-            if reason is None:
-                req = build_request(fmt, ex, cfg)
-                if limit is not None and len(req.prompt_ids) + settings.max_new_tokens > limit:
-                    reason = "prompt_too_long"  # prompt + rationale would not fit the model
-                else:
-                    usable.append(ex)
-                    requests.append(req)
-            if reason is not None:
-                skipped.append({"id": ex.id, "reason": reason})
+        reasons = skip_reasons(examples, tokenizer, cfg)
+        candidates = [ex for ex, reason in zip(examples, reasons) if reason is None]
+        usable: list[Example] = []
+        requests: list[Request] = []
+        skipped = [{"id": ex.id, "reason": reason} for ex, reason in zip(examples, reasons) if reason is not None]
+        for ex, req in zip(candidates, build_requests(fmt, candidates, cfg)):
+            if limit is not None and len(req.prompt_ids) + settings.max_new_tokens > limit:
+                # prompt + rationale would not fit the model's positions
+                skipped.append({"id": ex.id, "reason": "prompt_too_long"})
+            else:
+                usable.append(ex)
+                requests.append(req)
 
         store = RationaleStore(cfg.rationale.output_dir, ranks.rank)
         if ranks.rank == 0:
@@ -386,12 +407,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from radis.config import load_config
+    from radis.data.prompts import ChatFormatError
     from radis.models import ModelNotFoundError
 
     cfg = load_config(args.config, args.overrides)
     try:
         summary = generate_rationales(cfg, progress=not args.no_progress)
-    except (RationaleInputError, OutputMismatchError, ModelNotFoundError) as err:
+    except (RationaleInputError, OutputMismatchError, ModelNotFoundError, ChatFormatError) as err:
         print(f"radis rationales: error: {err}", file=sys.stderr)
         return 2
     if summary:

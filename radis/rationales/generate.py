@@ -92,13 +92,14 @@ class Request:
 class Generation:
     """What one request produced.
 
-    token_ids      the generated tokens, without the stop token             [n]
+    token_ids      the generated tokens, without the stop token          [n]
     stop_reason    "eot" (a stop token was chosen) or "max_length"
-    topk_ids       top-k token ids per decoding step, or None      [n + (eot), k] int32
-    topk_logprobs  their log-probs (log_softmax of raw logits)     [n + (eot), k] float32
+    topk_ids       top-k token ids at each generated token, or None      [n, k] int32
+    topk_logprobs  their log-probs (log_softmax of the raw logits)       [n, k] float32
 
-    The top-k arrays have one row per generated token and, when the row stopped on a
-    stop token, one more row: the distribution at the step that chose the stop token.
+    Row j of the top-k arrays is the distribution that chose token_ids[j] (the
+    step that chose the stop token is not kept: training places its own
+    end-of-turn tokens after the rationale).
     """
 
     key: str
@@ -222,13 +223,9 @@ def generate(
     min_new = torch.tensor([r.min_new_tokens for r in requests], dtype=torch.long, device=device)
 
     for step in range(settings.max_new_tokens):
-        if settings.topk > 0:
-            k = min(settings.topk, logits.shape[-1])
-            lp, ix = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        if settings.topk > 0:  # from the raw logits, before suppression and sampling
+            lp, ix = torch.log_softmax(logits, dim=-1).topk(min(settings.topk, logits.shape[-1]), dim=-1)
             lp, ix = lp.cpu(), ix.cpu()
-            for row, req in enumerate(active):
-                top_lps[req].append(lp[row])
-                top_ids[req].append(ix[row])
         suppress = (min_new[active] > step).nonzero().flatten()
         if suppress.numel() and stop_ids.numel():
             logits[suppress.unsqueeze(1), stop_ids.unsqueeze(0)] = float("-inf")
@@ -240,6 +237,9 @@ def generate(
                 reasons[req] = "eot"
                 continue
             tokens[req].append(tok)
+            if settings.topk > 0:
+                top_lps[req].append(lp[row])
+                top_ids[req].append(ix[row])
             if len(tokens[req]) >= settings.max_new_tokens:
                 reasons[req] = "max_length"
                 continue
