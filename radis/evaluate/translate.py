@@ -1,0 +1,197 @@
+"""Translate test sets with a model: batched, length-sorted, sharded over ranks.
+
+    examples (one test set, original order)
+        -> rank r keeps examples[r::world]
+        -> prompts (the training prompt format) -> length-sorted batches
+        -> greedy: radis.rationales.generate (left-padded, KV cache, finished rows dropped)
+           beam:   transformers `generate(num_beams=...)` on the same left-padded batch
+        -> decoded answer ("raw") and the answer cut at the first separator ("hypothesis")
+        -> all_gather over ranks -> original order on every rank
+
+Greedy decoding reuses the rationale generator rather than a second decoding loop; beam
+search is left to transformers, which implements it well.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from radis.data.example import Example
+from radis.evaluate.metrics import cut_at_separator
+from radis.rationales.generate import (
+    DecodingSettings,
+    Request,
+    generate,
+    length_sorted_batches,
+)
+
+
+class PromptFormat(Protocol):
+    """What translation needs from a prompt format (radis.data.prompts.ChatFormat has it)."""
+
+    stop_token_ids: Sequence[int]
+
+    def prompt_ids(self, example: Example) -> list[int]: ...
+
+    def decode_answer(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class Translation:
+    """One translated test sentence. `reference` is None for a test set without references."""
+
+    id: str
+    direction: str
+    source: str
+    reference: str | None
+    raw: str  # the decoded answer as generated (a RaDis model appends a rationale)
+    hypothesis: str  # `raw` cut at the first separator when cutting is on
+    prompt_tokens: int
+    new_tokens: int
+    stop_reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else single process.
+
+    gloo on CPU, nccl on CUDA; each rank uses the GPU of its LOCAL_RANK.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend)
+    return dist_info()
+
+
+def gather_objects(local: list[Any]) -> list[list[Any]]:
+    """Every rank's list, indexed by rank (just `[local]` without a process group)."""
+    _rank, world = dist_info()
+    if world == 1:
+        return [local]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, local)
+    return out
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Any id works for left padding (it is masked out); prefer the tokenizer's own."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+@torch.no_grad()
+def decode_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    keys: Sequence[str],
+    *,
+    stop_token_ids: Sequence[int],
+    pad_id: int,
+    max_new_tokens: int,
+    num_beams: int = 1,
+) -> list[tuple[list[int], str]]:
+    """Generated token ids (stop token excluded) and stop reason per prompt of one batch."""
+    if num_beams <= 1:
+        requests = [Request(key=k, prompt_ids=list(p)) for k, p in zip(keys, prompts)]
+        gens = generate(model, requests, DecodingSettings(max_new_tokens=max_new_tokens),
+                        stop_token_ids=stop_token_ids, pad_token_id=pad_id)
+        return [(g.token_ids, g.stop_reason) for g in gens]
+    # Beam search: transformers' implementation on a left-padded batch.
+    device = model_device(model)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=num_beams, do_sample=False,
+        max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids), pad_token_id=pad_id,
+    )
+    stops = {int(t) for t in stop_token_ids}
+    results = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), None)
+        results.append((row[:cut], "eot") if cut is not None else (row, "max_length"))
+    return results
+
+
+def translate(
+    model: torch.nn.Module,
+    fmt: PromptFormat,
+    examples: Sequence[Example],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    num_beams: int = 1,
+    separator: str = "\n\n",
+    cut: bool = True,
+    progress: bool = False,
+) -> list[Translation]:
+    """Translate `examples`; every rank gets the full list back in the input order.
+
+    Each rank decodes its shard `examples[rank::world]`; examples whose reference is
+    empty or missing (`meta["has_reference"] is False`) are translated like any other.
+    """
+    rank, world = dist_info()
+    model.eval()
+    mine = list(range(rank, len(examples), world))
+    prompts = {i: fmt.prompt_ids(examples[i]) for i in mine}
+    requests = [Request(key=str(i), prompt_ids=prompts[i]) for i in mine]
+    batches = length_sorted_batches(requests, batch_size)
+    local: list[tuple[int, Translation]] = []
+    for b, batch in enumerate(batches):
+        outs = decode_batch(
+            model, [r.prompt_ids for r in batch], [r.key for r in batch], stop_token_ids=fmt.stop_token_ids,
+            pad_id=pad_id, max_new_tokens=max_new_tokens, num_beams=num_beams,
+        )
+        for req, (ids, reason) in zip(batch, outs):
+            i = int(req.key)
+            ex = examples[i]
+            raw = fmt.decode_answer(ids).strip()
+            has_ref = ex.meta.get("has_reference", True)
+            local.append((i, Translation(
+                id=ex.id, direction=ex.direction, source=ex.source, reference=ex.reference if has_ref else None,
+                raw=raw, hypothesis=cut_at_separator(raw, separator) if cut else raw,
+                prompt_tokens=len(req.prompt_ids), new_tokens=len(ids), stop_reason=reason,
+            )))
+        if progress and rank == 0:
+            print(f"  translated batch {b + 1}/{len(batches)} (rank 0 of {world})", flush=True)
+    merged = dict(item for part in gather_objects(local) for item in part)
+    return [merged[i] for i in range(len(examples))]
