@@ -18,6 +18,7 @@ Two jobs, one layout:
     example_ids [S] str
     teacher_ids [N, k] int32, teacher_logprobs [N, k] float32   (optional; top-k of the
                               rationale generator, row i = its distribution for token i)
+    teacher_valid [N] bool    rows that carry a recorded top-k (the rationale tokens)
 
 One micro-batch of B packs padded to T tokens (here B=2, T=12; three examples a, b, c
 and padding p; `·` is -100 in labels and 0 in spans):
@@ -286,9 +287,12 @@ class PackedDataset:
                         f"segment {s.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape}, "
                         f"expected ({len(s)}, {k}) like the other segments"
                     )
-                t_ids[off:off + len(s)] = ids
-                t_lp[off:off + len(s)] = lp
-                t_valid[off:off + len(s)] = True
+                # Rows without a recorded top-k (prompt, reference, separator) come as
+                # all -inf from radis.data.segments: mark them invalid, store zeros.
+                rows = np.isfinite(lp).any(axis=1)
+                t_ids[off:off + len(s)][rows] = ids[rows]
+                t_lp[off:off + len(s)][rows] = lp[rows]
+                t_valid[off:off + len(s)] = rows
         return cls(tokens=tokens, spans=spans, seq_offsets=seq_offsets, pack_offsets=pack_offsets,
                    example_ids=[s.example_id for s in ordered], max_tokens=max_tokens,
                    teacher_ids=t_ids, teacher_logprobs=t_lp, teacher_valid=t_valid, meta=dict(meta or {}))

@@ -1,0 +1,389 @@
+"""`radis build-data`: sources -> segments -> packed shards, cached on disk.
+
+    radis build-data --config recipes/X.yaml [--split train|valid|all] [--force] [key=value ...]
+
+The trainer calls `load_or_build(cfg, split, tokenizer)`, which returns the cached
+`PackedDataset` or builds it. A cache entry is a directory
+
+    <data.cache_dir>/<split>-<key>/
+        meta.json              format version, what the key was made of, sizes, pad id
+        stats.json             the statistics summary (also printed as a table)
+        shard-00000.npz ...    numpy archives (no pickles) of at most SHARD_PACKS packs:
+                               tokens [n] int32, spans [n] int8, seq_offsets [s+1],
+                               pack_offsets [p+1] (shard-local), example_ids [s] str,
+                               teacher_ids / teacher_logprobs / teacher_valid when present
+
+`key` hashes everything the packed data depends on: the tokenizer fingerprint
+(prompts.tokenizer_fingerprint) and resolved chat template, the data config (sources
+of this split, max_tokens, separator, instruction, system prompt, language names,
+on_empty, pack_window, seed), loss.method (vanilla builds no rationale spans), and the
+(path, size, mtime) of every source file. Change any of them and a new entry is built;
+old entries stay until deleted.
+
+Concurrency: an entry is written into a temporary directory and renamed into place,
+so a reader never sees half an entry. Processes that build the same entry at once
+(several ranks, several jobs) serialise on a lock file where the file system supports
+flock; where it does not, each builds and the loser of the rename discards its copy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radis.config import RadisConfig, SourceConfig, load_config
+from radis.data.example import SPAN_NAMES
+from radis.data.packing import PackedDataset
+
+FORMAT_VERSION = 1
+SHARD_PACKS = 4096  # packs per shard file
+SEGMENT_CHUNK = 2048  # examples tokenised per build_segments call (progress granularity)
+SPLITS = ("train", "valid")
+
+
+class DataBuildError(ValueError):
+    """The data of a split cannot be built or a cache entry cannot be read."""
+
+
+# --------------------------------------------------------------------------- cache key
+
+
+def source_files(src: SourceConfig) -> list[Path]:
+    """The files a source reads (a directory: every file below it)."""
+    out = []
+    for p in (src.path, src.target_path):
+        if not p:
+            continue
+        path = Path(os.path.expanduser(p))
+        if path.is_dir():
+            out += sorted(f for f in path.rglob("*") if f.is_file())
+        elif path.exists():
+            out.append(path)
+    return out
+
+
+def cache_key_inputs(cfg: RadisConfig, split: str, fingerprint: str, template: str) -> dict[str, Any]:
+    """Everything the packed data of `split` depends on, as plain JSON-able data."""
+    d = cfg.data
+    sources = _split_sources(cfg, split)
+    files = []
+    for src in sources:
+        for f in source_files(src):
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "tokenizer_fingerprint": fingerprint,
+        "chat_template": template,
+        "sources": [dataclasses.asdict(s) for s in sources],
+        "files": files,
+        "data": {
+            "max_tokens": d.max_tokens,
+            "on_empty": d.on_empty,
+            "separator": d.separator,
+            "instruction": d.instruction,
+            "system_prompt": d.system_prompt,
+            "language_names": dict(getattr(d, "language_names", {}) or {}),
+            "pack_window": d.pack_window,
+            "seed": d.seed,
+        },
+        "with_rationale": cfg.loss.method == "radis",
+    }
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_sources(cfg: RadisConfig, split: str) -> list[SourceConfig]:
+    if split not in SPLITS:
+        raise DataBuildError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    return list(getattr(cfg.data, split))
+
+
+# --------------------------------------------------------------------------- build
+
+
+def load_or_build(cfg: RadisConfig, split: str = "train", tokenizer: Any = None, *, force: bool = False,
+                  progress: bool = True, log: Callable[[str], None] | None = print) -> PackedDataset:
+    """The packed data of `split`: from the cache when an entry matches, else built.
+
+    `tokenizer=None` loads `model.tokenizer or model.name_or_path`. The returned
+    dataset's `meta` holds "cache_dir" (the entry), "reused" (bool), "pad_token_id"
+    (the tokenizer's pad id, else its eos, else 0: padding never has a loss and is
+    masked out, any id works) and "stats" (the summary). Safe to call from several
+    processes at once (see the module docstring).
+    """
+    from radis.data.prompts import ChatFormat
+
+    log = log or (lambda _msg: None)
+    sources = _split_sources(cfg, split)
+    if not sources:
+        raise DataBuildError(f"data.{split}: no sources configured (add a list of {{path: ...}} entries)")
+    if tokenizer is None:
+        from radis.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
+    fmt = ChatFormat(tokenizer, cfg.data, cfg.model.chat_template)
+    inputs = cache_key_inputs(cfg, split, fmt.fingerprint, fmt.template)
+    key = cache_key(inputs)
+    root = Path(os.path.expanduser(cfg.data.cache_dir))
+    entry = root / f"{split}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root / f".{split}-{key}.lock"):
+        if force and entry.exists():
+            shutil.rmtree(entry)
+        if (entry / "meta.json").is_file():
+            ds = read_packed(entry)
+            ds.meta["reused"] = True
+            log(f"[build-data] {split}: reusing cached packed data {entry}")
+            return ds
+        t0 = time.perf_counter()
+        ds = _build(cfg, split, fmt, tokenizer, progress=progress, log=log)
+        ds.meta.update(key=key, key_inputs=inputs, build_seconds=round(time.perf_counter() - t0, 2))
+        write_packed(ds, entry, progress=progress)
+    ds = read_packed(entry)
+    ds.meta["reused"] = False
+    log(f"[build-data] {split}: wrote {entry} ({ds.num_packs} packs) in {ds.meta.get('build_seconds')} s")
+    return ds
+
+
+def _build(cfg: RadisConfig, split: str, fmt: Any, tokenizer: Any, progress: bool,
+           log: Callable[[str], None]) -> PackedDataset:
+    from tqdm.auto import tqdm
+
+    from radis.data.segments import SegmentStats, build_segments
+    from radis.data.sources import read_sources
+
+    d = cfg.data
+    log(f"[build-data] {split}: reading {len(_split_sources(cfg, split))} source(s)")
+    examples, source_stats = read_sources(_split_sources(cfg, split), d.on_empty)
+    if not examples:
+        raise DataBuildError(f"data.{split}: the sources gave no examples ({_plain(source_stats)})")
+    segments, seg_stats = [], SegmentStats()
+    with_rationale = cfg.loss.method == "radis"
+    bar = tqdm(total=len(examples), desc=f"tokenise {split}", unit="ex", disable=not progress, file=sys.stderr)
+    for start in range(0, len(examples), SEGMENT_CHUNK):
+        chunk = examples[start:start + SEGMENT_CHUNK]
+        segs, st = build_segments(fmt, chunk, separator=d.separator, max_tokens=d.max_tokens,
+                                  with_rationale=with_rationale)
+        segments += segs
+        seg_stats.merge(st)
+        bar.update(len(chunk))
+    bar.close()
+    if not segments:
+        raise DataBuildError(f"data.{split}: no example fits data.max_tokens={d.max_tokens} ({_plain(seg_stats)})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ds = PackedDataset.from_segments(segments, max_tokens=d.max_tokens, window=d.pack_window, seed=d.seed)
+    ds.meta.update(split=split, pad_token_id=int(pad if pad is not None else 0), chat_template=fmt.template,
+                   tokenizer_fingerprint=fmt.fingerprint)
+    ds.meta["stats"] = summary(ds, _plain(source_stats), _plain(seg_stats))
+    return ds
+
+
+def summary(ds: PackedDataset, source_stats: dict[str, Any], segment_stats: dict[str, Any]) -> dict[str, Any]:
+    """The statistics of one built split (saved as stats.json, printed by `format_summary`)."""
+    span_tokens = {name: int((ds.spans == code).sum()) for code, name in SPAN_NAMES.items()}
+    targets = ds.pack_stats()
+    return {
+        "sources": source_stats,
+        "segments": segment_stats,
+        "packing": {
+            "segments": ds.num_segments,
+            "packs": ds.num_packs,
+            "max_tokens": ds.max_tokens,
+            "tokens": ds.num_tokens,
+            "tokens_per_span": span_tokens,
+            "targets": {"mt": int(targets[:, 1].sum()), "rd": int(targets[:, 2].sum())},
+            "efficiency": round(ds.efficiency, 5),
+        },
+    }
+
+
+def format_summary(split: str, stats: dict[str, Any]) -> str:
+    """The summary as an aligned two-column table."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and not value:
+            rows.append((prefix, "none"))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, float):
+            rows.append((prefix, f"{value:.2%}" if prefix.endswith("efficiency") else f"{value:g}"))
+        else:
+            rows.append((prefix, str(value)))
+
+    walk("", stats)
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    line = "-" * (width + vwidth + 3)
+    out = [f"data statistics: {split}", line]
+    out += [f"{k:<{width}}   {v:>{vwidth}}" for k, v in rows]
+    out.append(line)
+    return "\n".join(out)
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A stats object (dataclass, object with to_dict, or dict) as JSON-able data."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    elif dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------- shards on disk
+
+
+def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None:
+    """Write `ds` as a cache entry at `entry`, atomically (temp dir + rename)."""
+    from tqdm.auto import tqdm
+
+    entry = Path(entry)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        n_shards = max(1, -(-ds.num_packs // SHARD_PACKS))
+        for i in tqdm(range(n_shards), desc="write shards", disable=not progress or n_shards < 2, file=sys.stderr):
+            p0, p1 = i * SHARD_PACKS, min(ds.num_packs, (i + 1) * SHARD_PACKS)
+            s0, s1 = int(ds.pack_offsets[p0]), int(ds.pack_offsets[p1])
+            t0, t1 = int(ds.seq_offsets[s0]), int(ds.seq_offsets[s1])
+            arrays = {
+                "tokens": ds.tokens[t0:t1],
+                "spans": ds.spans[t0:t1],
+                "seq_offsets": ds.seq_offsets[s0:s1 + 1] - t0,
+                "pack_offsets": ds.pack_offsets[p0:p1 + 1] - s0,
+                "example_ids": np.array(ds.example_ids[s0:s1], dtype=str),
+            }
+            if ds.teacher_ids is not None:
+                arrays["teacher_ids"] = ds.teacher_ids[t0:t1]
+                arrays["teacher_logprobs"] = ds.teacher_logprobs[t0:t1]
+                valid = ds.teacher_valid if ds.teacher_valid is not None else np.ones(len(ds.tokens), bool)
+                arrays["teacher_valid"] = valid[t0:t1]
+            with open(tmp / f"shard-{i:05d}.npz", "wb") as f:
+                np.savez(f, **arrays)
+        meta = {k: v for k, v in ds.meta.items() if k not in ("stats", "reused", "cache_dir")}
+        meta.update(format_version=FORMAT_VERSION, max_tokens=ds.max_tokens, shards=n_shards,
+                    packs=ds.num_packs, segments=ds.num_segments, tokens=ds.num_tokens)
+        (tmp / "stats.json").write_text(json.dumps(ds.meta.get("stats", {}), indent=2) + "\n", encoding="utf-8")
+        # meta.json last: its presence marks a complete entry.
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / "meta.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_packed(entry: Path) -> PackedDataset:
+    """Load a cache entry written by `write_packed`."""
+    entry = Path(entry)
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataBuildError(f"{entry / 'meta.json'}: unreadable cache entry ({err}); delete the directory") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataBuildError(f"{entry}: cache format {meta.get('format_version')}, expected {FORMAT_VERSION}; delete it")
+    parts: dict[str, list[np.ndarray]] = {}
+    ids: list[str] = []
+    tok_base = seg_base = 0
+    for i in range(int(meta["shards"])):
+        path = entry / f"shard-{i:05d}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                shard = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            raise DataBuildError(f"{path}: unreadable shard ({err}); delete {entry} to rebuild") from None
+        # Offsets are shard-local: shift them, and drop the leading 0 of all but the first.
+        parts.setdefault("seq_offsets", []).append(shard.pop("seq_offsets")[(1 if i else 0):] + tok_base)
+        parts.setdefault("pack_offsets", []).append(shard.pop("pack_offsets")[(1 if i else 0):] + seg_base)
+        names = shard.pop("example_ids").tolist()
+        ids += names
+        tok_base += len(shard["tokens"])
+        seg_base += len(names)
+        for k, v in shard.items():
+            parts.setdefault(k, []).append(v)
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    stats_path = entry / "stats.json"
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
+    ds = PackedDataset(
+        tokens=cat["tokens"], spans=cat["spans"], seq_offsets=cat["seq_offsets"].astype(np.int64),
+        pack_offsets=cat["pack_offsets"].astype(np.int64), example_ids=ids, max_tokens=int(meta["max_tokens"]),
+        teacher_ids=cat.get("teacher_ids"), teacher_logprobs=cat.get("teacher_logprobs"),
+        teacher_valid=cat.get("teacher_valid"), meta={**meta, "stats": stats, "cache_dir": str(entry)},
+    )
+    if ds.num_packs != meta["packs"] or ds.num_tokens != meta["tokens"]:
+        raise DataBuildError(f"{entry}: shards hold {ds.num_packs} packs / {ds.num_tokens} tokens, "
+                             f"meta.json says {meta['packs']} / {meta['tokens']}; delete it to rebuild")
+    return ds
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (no-op where the platform has none)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename alone keeps entries whole
+        yield
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # e.g. a file system without locks
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from radis.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--split", choices=["train", "valid", "all"], default="all",
+                        help="which split to build (all: train, and valid when it has sources)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a cache entry matches")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from radis.data.prompts import ChatFormatError
+    from radis.data.sources import DataError
+
+    cfg = load_config(args.config, args.overrides)
+    splits = [args.split] if args.split != "all" else [s for s in SPLITS if getattr(cfg.data, s) or s == "train"]
+    tokenizer = None
+    for split in splits:
+        if tokenizer is None:
+            from radis.models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
+        try:
+            ds = load_or_build(cfg, split, tokenizer, force=args.force, progress=not args.no_progress)
+        except (DataBuildError, DataError, ChatFormatError) as err:  # bad input: say what, no traceback
+            print(f"radis build-data: {err}", file=sys.stderr)
+            return 2
+        print(format_summary(split, ds.meta["stats"]))
+        print(f"statistics: {Path(ds.meta['cache_dir']) / 'stats.json'}")
+    return 0
