@@ -36,3 +36,53 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "alma").is_dir():
         pytest.skip(f"real parallel data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+# --------------------------------------------------------------------------- sentencepiece tokenizer
+
+_SP_TEXT = [
+    "Translate the following text from German into English.",
+    "Translate the following text from English into Czech.",
+    "[INST] <<SYS>> You are a helpful assistant. <</SYS>> [/INST]",
+    "The goods cost less than 20 euros, and the fee would equal 40% of the value.",
+    "Please note that the translation keeps the structure of the source sentence.",
+    "Die Ware hat unter 20 Euro gekostet; die Gebühr entspricht 40% des Warenwertes.",
+    "Ich hoffe wirklich, dass Sie eine Lösung finden werden.",
+    "Blíží se velký návrat českého smolaře, řekl brankář.",
+    "Привет, как дела? Мы переводим предложения с русского языка.",
+    "很抱歉，您点的餐可能会晚到一会。我们已经问过了。",
+    "今日は良い天気ですね。翻訳をお願いします。",
+    "Þetta er íslensk setning með sérstöfum.",
+]
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory):
+    """A tiny LLaMA-style sentencepiece tokenizer (transformers LlamaTokenizer), trained here.
+
+    unk=0, <s>=1, </s>=2 like LLaMA-2/Mistral, ~700 pieces, BPE with byte_fallback (so
+    CJK and emoji outside the vocabulary round-trip through <0xNN> pieces), identity
+    normalisation, a dummy "▁" prefix. No chat template (tests choose llama2/mistral).
+    Saved with save_pretrained; `tokenizer.name_or_path` is that directory.
+    """
+    import random
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    root = tmp_path_factory.mktemp("sp_tokenizer")
+    rng = random.Random(0)
+    words = " ".join(_SP_TEXT).split()
+    lines = list(_SP_TEXT) * 10 + [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(300)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(root / "sp"), vocab_size=700, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )
+    src = root / "src"
+    src.mkdir()
+    (root / "sp.model").rename(src / "tokenizer.model")
+    out = root / "tokenizer"
+    LlamaTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+    return LlamaTokenizer.from_pretrained(str(out))

@@ -1,0 +1,186 @@
+"""Examples -> token ids with a span label per token (IGNORE / MT / RD).
+
+One segment is one chat exchange, assembled from ChatFormat pieces so that every
+token's span is known by construction (no re-tokenising and searching):
+
+    ids   = prompt_ids(ex) + answer_ids(reference) + answer_ids(separator + rationale,
+                                                             continuation=True) + end_of_turn_ids()
+    spans =   IGNORE ...        MT ...                 RD ...                      last span present
+
+    e.g. chatml:  <|im_start|>user\\n ... <|im_start|>assistant\\n | The goods ... | \\n\\n The word ... | <|im_end|> \\n
+                  0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 | 1 1 1 1 1 1 1 | 2 2 2 2 2 2 2 2 2 | 2 2
+
+Vanilla fine-tuning (`with_rationale=False`) or an example without a rationale gives
+prompt | reference | end-of-turn, with end-of-turn labelled MT.
+
+Length limit (`max_tokens`, the pack size): the rationale is cut first (the end-of-turn
+tokens stay, so the model still learns to close its turn); an example whose prompt +
+reference + end-of-turn alone exceeds `max_tokens` is dropped and counted. The
+reference is never cut.
+
+Recorded rationale tokens and teacher top-k
+-------------------------------------------
+The rationale generator may store, in `example.meta`:
+
+    "tokenizer_fingerprint": prompts.tokenizer_fingerprint(tokenizer) of the generator
+    "separator":             the separator it placed after the reference (optional)
+    "rationale_token_ids":   [n]     ids it generated right after
+                                     answer_ids(separator, continuation=True)
+    "teacher_topk_ids":      [n, k]  its top-k token ids at each of those positions
+    "teacher_topk_logprobs": [n, k]  and their log-probabilities
+
+When the fingerprint equals this tokenizer's (and the separator, if recorded, equals
+`separator`), the RD tokens are `answer_ids(separator, continuation=True) +
+rationale_token_ids`: exactly what the generator produced, not a re-tokenisation of
+its decoded text. The teacher arrays are then attached to the Segment as
+`teacher_ids` [L, k] int32 / `teacher_logprobs` [L, k] float32, row i belonging to
+token i (the token *predicted* at position i-1, like `spans`). Rows of the rationale
+tokens carry the recorded top-k; all other rows (prompt, reference, separator,
+end-of-turn) are 0 / -inf. A truncated rationale keeps its first rows. Otherwise (no
+ids, another tokenizer or separator) the rationale text is tokenised and no teacher
+arrays are attached.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from radis.data.example import IGNORE, MT, RD, SPAN_NAMES, Example, Segment
+from radis.data.prompts import ChatFormat
+
+
+@dataclass
+class SegmentStats:
+    kept: int = 0
+    dropped_too_long: int = 0  # prompt + reference + end-of-turn > max_tokens
+    rationale_truncated: int = 0  # rationale cut (possibly to nothing) to fit max_tokens
+    without_rationale: int = 0  # vanilla, or no / empty rationale
+    rationale_from_ids: int = 0  # recorded generator ids used as they are
+    with_teacher: int = 0  # teacher top-k attached
+    tokens: dict[str, int] = field(default_factory=lambda: {name: 0 for name in SPAN_NAMES.values()})
+
+    def merge(self, other: SegmentStats) -> None:
+        for name in ("kept", "dropped_too_long", "rationale_truncated", "without_rationale",
+                     "rationale_from_ids", "with_teacher"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k, v in other.tokens.items():
+            self.tokens[k] = self.tokens.get(k, 0) + v
+
+
+def build_segment(
+    fmt: ChatFormat, example: Example, *, separator: str, max_tokens: int, with_rationale: bool = True
+) -> Segment | None:
+    """One example as a Segment, or None when it cannot fit `max_tokens` (see module doc)."""
+    segments, _ = build_segments(fmt, [example], separator=separator, max_tokens=max_tokens,
+                                 with_rationale=with_rationale)
+    return segments[0] if segments else None
+
+
+def build_segments(
+    fmt: ChatFormat,
+    examples: Sequence[Example],
+    *,
+    separator: str,
+    max_tokens: int,
+    with_rationale: bool = True,
+) -> tuple[list[Segment], SegmentStats]:
+    """Segments of many examples, in order, dropped ones left out (counted in the stats).
+
+    Tokenisation is batched: one tokenizer call per kind of piece for the whole list.
+    """
+    stats = SegmentStats()
+    if not examples:
+        return [], stats
+    prompts = fmt.prompt_ids_batch(examples)
+    references = fmt.answer_ids_batch([ex.reference for ex in examples], continuation=False)
+    eot = fmt.end_of_turn_ids()
+    sep_ids = fmt.answer_ids(separator, continuation=True) if separator else []
+
+    # Rationale ids: recorded ones where usable, the rest tokenised in one batch.
+    rationales: list[list[int] | None] = [None] * len(examples)
+    teachers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(examples)
+    to_tokenise: list[int] = []
+    for i, ex in enumerate(examples):
+        if not with_rationale or not ex.rationale:
+            continue
+        recorded = _recorded_rationale(ex, fmt.fingerprint, separator)
+        if recorded is None:
+            to_tokenise.append(i)
+        else:
+            rationales[i] = sep_ids + recorded[0]
+            teachers[i] = recorded[1]
+            stats.rationale_from_ids += 1
+    if to_tokenise:
+        texts = [separator + examples[i].rationale for i in to_tokenise]
+        for i, ids in zip(to_tokenise, fmt.answer_ids_batch(texts, continuation=True)):
+            rationales[i] = ids
+
+    segments = []
+    for i, ex in enumerate(examples):
+        prompt, mt, rd = prompts[i], references[i], rationales[i] or []
+        fixed = len(prompt) + len(mt) + len(eot)
+        if fixed > max_tokens:
+            stats.dropped_too_long += 1
+            continue
+        if fixed + len(rd) > max_tokens:
+            rd = rd[: max_tokens - fixed]
+            stats.rationale_truncated += 1
+        last = RD if rd else MT
+        if not rd:
+            stats.without_rationale += rationales[i] is None
+        ids = prompt + mt + rd + eot
+        spans = [IGNORE] * len(prompt) + [MT] * len(mt) + [RD] * len(rd) + [last] * len(eot)
+        seg = Segment(example_id=ex.id, input_ids=ids, spans=spans)
+        if teachers[i] is not None and rd:
+            seg.teacher_ids, seg.teacher_logprobs = _place_teacher(
+                teachers[i], start=len(prompt) + len(mt) + len(sep_ids), n_kept=len(rd) - len(sep_ids), length=len(ids)
+            )
+            stats.with_teacher += seg.teacher_ids is not None
+        stats.kept += 1
+        stats.tokens["ignore"] += len(prompt)
+        stats.tokens["mt"] += len(mt) + (len(eot) if last == MT else 0)
+        stats.tokens["rd"] += len(rd) + (len(eot) if last == RD else 0)
+        segments.append(seg)
+    return segments, stats
+
+
+def _recorded_rationale(
+    ex: Example, fingerprint: str, separator: str
+) -> tuple[list[int], tuple[np.ndarray, np.ndarray] | None] | None:
+    """(rationale ids, teacher arrays or None) from example.meta, if usable here."""
+    meta: dict[str, Any] = ex.meta or {}
+    ids = meta.get("rationale_token_ids")
+    if ids is None or meta.get("tokenizer_fingerprint") != fingerprint:
+        return None
+    if meta.get("separator") is not None and meta["separator"] != separator:
+        return None
+    ids = [int(t) for t in ids]
+    teacher = None
+    if meta.get("teacher_topk_ids") is not None and meta.get("teacher_topk_logprobs") is not None:
+        tids = np.asarray(meta["teacher_topk_ids"], dtype=np.int32)
+        tlp = np.asarray(meta["teacher_topk_logprobs"], dtype=np.float32)
+        if tids.ndim != 2 or tids.shape != tlp.shape or tids.shape[0] != len(ids):
+            raise ValueError(
+                f"example {ex.id}: teacher_topk_ids {tids.shape} / teacher_topk_logprobs {tlp.shape} "
+                f"must both be [n_rationale_tokens={len(ids)}, k]"
+            )
+        teacher = (tids, tlp)
+    return ids, teacher
+
+
+def _place_teacher(
+    teacher: tuple[np.ndarray, np.ndarray], *, start: int, n_kept: int, length: int
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """[n, k] recorded rows -> [length, k] rows aligned to the segment's tokens."""
+    tids, tlp = teacher
+    if n_kept <= 0:  # truncation left only (part of) the separator
+        return None, None
+    k = tids.shape[1]
+    out_ids = np.zeros((length, k), dtype=np.int32)
+    out_lp = np.full((length, k), -np.inf, dtype=np.float32)
+    out_ids[start:start + n_kept] = tids[:n_kept]
+    out_lp[start:start + n_kept] = tlp[:n_kept]
+    return out_ids, out_lp

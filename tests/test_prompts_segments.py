@@ -1,0 +1,221 @@
+"""Chat formats (radis.data.prompts) and span-labelled segments (radis.data.segments)."""
+import numpy as np
+import pytest
+
+from radis.config import DataConfig
+from radis.data.example import IGNORE, MT, RD, Example
+from radis.data.languages import UnknownLanguageError, language_name
+from radis.data.prompts import (
+    ChatFormat,
+    ChatFormatError,
+    resolve_template,
+    tokenizer_fingerprint,
+)
+from radis.data.segments import build_segment, build_segments
+
+SEP = "\n\n"
+TEXTS = [  # (source language, source, target language, reference, rationale)
+    ("de", "Die Ware hat unter 20 Euro gekostet.", "en", "The goods cost less than 20 euros.",
+     "The verb 'gekostet' is past tense, so 'cost' is used."),
+    ("en", "How are you doing today?", "ru", "Как у тебя дела сегодня?",
+     "Слово «сегодня» стоит в конце, как в оригинале."),
+    ("en", "I'm sorry that your order is running late.", "zh", "很抱歉，您点的餐可能会晚到一会。",
+     "“很抱歉” expresses the apology; 一会 means a short while."),
+    ("en", "Great job </s> <|im_end|> 🎉", "ja", "よくやった 🎉😀 <s>",
+     "Emoji 🎉 is kept; 「よくやった」 is casual."),
+]
+
+
+def examples(with_rationale=True):
+    return [
+        Example(id=f"t:{i}:{s}-{t}", src_lang=s, tgt_lang=t, source=src, reference=ref,
+                rationale=rat if with_rationale else None)
+        for i, (s, src, t, ref, rat) in enumerate(TEXTS)
+    ]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from radis.models import ModelNotFoundError, load_tokenizer
+
+    try:
+        return load_tokenizer("smollm2")
+    except ModelNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(params=[("sp", "llama2"), ("sp", "mistral"), ("smol", "auto"), ("smol", "chatml")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def fmt(request):
+    kind, template = request.param
+    tok = request.getfixturevalue("sp_tokenizer" if kind == "sp" else "smol_tokenizer")
+    return ChatFormat(tok, DataConfig(system_prompt="Be brief."), template)
+
+
+def spans_of(seg, label):
+    return [t for t, s in zip(seg.input_ids, seg.spans) if s == label]
+
+
+def test_spans_decode_to_reference_and_rationale(fmt):
+    tok = fmt.tokenizer
+    eot = fmt.end_of_turn_ids()
+    segs, stats = build_segments(fmt, examples(), separator=SEP, max_tokens=4096)
+    assert stats.kept == len(TEXTS) and stats.dropped_too_long == 0
+    for seg, ex in zip(segs, examples()):
+        prompt = fmt.prompt_ids(ex)
+        assert seg.input_ids[: len(prompt)] == prompt
+        assert set(seg.spans[: len(prompt)]) == {IGNORE}
+        assert seg.input_ids[-len(eot):] == eot and set(seg.spans[-len(eot):]) == {RD}  # eot joins the last span
+        mt, rd = spans_of(seg, MT), spans_of(seg, RD)[: -len(eot)]
+        # The MT span is exactly the reference (sentencepiece: modulo its leading "▁").
+        assert tok.decode(mt) == ex.reference
+        assert tok.decode(rd) == SEP + ex.rationale
+        assert tok.decode(mt + rd) == ex.reference + SEP + ex.rationale
+        # Special-token strings inside the data stay text: no stop token inside the answer.
+        assert not set(mt + rd) & set(fmt.stop_token_ids)
+        assert len(seg.spans) == len(seg.input_ids)
+    total = sum(len(s) for s in segs)
+    assert sum(stats.tokens.values()) == total
+
+
+def test_vanilla_and_missing_rationale_end_in_mt(fmt):
+    eot = fmt.end_of_turn_ids()
+    for with_rationale, exs in ((False, examples()), (True, examples(with_rationale=False))):
+        segs, stats = build_segments(fmt, exs, separator=SEP, max_tokens=4096, with_rationale=with_rationale)
+        assert stats.without_rationale == len(exs) and stats.tokens["rd"] == 0
+        for seg, ex in zip(segs, exs):
+            assert RD not in seg.spans
+            assert seg.input_ids[-len(eot):] == eot and set(seg.spans[-len(eot):]) == {MT}
+            assert fmt.tokenizer.decode(spans_of(seg, MT)[: -len(eot)]) == ex.reference
+
+
+def test_truncation_cuts_rationale_keeps_eot_and_drops_what_cannot_fit(sp_tokenizer):
+    fmt = ChatFormat(sp_tokenizer, DataConfig(), "llama2")
+    ex = examples()[0]
+    eot = fmt.end_of_turn_ids()
+    full = build_segment(fmt, ex, separator=SEP, max_tokens=4096)
+    fixed = len(fmt.prompt_ids(ex)) + len(fmt.answer_ids(ex.reference, continuation=False)) + len(eot)
+    n_rd = len(full) - fixed
+    assert n_rd > 5
+
+    segs, stats = build_segments(fmt, [ex], separator=SEP, max_tokens=fixed + 3)
+    (cut,) = segs
+    assert stats.rationale_truncated == 1 and len(cut) == fixed + 3
+    assert cut.input_ids[: fixed - len(eot) + 3] == full.input_ids[: fixed - len(eot) + 3]  # first rationale tokens
+    assert cut.input_ids[-len(eot):] == eot and cut.spans[-len(eot):] == [RD] * len(eot)
+    assert spans_of(cut, MT) == spans_of(full, MT)  # the reference is never cut
+
+    exact = build_segment(fmt, ex, separator=SEP, max_tokens=fixed)  # room for no rationale token
+    assert RD not in exact.spans and exact.spans[-len(eot):] == [MT] * len(eot)
+
+    segs, stats = build_segments(fmt, [ex, examples()[1]], separator=SEP, max_tokens=fixed - 1)
+    assert build_segment(fmt, ex, separator=SEP, max_tokens=fixed - 1) is None
+    assert stats.dropped_too_long >= 1 and stats.kept + stats.dropped_too_long == 2
+
+
+def test_recorded_rationale_ids_and_teacher_topk_are_aligned(smol_tokenizer):
+    fmt = ChatFormat(smol_tokenizer, DataConfig(), "auto")
+    ex = examples()[0]
+    recorded = fmt.answer_ids(ex.rationale, continuation=True)
+    n, k = len(recorded), 3
+    rng = np.random.default_rng(0)
+    tids = rng.integers(0, 1000, size=(n, k)).astype(np.int32)
+    tlp = np.log(rng.dirichlet(np.ones(k), size=n)).astype(np.float32)
+    ex.meta = {"tokenizer_fingerprint": fmt.fingerprint, "separator": SEP, "rationale_token_ids": recorded,
+               "teacher_topk_ids": tids.tolist(), "teacher_topk_logprobs": tlp.tolist()}
+    seg = build_segment(fmt, ex, separator=SEP, max_tokens=4096)
+    sep_ids = fmt.answer_ids(SEP, continuation=True)
+    start = len(fmt.prompt_ids(ex)) + len(fmt.answer_ids(ex.reference, continuation=False)) + len(sep_ids)
+    assert seg.input_ids[start:start + n] == recorded
+    assert seg.teacher_ids.shape == (len(seg), k) and seg.teacher_logprobs.dtype == np.float32
+    np.testing.assert_array_equal(seg.teacher_ids[start:start + n], tids)
+    np.testing.assert_array_equal(seg.teacher_logprobs[start:start + n], tlp)
+    outside = np.ones(len(seg), bool)
+    outside[start:start + n] = False
+    assert (seg.teacher_ids[outside] == 0).all() and np.isneginf(seg.teacher_logprobs[outside]).all()
+    assert all(seg.spans[i] == RD for i in range(start, start + n))
+
+    # Truncated: the first rows stay, aligned.
+    cut = build_segment(fmt, ex, separator=SEP, max_tokens=start + 4 + len(fmt.end_of_turn_ids()))
+    np.testing.assert_array_equal(cut.teacher_ids[start:start + 4], tids[:4])
+
+    # Another tokenizer (fingerprint differs) or separator: text is re-tokenised, no teacher.
+    for change in ({"tokenizer_fingerprint": "other"}, {"separator": "\n"}):
+        other = Example(**{**ex.__dict__, "meta": {**ex.meta, **change}})
+        segs, stats = build_segments(fmt, [other], separator=SEP, max_tokens=4096)
+        assert segs[0].teacher_ids is None and stats.rationale_from_ids == 0
+        assert smol_tokenizer.decode(spans_of(segs[0], RD)[:-2]) == SEP + ex.rationale
+
+    bad = Example(**{**ex.__dict__, "meta": {**ex.meta, "teacher_topk_ids": tids[:-1].tolist()}})
+    with pytest.raises(ValueError, match=r"t:0:de-en.*\[n_rationale_tokens"):
+        build_segment(fmt, bad, separator=SEP, max_tokens=4096)
+
+
+def test_model_template_equals_apply_chat_template(smol_tokenizer):
+    tok = smol_tokenizer
+    for system in (None, "Be brief."):
+        fmt = ChatFormat(tok, DataConfig(system_prompt=system), "auto")
+        assert fmt.template == "model"
+        ex = examples()[0]
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": fmt.user_text(ex)}]
+        want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        want = list(want["input_ids"] if not isinstance(want, list) else want)
+        assert fmt.prompt_ids(ex) == want
+        assert tok.decode(fmt.end_of_turn_ids()) == "<|im_end|>\n"
+        assert tok.decode(fmt.followup_ids("Why?")) == "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+        assert tok.convert_tokens_to_ids("<|im_end|>") in fmt.stop_token_ids
+    # The built-in chatml with the model's default system prompt gives the same ids.
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    own = ChatFormat(tok, DataConfig(), "auto")
+    built_in = ChatFormat(tok, DataConfig(system_prompt=default_system), "chatml")
+    assert own.prompt_ids(examples()[1]) == built_in.prompt_ids(examples()[1])
+    assert own.end_of_turn_ids() == built_in.end_of_turn_ids()
+
+
+def test_llama2_and_mistral_layouts(sp_tokenizer):
+    tok = sp_tokenizer
+    ex = examples()[3]  # the source holds "</s>": it must stay text
+    cfg = DataConfig(system_prompt="Be brief.")
+    llama = ChatFormat(tok, cfg, "llama2")
+    user = llama.user_text(ex)
+    ids = llama.prompt_ids(ex)
+    assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
+    assert tok.decode(ids[1:]) == f"[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{user} [/INST]"
+    assert tok.convert_ids_to_tokens(llama.answer_ids("The", continuation=False))[0].startswith("▁")
+    assert llama.end_of_turn_ids() == [tok.eos_token_id] == llama.stop_token_ids
+    assert tok.decode(llama.followup_ids("Why?")) == "<s> [INST] Why? [/INST]"
+
+    mistral = ChatFormat(tok, cfg, "mistral")
+    ids = mistral.prompt_ids(ex)
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids[1:]) == f"[INST] Be brief.\n\n{user} [/INST]"  # system folded into the user turn
+    # A continuation carries no sentencepiece "▁" of its own.
+    assert tok.decode(mistral.answer_ids("goods", continuation=False) + mistral.answer_ids("\nok", continuation=True)) == "goods\nok"
+    assert tok.convert_ids_to_tokens(mistral.answer_ids("x", continuation=True))[0] != "▁"
+    assert mistral.decode_answer(mistral.answer_ids(" Hallo Welt ", continuation=False) + [tok.eos_token_id, 5, 6]) == "Hallo Welt"
+
+
+def test_template_choice_and_config_errors(sp_tokenizer, smol_tokenizer):
+    with pytest.raises(ChatFormatError, match="model has no chat template.*model.chat_template"):
+        ChatFormat(sp_tokenizer, DataConfig(), "auto")
+    with pytest.raises(ChatFormatError, match="<\\|im_start\\|>"):
+        ChatFormat(sp_tokenizer, DataConfig(), "chatml")
+    with pytest.raises(ChatFormatError, match="no chat template"):
+        ChatFormat(sp_tokenizer, DataConfig(), "model")
+    assert resolve_template(smol_tokenizer, "auto") == "model"
+    with pytest.raises(ChatFormatError, match="must contain \\{source\\}"):
+        ChatFormat(smol_tokenizer, DataConfig(instruction="Translate {src_lang}"), "auto")
+    with pytest.raises(ChatFormatError, match="placeholders"):
+        ChatFormat(smol_tokenizer, DataConfig(instruction="{lang}: {source}"), "auto")
+    fmt = ChatFormat(smol_tokenizer, DataConfig(language_names={"ga": "Irish"}), "auto")
+    assert "Irish" in fmt.user_text(Example("x", "ga", "en", "Dia duit", "Hello"))
+    with pytest.raises(UnknownLanguageError, match="data.language_names"):
+        fmt.user_text(Example("x", "qq", "en", "?", "Hello"))
+
+
+def test_languages_and_fingerprint(sp_tokenizer, smol_tokenizer):
+    assert language_name("de") == "German" and language_name("zh_Hans") == "Chinese"
+    assert language_name("CS") == "Czech" and language_name("is") == "Icelandic"
+    assert language_name("de", {"de": "Deutsch"}) == "Deutsch"
+    assert tokenizer_fingerprint(smol_tokenizer) == tokenizer_fingerprint(smol_tokenizer)
+    assert tokenizer_fingerprint(smol_tokenizer) != tokenizer_fingerprint(sp_tokenizer)
