@@ -1,0 +1,504 @@
+"""Parallel data (and generated rationales) from files into `list[Example]`.
+
+    read_sources(cfg.data.train, on_empty=cfg.data.on_empty) -> (examples, SourceStats)
+
+Formats (`SourceConfig.format`, "auto" infers it from the path):
+
+- json / jsonl: records {"translation": {"de": "...", "en": "..."}}, either one JSON
+  array or one object per line; which of the two is sniffed from the first
+  non-blank character, whatever the suffix (the ALMA data has JSON Lines in `.json`
+  files). A JSON Lines file whose records have "source" and "reference" is read as
+  rationale records.
+- text: line-aligned pair, `path` = source side, `target_path` = target side
+  (e.g. train.de-en.de + train.de-en.en). Lines are split on "\\n" only (a "\\r"
+  before it is dropped), so U+2028 and friends inside a sentence do not shift the
+  alignment.
+- tsv: one pair per line, `source<TAB>target`, no quoting (a tab inside a sentence is
+  an error: that line then has more than two columns). An optional header row naming
+  the languages ("de<TAB>en") is recognised when both its cells look like language
+  codes; it then sets the column languages (and must agree with src_lang/tgt_lang).
+- hf: a `datasets` `save_to_disk` directory (read offline with load_from_disk), or a
+  hub name with `split` (and `hf_config`) when online. Columns: a "translation" dict
+  column or one column per language.
+- rationales: JSON Lines records of the rationale generator, one file or a directory
+  of `*.jsonl` shards (read in name order): {"id", "src_lang", "tgt_lang", "source",
+  "reference", "rationale", ...}. The id is kept (it joins rationales to pairs);
+  every other field goes to `Example.meta` (e.g. "rationale_token_ids").
+
+Languages: `src_lang`/`tgt_lang` from the config; otherwise from the file name
+("test.de-en.json" -> de, en; "train.de-en.de" + "train.de-en.en" -> de, en; an HF
+config "de-en"); otherwise, when `directions` are given, any record that has both
+languages is fine. A pair whose order cannot be told is an error.
+
+Directions: `directions: ["de-en", "en-de"]` makes one Example per direction per pair
+(both languages must be the pair's); the default is src_lang-tgt_lang. Ids:
+"{parent dir}/{file stem}:{record index}:{src}-{tgt}", e.g. "deen/train.de-en:17:de-en"
+(the index counts records in the file, skipped ones included, so ids stay stable).
+Ids must be unique across all sources of a run (a file listed twice is an error).
+
+Bad input raises DataError naming the file, the line or record, and what was expected.
+Empty source or target: `on_empty="skip"` counts it (SourceStats.skipped, by reason),
+"error" raises. `limit` keeps the first N usable pairs of a source.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radis.config import SourceConfig
+from radis.data.example import Example
+from radis.data.languages import is_language_code
+
+FORMATS = ("json", "jsonl", "text", "tsv", "hf", "rationales")
+RATIONALE_FIELDS = ("id", "src_lang", "tgt_lang", "source", "reference")
+# "<src>-<tgt>" inside a file name, e.g. "train.de-en.json", "valid.zh-en"
+_PAIR_IN_NAME = re.compile(r"(?:^|[._/])([a-z]{2,3})-([a-z]{2,3})(?=$|[._])")
+
+
+class DataError(ValueError):
+    """Bad input data: names the file, the line or record, and what was expected."""
+
+
+@dataclass
+class SourceStats:
+    pairs: int = 0  # usable pairs read (after skipping, after `limit`)
+    examples: int = 0  # Examples made (pairs x directions)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    per_direction: Counter = field(default_factory=Counter)  # "de-en" -> examples
+    per_source: dict[str, int] = field(default_factory=dict)  # path -> examples
+    empty_rationale: int = 0  # rationale records kept as plain pairs (no / blank rationale)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pairs": self.pairs, "examples": self.examples, "skipped": dict(self.skipped),
+                "per_direction": dict(self.per_direction), "per_source": dict(self.per_source),
+                "empty_rationale": self.empty_rationale}
+
+
+# A pair as read from a file: (index in file, line number or None, {lang: text}).
+_Pair = tuple[int, int | None, dict[str, Any]]
+
+
+def read_sources(sources: list[SourceConfig], on_empty: str = "skip") -> tuple[list[Example], SourceStats]:
+    """All sources in order; ids checked unique across them."""
+    if on_empty not in ("skip", "error"):
+        raise ValueError(f"on_empty: expected 'skip' or 'error', got {on_empty!r}")
+    stats = SourceStats()
+    examples: list[Example] = []
+    seen: dict[str, str] = {}
+    for cfg in sources:
+        got = read_source(cfg, on_empty=on_empty, stats=stats)
+        for ex in got:
+            if ex.id in seen:
+                raise DataError(
+                    f"{cfg.path}: example id {ex.id!r} also comes from {seen[ex.id]}; "
+                    "is a file listed twice, or do two files share a directory and name?"
+                )
+            seen[ex.id] = cfg.path
+        examples.extend(got)
+    return examples, stats
+
+
+def read_source(cfg: SourceConfig, on_empty: str = "skip", stats: SourceStats | None = None) -> list[Example]:
+    """Examples of one source (see the module doc); updates `stats` when given."""
+    stats = stats if stats is not None else SourceStats()
+    if not cfg.path:
+        raise DataError("data source without a path")
+    fmt = detect_format(cfg)
+    if fmt == "rationales":
+        examples = _read_rationales(cfg, on_empty, stats)
+    else:
+        if fmt in ("json", "jsonl"):
+            pairs, file_langs = _read_json_pairs(Path(cfg.path))
+        elif fmt == "text":
+            pairs, file_langs = _read_text_pair(cfg)
+        elif fmt == "tsv":
+            pairs, file_langs = _read_tsv(Path(cfg.path), cfg)
+        else:
+            pairs, file_langs = _read_hf(cfg)
+        examples = _pairs_to_examples(cfg, pairs, file_langs, on_empty, stats)
+    for ex in examples:
+        stats.per_direction[ex.direction] += 1
+    stats.examples += len(examples)
+    stats.per_source[cfg.path] = stats.per_source.get(cfg.path, 0) + len(examples)
+    return examples
+
+
+def detect_format(cfg: SourceConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    p = Path(cfg.path)
+    if cfg.target_path:
+        return "text"
+    if p.is_dir():
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return "hf"
+        if (p / "rationales.jsonl").is_file() or any(p.glob("*.jsonl")):
+            return "rationales"
+        raise DataError(f"{p}: directory is neither a datasets save_to_disk directory nor a directory of *.jsonl rationale shards")
+    if p.name.endswith(".rationales.jsonl"):
+        return "rationales"
+    if p.suffix == ".tsv":
+        return "tsv"
+    if p.suffix in (".json", ".jsonl"):
+        if p.is_file() and _first_record_is_rationale(p):
+            return "rationales"
+        return "json"
+    if not p.exists():
+        if cfg.split or cfg.hf_config:
+            return "hf"  # a hub dataset name
+        raise DataError(f"{p}: no such file or directory")
+    raise DataError(
+        f"{p}: cannot tell the format from the name; set format to one of {', '.join(FORMATS)} "
+        "(a line-aligned text pair also needs target_path)"
+    )
+
+
+# --------------------------------------------------------------------------- file reading
+
+
+def read_text_file(path: Path) -> str:
+    """UTF-8 text of a file; a decoding error names the byte offset and line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 at byte offset {err.start} "
+            f"({data[err.start:err.start + 4]!r}: {err.reason}); convert the file to UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")  # a BOM is not data
+
+
+def _lines(text: str) -> list[str]:
+    """Split on "\\n" only; a final newline does not make an extra empty line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+    """(record index, line number or None, record) of a JSON array or JSON Lines file."""
+    text = read_text_file(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+        for i, rec in enumerate(data):
+            yield i, None, rec
+        return
+    index = 0
+    for lineno, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}") from None
+        yield index, lineno, rec
+        index += 1
+
+
+def _where(path: Path, index: int, lineno: int | None) -> str:
+    return f"{path}:{lineno}" if lineno is not None else f"{path}: record {index}"
+
+
+def _first_record_is_rationale(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    first = head.lstrip()[:1]
+    if first != b"{":
+        return False
+    line = head.lstrip().split(b"\n", 1)[0]
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(rec, dict) and "translation" not in rec and "source" in rec and "reference" in rec
+
+
+def _read_json_pairs(path: Path) -> tuple[list[_Pair], tuple[str, str] | None]:
+    pairs = []
+    for index, lineno, rec in _json_records(path):
+        where = _where(path, index, lineno)
+        if not isinstance(rec, dict) or not isinstance(rec.get("translation"), dict):
+            raise DataError(f'{where}: expected a record {{"translation": {{"<lang>": text, ...}}}}, got {str(rec)[:80]}')
+        pairs.append((index, lineno, rec["translation"]))
+    return pairs, _langs_from_name(path.name)
+
+
+def _read_text_pair(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | None]:
+    src_path, tgt_path = Path(cfg.path), Path(cfg.target_path or "")
+    if not cfg.target_path:
+        raise DataError(f"{src_path}: a line-aligned text source needs target_path (the target-side file)")
+    src_lines = _lines(read_text_file(src_path))
+    tgt_lines = _lines(read_text_file(tgt_path))
+    if len(src_lines) != len(tgt_lines):
+        raise DataError(
+            f"line-aligned pair does not align: {src_path} has {len(src_lines)} lines, "
+            f"{tgt_path} has {len(tgt_lines)}"
+        )
+    # Languages from the suffixes: train.de-en.de / train.de-en.en
+    langs = None
+    a, b = src_path.suffix.lstrip("."), tgt_path.suffix.lstrip(".")
+    if is_language_code(a) and is_language_code(b) and a != b:
+        langs = (a, b)
+    src_key, tgt_key = (cfg.src_lang or (langs[0] if langs else "src")), (cfg.tgt_lang or (langs[1] if langs else "tgt"))
+    if langs is None and not (cfg.src_lang and cfg.tgt_lang):
+        raise DataError(
+            f"{src_path} / {tgt_path}: cannot tell the languages from the file suffixes; set src_lang and tgt_lang"
+        )
+    pairs = [(i, i + 1, {src_key: s, tgt_key: t}) for i, (s, t) in enumerate(zip(src_lines, tgt_lines))]
+    return pairs, (src_key, tgt_key)
+
+
+def _read_tsv(path: Path, cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | None]:
+    lines = _lines(read_text_file(path))
+    langs = _langs_from_name(path.name)
+    start = 0
+    if lines:
+        head = lines[0].split("\t")
+        if len(head) == 2 and all(is_language_code(h.strip()) for h in head) and head[0].strip() != head[1].strip():
+            langs = (head[0].strip(), head[1].strip())
+            start = 1
+            for given, col in ((cfg.src_lang, langs[0]), (cfg.tgt_lang, langs[1])):
+                if given and given not in langs:
+                    raise DataError(f"{path}:1: header names languages {langs}, but the config says {given!r}")
+    if langs is None:
+        if not (cfg.src_lang and cfg.tgt_lang):
+            raise DataError(
+                f"{path}: no header row naming the languages (e.g. 'de<TAB>en') and none in the file name; "
+                "set src_lang and tgt_lang"
+            )
+        langs = (cfg.src_lang, cfg.tgt_lang)
+    pairs = []
+    for i, line in enumerate(lines[start:]):
+        lineno = start + i + 1
+        cols = line.split("\t")
+        if len(cols) != 2:
+            raise DataError(f"{path}:{lineno}: expected 2 tab-separated columns (source, target), got {len(cols)}")
+        pairs.append((i, lineno, {langs[0]: cols[0], langs[1]: cols[1]}))
+    return pairs, langs
+
+
+def _read_hf(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | None]:
+    import datasets
+
+    p = Path(cfg.path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+    else:
+        if not cfg.split:
+            raise DataError(f"{cfg.path}: a hub dataset needs `split` (e.g. train)")
+        ds = datasets.load_dataset(cfg.path, cfg.hf_config, split=cfg.split)
+    if isinstance(ds, datasets.DatasetDict):
+        if not cfg.split:
+            raise DataError(f"{cfg.path}: a dataset with splits {list(ds)} needs `split`")
+        if cfg.split not in ds:
+            raise DataError(f"{cfg.path}: no split {cfg.split!r}; it has {list(ds)}")
+        ds = ds[cfg.split]
+    langs = _langs_from_name(cfg.hf_config) if cfg.hf_config else None
+    cols = ds.column_names
+    pairs: list[_Pair] = []
+    if "translation" in cols:
+        for i, rec in enumerate(ds["translation"]):
+            if not isinstance(rec, dict):
+                raise DataError(f"{cfg.path}: row {i}: 'translation' is not a mapping of language -> text")
+            pairs.append((i, None, rec))
+        return pairs, langs
+    wanted = [cfg.src_lang, cfg.tgt_lang] if cfg.src_lang and cfg.tgt_lang else list(langs or [])
+    if len(wanted) != 2 or not all(w in cols for w in wanted):
+        raise DataError(
+            f"{cfg.path}: no 'translation' column; expected one column per language {wanted or '(set src_lang/tgt_lang)'}, "
+            f"found columns {cols}"
+        )
+    for i, (s, t) in enumerate(zip(ds[wanted[0]], ds[wanted[1]])):
+        pairs.append((i, None, {wanted[0]: s, wanted[1]: t}))
+    return pairs, (wanted[0], wanted[1])
+
+
+def _langs_from_name(name: str | None) -> tuple[str, str] | None:
+    if not name:
+        return None
+    m = None
+    for m in _PAIR_IN_NAME.finditer(name):
+        pass  # the last "xx-yy" in the name wins ("wmt22.de-en.json")
+    return (m.group(1), m.group(2)) if m else None
+
+
+# --------------------------------------------------------------------------- pairs -> examples
+
+
+def _pair_languages(cfg: SourceConfig, file_langs: tuple[str, str] | None, first: dict[str, Any] | None) -> tuple[str, str]:
+    """The (source, target) languages of the pairs as stored."""
+    if cfg.src_lang and cfg.tgt_lang:
+        return cfg.src_lang, cfg.tgt_lang
+    if file_langs:
+        src = cfg.src_lang or file_langs[0]
+        tgt = cfg.tgt_lang or (file_langs[1] if src == file_langs[0] else file_langs[0])
+        return src, tgt
+    if first is not None and len(first) == 2:
+        keys = list(first)
+        if cfg.src_lang in keys:
+            return cfg.src_lang, next(k for k in keys if k != cfg.src_lang)
+        if cfg.tgt_lang in keys:
+            return next(k for k in keys if k != cfg.tgt_lang), cfg.tgt_lang
+        if cfg.directions:
+            return keys[0], keys[1]  # order does not matter: directions decide
+    raise DataError(
+        f"{cfg.path}: cannot tell source from target language (keys {list(first) if first else '?'}, "
+        "no 'xx-yy' in the file name); set src_lang and tgt_lang, or directions"
+    )
+
+
+def _directions(cfg: SourceConfig, langs: tuple[str, str]) -> list[tuple[str, str]]:
+    if not cfg.directions:
+        return [langs]
+    out = []
+    for d in cfg.directions:
+        parts = d.split("-")
+        if len(parts) != 2 or set(parts) != set(langs):
+            raise DataError(f"{cfg.path}: direction {d!r} is not one of {langs[0]}-{langs[1]} / {langs[1]}-{langs[0]}")
+        out.append((parts[0], parts[1]))
+    return out
+
+
+def _id_prefix(path: Path) -> str:
+    name = path.name
+    for suffix in (".rationales.jsonl", ".jsonl", ".json", ".tsv"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = path.stem
+    parent = path.parent.name
+    return f"{parent}/{name}" if parent else name
+
+
+def _pairs_to_examples(
+    cfg: SourceConfig, pairs: list[_Pair], file_langs: tuple[str, str] | None, on_empty: str, stats: SourceStats
+) -> list[Example]:
+    path = Path(cfg.path)
+    langs = _pair_languages(cfg, file_langs, pairs[0][2] if pairs else None)
+    directions = _directions(cfg, langs)
+    prefix = _id_prefix(path)
+    examples: list[Example] = []
+    kept = 0
+    for index, lineno, rec in pairs:
+        if cfg.limit is not None and kept >= cfg.limit:
+            break
+        where = _where(path, index, lineno)
+        texts = {}
+        for lang in langs:
+            if lang not in rec:
+                raise DataError(f"{where}: missing language key {lang!r} (record has {sorted(rec)})")
+            value = rec[lang]
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise DataError(f"{where}: {lang!r}: expected a string, got {type(value).__name__}")
+            texts[lang] = value
+        empty = [lang for lang in langs if not texts[lang].strip()]
+        if empty:
+            reason = "empty_source" if langs[0] in empty else "empty_target"
+            if on_empty == "error":
+                raise DataError(f"{where}: empty {'source' if reason == 'empty_source' else 'target'} text ({empty[0]!r})")
+            stats.skipped[reason] += 1
+            continue
+        kept += 1
+        for src, tgt in directions:
+            examples.append(Example(id=f"{prefix}:{index}:{src}-{tgt}", src_lang=src, tgt_lang=tgt,
+                                    source=texts[src], reference=texts[tgt]))
+    stats.pairs += kept
+    return examples
+
+
+def _rationale_files(root: Path) -> list[Path]:
+    """The record files of a rationale source: the generator's merged `rationales.jsonl`
+    when the directory has one, else every `*.jsonl` shard (not `skipped.jsonl`)."""
+    if not root.is_dir():
+        return [root]
+    if (root / "rationales.jsonl").is_file():
+        return [root / "rationales.jsonl"]
+    files = sorted(p for p in root.glob("*.jsonl") if p.name != "skipped.jsonl")
+    if not files:
+        raise DataError(f"{root}: no rationales.jsonl and no *.jsonl rationale shards in this directory")
+    return files
+
+
+def _topk_for(path: Path) -> Any:
+    """The generator's top-k file beside a record file (`X.jsonl` -> `X.topk.safetensors`)."""
+    side = path.with_name(path.name[: -len(".jsonl")] + ".topk.safetensors") if path.name.endswith(".jsonl") else None
+    if side is None or not side.is_file():
+        return None
+    from radis.rationales.store import TopkReader
+
+    return TopkReader(side)
+
+
+def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> list[Example]:
+    """Rationale records -> Examples with `rationale` and `meta` (every other field).
+
+    Top-k arrays written by the generator beside the records
+    (`rationales.topk.safetensors`) are attached as meta["teacher_topk_ids"] /
+    meta["teacher_topk_logprobs"] ([n_rationale_tokens, k]), which
+    radis.data.segments aligns to the rationale tokens.
+    """
+    files = _rationale_files(Path(cfg.path))
+    wanted = set(cfg.directions)
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for path in files:
+        topk = _topk_for(path)
+        for index, lineno, rec in _json_records(path):
+            if cfg.limit is not None and len(examples) >= cfg.limit:
+                break
+            where = _where(path, index, lineno)
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a rationale record (a JSON object), got {str(rec)[:80]}")
+            missing = [k for k in RATIONALE_FIELDS if k not in rec]
+            if missing:
+                raise DataError(f"{where}: rationale record lacks {missing} (needs {list(RATIONALE_FIELDS)})")
+            for k in RATIONALE_FIELDS:
+                if not isinstance(rec[k], str):
+                    raise DataError(f"{where}: {k!r}: expected a string, got {type(rec[k]).__name__}")
+            rationale = rec.get("rationale")
+            if rationale is not None and not isinstance(rationale, str):
+                raise DataError(f"{where}: 'rationale': expected a string or null, got {type(rationale).__name__}")
+            ex_id = rec["id"]
+            if ex_id in seen:  # a resumed generator may have written a record twice
+                stats.skipped["duplicate_id"] += 1
+                continue
+            if wanted and f"{rec['src_lang']}-{rec['tgt_lang']}" not in wanted:
+                stats.skipped["other_direction"] += 1
+                continue
+            if not rec["source"].strip() or not rec["reference"].strip():
+                reason = "empty_source" if not rec["source"].strip() else "empty_target"
+                if on_empty == "error":
+                    raise DataError(f"{where}: empty {reason.split('_')[1]} text")
+                stats.skipped[reason] += 1
+                continue
+            if not (rationale or "").strip():
+                stats.empty_rationale += 1  # kept as a pair without rationale
+                rationale = None
+            seen.add(ex_id)
+            meta = {k: v for k, v in rec.items() if k not in RATIONALE_FIELDS and k != "rationale"}
+            if topk is not None and ex_id in topk:
+                meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = topk.get(ex_id)
+            examples.append(Example(id=ex_id, src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"],
+                                    source=rec["source"], reference=rec["reference"], rationale=rationale, meta=meta))
+    stats.pairs += len(examples)
+    return examples

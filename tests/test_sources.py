@@ -1,0 +1,170 @@
+"""Reading parallel data and rationale records (radis.data.sources)."""
+import json
+
+import numpy as np
+import pytest
+
+from radis.config import SourceConfig
+from radis.data.sources import DataError, detect_format, read_source, read_sources
+
+PAIRS = [("Die Ware hat 20 Euro gekostet.", "The goods cost 20 euros."),
+         ("Guten Morgen\u2028zusammen", "Good morning\u2028everyone"),  # U+2028 must not split a line
+         ("Ich hoffe, Sie finden eine Lösung.", "I hope you find a solution.")]
+
+
+def records(pairs=PAIRS, a="de", b="en"):
+    return [{"translation": {a: s, b: t}} for s, t in pairs]
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    return path
+
+
+def test_json_array_and_jsonl_sniffed_with_languages_from_name(tmp_path):
+    arr = tmp_path / "a" / "test.de-en.json"
+    arr.parent.mkdir()
+    arr.write_text(json.dumps(records(), ensure_ascii=False, indent=1), encoding="utf-8")
+    lines = write_jsonl(tmp_path / "train.de-en.json", records())  # JSON Lines in a .json file
+    for path in (arr, lines):
+        exs = read_source(SourceConfig(path=str(path)))
+        assert [(e.source, e.reference) for e in exs] == PAIRS
+        assert {e.direction for e in exs} == {"de-en"}
+    assert read_source(SourceConfig(path=str(arr)))[2].id == "a/test.de-en:2:de-en"
+    assert detect_format(SourceConfig(path=str(lines))) == "json"
+
+
+def test_directions_limit_ids_and_stats(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", records())
+    cfg = SourceConfig(path=str(path), directions=["de-en", "en-de"], limit=2)
+    exs, stats = read_sources([cfg])
+    assert [e.id for e in exs] == [f"{tmp_path.name}/pairs:{i}:{d}" for i in (0, 1) for d in ("de-en", "en-de")]
+    assert (exs[1].source, exs[1].reference) == (PAIRS[0][1], PAIRS[0][0])
+    assert stats.pairs == 2 and stats.examples == 4 and dict(stats.per_direction) == {"de-en": 2, "en-de": 2}
+    with pytest.raises(DataError, match="direction 'de-fr'"):
+        read_source(SourceConfig(path=str(path), directions=["de-fr"]))
+    # No language order anywhere (no config, no "xx-yy" in the name, no directions): an error.
+    with pytest.raises(DataError, match="cannot tell source from target.*src_lang and tgt_lang"):
+        read_source(SourceConfig(path=str(path)))
+    assert read_source(SourceConfig(path=str(path), src_lang="en"))[0].direction == "en-de"
+    with pytest.raises(DataError, match="listed twice"):
+        read_sources([cfg, cfg])
+
+
+def test_text_pair_and_tsv(tmp_path):
+    de, en = tmp_path / "train.de-en.de", tmp_path / "train.de-en.en"
+    de.write_text("".join(s + "\r\n" for s, _ in PAIRS), encoding="utf-8")
+    en.write_text("".join(t + "\n" for _, t in PAIRS), encoding="utf-8")
+    exs = read_source(SourceConfig(path=str(de), target_path=str(en)))
+    assert [(e.source, e.reference, e.direction) for e in exs] == [(s, t, "de-en") for s, t in PAIRS]
+    assert exs[0].id == f"{tmp_path.name}/train.de-en:0:de-en"
+
+    en.write_text("".join(t + "\n" for _, t in PAIRS[:2]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.de-en.de has 3 lines.*train.de-en.en has 2"):
+        read_source(SourceConfig(path=str(de), target_path=str(en)))
+
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("de\ten\n" + "".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
+    exs = read_source(SourceConfig(path=str(tsv), directions=["en-de"]))
+    assert [(e.source, e.reference) for e in exs] == [(t, s) for s, t in PAIRS]
+    headless = tmp_path / "headless.tsv"
+    headless.write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
+    with pytest.raises(DataError, match="no header row"):
+        read_source(SourceConfig(path=str(headless)))
+    assert len(read_source(SourceConfig(path=str(headless), src_lang="de", tgt_lang="en"))) == 3
+    headless.write_text("a\tb\nc\td\te\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"headless.tsv:2: expected 2 tab-separated columns.*got 3"):
+        read_source(SourceConfig(path=str(headless), src_lang="de", tgt_lang="en"))
+
+
+def test_bad_json_missing_key_and_encoding_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.de-en.jsonl"
+    bad.write_text(json.dumps(records()[0]) + "\n" + '{"translation": {"de": "x", "en": }\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.de-en.jsonl:2:\d+: malformed JSON"):
+        read_source(SourceConfig(path=str(bad)))
+    arr = tmp_path / "bad.de-en.json"
+    arr.write_text('[\n{"translation": {"de": "a", "en": "b"}},\n{"translation": {"de": "a" "en": "b"}}\n]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.de-en.json:3:\d+: malformed JSON"):
+        read_source(SourceConfig(path=str(arr)))
+
+    missing = write_jsonl(tmp_path / "m.de-en.jsonl", records() + [{"translation": {"de": "x", "fr": "y"}}])
+    with pytest.raises(DataError, match=r"m.de-en.jsonl:4: missing language key 'en'.*\['de', 'fr'\]"):
+        read_source(SourceConfig(path=str(missing)))
+    arr.write_text(json.dumps([records()[0], {"translation": {"en": "y"}}]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.de-en.json: record 1: missing language key 'de'"):
+        read_source(SourceConfig(path=str(arr)))
+
+    latin1 = tmp_path / "l.de-en.jsonl"
+    latin1.write_bytes(json.dumps(records()[0]).encode() + b"\n" + '{"translation": {"de": "Grüße", "en": "x"}}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"l.de-en.jsonl:2: not valid UTF-8 at byte offset \d+"):
+        read_source(SourceConfig(path=str(latin1)))
+
+
+def test_empty_sides_skip_with_counts_or_error(tmp_path):
+    path = write_jsonl(tmp_path / "e.de-en.jsonl", records(PAIRS + [("", "x"), ("y", "  "), ("z", "w")]))
+    exs, stats = read_sources([SourceConfig(path=str(path))], on_empty="skip")
+    assert len(exs) == 4 and dict(stats.skipped) == {"empty_source": 1, "empty_target": 1}
+    assert exs[-1].id.endswith(":5:de-en")  # ids keep the record index
+    with pytest.raises(DataError, match=r"e.de-en.jsonl:4: empty source"):
+        read_sources([SourceConfig(path=str(path))], on_empty="error")
+
+
+def test_hf_save_to_disk(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(records()),
+                               "test": datasets.Dataset.from_dict({"cs": ["Ahoj"], "en": ["Hello"]})})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    path = str(tmp_path / "hf")
+    assert detect_format(SourceConfig(path=path)) == "hf"
+    exs = read_source(SourceConfig(path=path, split="train", hf_config="de-en"))
+    assert [(e.source, e.reference) for e in exs] == PAIRS
+    exs = read_source(SourceConfig(path=path, split="test", src_lang="cs", tgt_lang="en"))
+    assert (exs[0].source, exs[0].reference, exs[0].direction) == ("Ahoj", "Hello", "cs-en")
+    with pytest.raises(DataError, match=r"splits \['train', 'test'\] needs `split`"):
+        read_source(SourceConfig(path=path, hf_config="de-en"))
+
+
+def test_rationale_records_with_meta_and_topk(tmp_path):
+    from radis.rationales.store import save_topk_atomic
+
+    out = tmp_path / "rationales"
+    out.mkdir()
+    recs = [{"id": f"deen/x:{i}:de-en", "src_lang": "de", "tgt_lang": "en", "source": s, "reference": t,
+             "rationale": f"Because {i}.", "rationale_token_ids": [5, 6, 7], "tokenizer_fingerprint": "abc"}
+            for i, (s, t) in enumerate(PAIRS)]
+    recs[1]["rationale"] = ""
+    recs.append(dict(recs[0]))  # written twice by a resumed run
+    write_jsonl(out / "rationales.jsonl", recs)
+    write_jsonl(out / "skipped.jsonl", [{"id": "z", "reason": "source_too_long"}])
+    topk = (np.arange(6, dtype=np.int32).reshape(3, 2), np.full((3, 2), -0.5, np.float32))
+    save_topk_atomic(out / "rationales.topk.safetensors", {"deen/x:0:de-en": topk})
+    exs, stats = read_sources([SourceConfig(path=str(out))])
+    assert [e.id for e in exs] == [r["id"] for r in recs[:3]]
+    assert exs[0].rationale == "Because 0." and exs[1].rationale is None and stats.empty_rationale == 1
+    assert stats.skipped["duplicate_id"] == 1
+    assert exs[0].meta["rationale_token_ids"] == [5, 6, 7] and exs[0].meta["tokenizer_fingerprint"] == "abc"
+    np.testing.assert_array_equal(exs[0].meta["teacher_topk_ids"], topk[0])
+    assert "teacher_topk_ids" not in exs[2].meta
+    # One shard file, sniffed by its records.
+    one = write_jsonl(tmp_path / "shard.jsonl", recs[:1])
+    assert detect_format(SourceConfig(path=str(one))) == "rationales"
+    write_jsonl(one, [{"id": "a", "source": "x", "reference": "y"}])
+    with pytest.raises(DataError, match=r"shard.jsonl:1: rationale record lacks \['src_lang', 'tgt_lang'\]"):
+        read_source(SourceConfig(path=str(one)))
+
+
+def test_real_alma_files(shared_data):
+    alma = shared_data / "alma"
+    text = SourceConfig(path=str(alma / "deen/train.de-en.de"), target_path=str(alma / "deen/train.de-en.en"), limit=500)
+    lines = SourceConfig(path=str(alma / "csen/train.cs-en.json"), directions=["cs-en", "en-cs"], limit=300)
+    array = SourceConfig(path=str(alma / "zhen/test.zh-en.json"))
+    exs, stats = read_sources([text, lines, array])
+    assert stats.per_source[text.path] == 500 and stats.per_source[lines.path] == 600
+    assert stats.per_direction["de-en"] == 500 and stats.per_direction["en-cs"] == 300
+    assert stats.per_direction["zh-en"] == stats.per_source[array.path] > 500
+    assert len({e.id for e in exs}) == len(exs)
+    first = exs[0]
+    assert first.source.startswith("28-jähriger Koch") and first.reference.startswith("28-Year-Old Chef")
+    zh = [e for e in exs if e.direction == "zh-en"]
+    assert zh[0].source == "是否有途径处罚他" and zh[0].reference == "Is there a way to punish him?"
