@@ -1,0 +1,199 @@
+"""`radis build-data` / `radis inspect-data`: cache, shards, statistics, markers, errors."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radis import cli
+from radis.config import load_config
+from radis.data import build as build_mod
+from radis.data.build import load_or_build, read_packed, write_packed
+from radis.data.example import Segment
+from radis.data.inspect import inspect_examples
+from radis.data.packing import PackedDataset
+
+PAIRS = [
+    ("Die Ware hat unter 20 Euro gekostet.", "The goods cost less than 20 euros."),
+    ("Ich hoffe wirklich, dass Sie eine Lösung finden werden.", "I really hope that you will find a solution."),
+    ("Die Gebühr entspricht 40% des Warenwertes.", "The fee would equal 40% of the value of the goods."),
+]
+
+
+def write_data(root: Path, n: int = 30) -> dict[str, Path]:
+    """A line-aligned de-en pair and a rationale JSONL file in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    de = [PAIRS[i % 3][0] for i in range(n)]
+    en = [PAIRS[i % 3][1] for i in range(n)]
+    (root / "train.de-en.de").write_text("\n".join(de) + "\n", encoding="utf-8")
+    (root / "train.de-en.en").write_text("\n".join(en) + "\n", encoding="utf-8")
+    with open(root / "train.rationales.jsonl", "w", encoding="utf-8") as f:
+        for i in range(4):
+            src, ref = PAIRS[i % 3]
+            f.write(json.dumps({"id": f"r{i}", "src_lang": "de", "tgt_lang": "en", "source": src, "reference": ref,
+                                "rationale": "Please note that the translation keeps the structure."}) + "\n")
+    return {"de": root / "train.de-en.de", "en": root / "train.de-en.en", "rat": root / "train.rationales.jsonl"}
+
+
+def config(tmp_path: Path, files: dict[str, Path], *extra: str, rationales: bool = False):
+    text = [
+        "model:", "  chat_template: llama2",
+        "data:", "  max_tokens: 256", "  pack_window: 16", f"  cache_dir: {tmp_path / 'cache'}", "  train:",
+    ]
+    if rationales:
+        text += [f"    - path: {files['rat']}"]
+    else:
+        text += [f"    - path: {files['de']}", f"      target_path: {files['en']}", "      directions: [de-en, en-de]"]
+    path = tmp_path / "cfg.yaml"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path, load_config(path, list(extra))
+
+
+def test_build_twice_hits_cache_and_changes_rebuild(tmp_path, sp_tokenizer):
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files)
+    logs: list[str] = []
+    first = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=logs.append)
+    assert first.meta["reused"] is False and first.num_segments == 60  # 30 pairs x 2 directions
+    second = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=logs.append)
+    assert second.meta["reused"] is True and "reusing cached packed data" in logs[-1]
+    assert second.meta["cache_dir"] == first.meta["cache_dir"]
+    assert np.array_equal(first.tokens, second.tokens) and first.example_ids == second.example_ids
+    stats = json.loads((Path(first.meta["cache_dir"]) / "stats.json").read_text())
+    assert stats["sources"]["per_direction"] == {"de-en": 30, "en-de": 30}
+    assert stats["packing"]["tokens"] == first.num_tokens and stats["packing"]["packs"] == first.num_packs
+    assert stats["packing"]["tokens_per_span"]["mt"] > 0
+    # a config value that changes the data, or a changed source file -> a new entry
+    _, cfg2 = config(tmp_path, files, "data.max_tokens=128")
+    assert load_or_build(cfg2, "train", sp_tokenizer, progress=False, log=None).meta["reused"] is False
+    os.utime(files["en"], ns=(1, 1))
+    third = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None)
+    assert third.meta["reused"] is False and third.meta["cache_dir"] != first.meta["cache_dir"]
+    # nothing half-written is left behind
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") and p.is_dir()]
+
+
+def test_concurrent_builders_agree(tmp_path, sp_tokenizer):
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files)
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None))
+        except Exception as err:  # noqa: BLE001 - any failure of either thread fails the test below
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(r.meta["reused"] for r in results) == [False, True]  # the lock let one build
+    assert np.array_equal(results[0].tokens, results[1].tokens)
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_shards_round_trip_with_teacher_and_lost_rename(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    segs = []
+    for i in range(25):
+        L = int(rng.integers(4, 20))
+        s = Segment(f"e{i}", rng.integers(0, 99, L).tolist(), [0, 0] + [1] * (L - 3) + [2])
+        if i % 2:
+            s.teacher_ids = rng.integers(0, 99, (L, 3)).astype(np.int32)
+            s.teacher_logprobs = np.full((L, 3), -np.inf, np.float32)
+            s.teacher_logprobs[-1] = [-0.1, -2.0, -3.0]
+        segs.append(s)
+    ds = PackedDataset.from_segments(segs, max_tokens=32, window=8, seed=0, meta={"pad_token_id": 0})
+    monkeypatch.setattr(build_mod, "SHARD_PACKS", 3)  # several shards
+    entry = tmp_path / "train-x"
+    write_packed(ds, entry)
+    assert len(list(entry.glob("shard-*.npz"))) == -(-ds.num_packs // 3) > 1
+    back = read_packed(entry)
+    for name in ("tokens", "spans", "seq_offsets", "pack_offsets", "teacher_ids", "teacher_logprobs", "teacher_valid"):
+        assert np.array_equal(getattr(back, name), getattr(ds, name)), name
+    assert back.example_ids == ds.example_ids and back.meta["pad_token_id"] == 0
+    write_packed(ds, entry)  # a second writer loses the rename quietly
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (entry / "shard-00001.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"shard-00001.npz: unreadable shard"):
+        read_packed(entry)
+
+
+def test_inspect_marks_spans(tmp_path, sp_tokenizer, capsys):
+    import io
+
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files, rationales=True)
+    out = io.StringIO()
+    assert inspect_examples(cfg, "train", 2, sp_tokenizer, out=out) == 2
+    text = out.getvalue()
+    assert text.count("==== r") == 2 and "(de-en)" in text
+    assert "⟦MT" in text and "⟦RD" in text and "\x1b[" not in text
+    assert "Please note that" in text.split("⟦RD", 1)[1]  # the rationale is inside the RD marker
+    assert "The goods cost less than 20 euros." in text.split("⟦MT", 1)[1].split("⟧", 1)[0]
+    assert "tokens: prompt" in text and "RD 0 |" not in text
+    coloured = io.StringIO()
+    inspect_examples(cfg, "train", 1, sp_tokenizer, color=True, out=coloured)
+    assert "\x1b[36m⟦RD" in coloured.getvalue()
+
+
+def test_cli_bad_config_is_a_clear_error(tmp_path, capsys):
+    files = write_data(tmp_path / "data")
+    path, _ = config(tmp_path, files)
+    assert cli.main(["build-data", "--config", str(path), "data.bogus=1"]) == 2
+    assert "unknown key 'data.bogus'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  max_tokenz: 12\n", encoding="utf-8")
+    assert cli.main(["inspect-data", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "data.max_tokenz" in err
+    # a source that does not exist: the data error, not a traceback
+    assert cli.main(["build-data", "--config", str(path), f"data.train=[{{path: {tmp_path}/missing.tsv}}]"]) == 2
+    assert "missing.tsv" in capsys.readouterr().err
+
+
+def test_cli_build_data_on_real_data_reuses_cache(tmp_path, shared_data, capsys):
+    """The real command with SmolLM2's tokenizer on 200 ALMA de-en validation pairs."""
+    valid = shared_data / "alma" / "deen" / "valid.de-en.json"
+    path = tmp_path / "real.yaml"
+    path.write_text(
+        f"data:\n  max_tokens: 1024\n  cache_dir: {tmp_path / 'cache'}\n  train:\n    - path: {valid}\n      limit: 200\n",
+        encoding="utf-8",
+    )
+    assert cli.main(["build-data", "--config", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "data statistics: train" in out and "packing.efficiency" in out and "wrote" in out
+    eff = float(out.split("packing.efficiency")[1].split("%")[0])
+    assert eff > 90.0
+    assert cli.main(["build-data", "--config", str(path), "--no-progress"]) == 0
+    assert "reusing cached packed data" in capsys.readouterr().out
+    entry = next((tmp_path / "cache").glob("train-*"))
+    assert json.loads((entry / "stats.json").read_text())["sources"]["examples"] == 200
+
+
+def test_packing_efficiency_on_alma_deen_train(tmp_path, shared_data):
+    """The packing goal: >= 99% real tokens on the 14,211 ALMA de-en training pairs (de-en)."""
+    from radis.data.prompts import ChatFormat
+    from radis.data.segments import build_segments
+    from radis.data.sources import read_sources
+    from radis.models import load_tokenizer
+
+    d = shared_data / "alma" / "deen"
+    path = tmp_path / "alma.yaml"
+    path.write_text(f"data:\n  train:\n    - path: {d / 'train.de-en.de'}\n      target_path: {d / 'train.de-en.en'}\n",
+                    encoding="utf-8")
+    cfg = load_config(path)
+    examples, _ = read_sources(cfg.data.train)
+    assert len(examples) == 14211
+    fmt = ChatFormat(load_tokenizer("smollm2"), cfg.data)
+    segments, _ = build_segments(fmt, examples, separator=cfg.data.separator, max_tokens=4096)
+    for max_tokens in (2048, 4096):
+        ds = PackedDataset.from_segments(segments, max_tokens=max_tokens, window=cfg.data.pack_window, seed=0)
+        assert ds.efficiency >= 0.99, (max_tokens, ds.efficiency)
