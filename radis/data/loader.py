@@ -79,6 +79,7 @@ class PackedLoader:
         shuffle: bool = True,
         tail: Tail = "repeat",
         pad_to: int | None = None,
+        mask_device: torch.device | str | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
@@ -103,6 +104,7 @@ class PackedLoader:
         self.tail = tail
         # Fixed T = max_tokens: every micro-batch has the same shape (no allocator churn).
         self.pad_to = dataset.max_tokens if pad_to is None else pad_to
+        self.mask_device = mask_device  # where the sdpa/eager 4D mask is built (e.g. the GPU)
         self.epoch = 0
         self.position = 0  # micro-batches of this epoch already handed out on this rank
         self._plan_epoch: int | None = None
@@ -191,7 +193,7 @@ class PackedLoader:
             epoch = self.epoch
             step, micro = divmod(self.position, G)
             batch = collate_packs(self.packs_of(step, micro, epoch), self.pad_token_id, self.attn, self.dtype,
-                                  pad_to=self.pad_to)
+                                  pad_to=self.pad_to, mask_device=self.mask_device)
             batch.update(epoch=epoch, step=step, micro_step=micro, step_counts=self.step_token_counts(step, epoch))
             # Counted as taken before it is handed out: a checkpoint written after
             # training on this batch resumes at the next one.
