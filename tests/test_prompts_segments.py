@@ -219,3 +219,12 @@ def test_languages_and_fingerprint(sp_tokenizer, smol_tokenizer):
     assert language_name("de", {"de": "Deutsch"}) == "Deutsch"
     assert tokenizer_fingerprint(smol_tokenizer) == tokenizer_fingerprint(smol_tokenizer)
     assert tokenizer_fingerprint(smol_tokenizer) != tokenizer_fingerprint(sp_tokenizer)
+
+
+def test_fast_backend_path_equals_tokenizer_call(sp_tokenizer, smol_tokenizer):
+    texts = [t for row in TEXTS for t in (row[1], row[3], row[4])] + ["a </s> <|im_end|> <s> b", ""]
+    for tok, template in ((sp_tokenizer, "llama2"), (smol_tokenizer, "auto")):
+        fmt = ChatFormat(tok, DataConfig(), template)
+        for split in (True, False):
+            want = tok(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+            assert fmt._tokenize(texts, split_special=split) == [list(w) for w in want]

@@ -263,16 +263,38 @@ class ChatFormat:
         return tid
 
     def _encode(self, modes: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
-        """Encode texts as strings of their own; "raw" texts keep special-token strings."""
+        """Encode texts as strings of their own; "raw" texts keep special-token strings.
+
+        Equal texts (the template frame around every prompt) are encoded once.
+        """
         out: list[list[int]] = [[] for _ in texts]
         for split in (True, False):
             idx = [i for i, m in enumerate(modes) if (m != "raw") == split]
             if not idx:
                 continue
-            enc = self.tokenizer([texts[i] for i in idx], add_special_tokens=False, split_special_tokens=split)["input_ids"]
-            for i, ids in zip(idx, enc):
-                out[i] = list(ids)
+            unique = list(dict.fromkeys(texts[i] for i in idx))
+            ids_of = dict(zip(unique, self._tokenize(unique, split_special=split)))
+            for i in idx:
+                out[i] = list(ids_of[texts[i]])
         return out
+
+    def _tokenize(self, texts: list[str], split_special: bool) -> list[list[int]]:
+        """One batched tokenizer call, no special tokens added.
+
+        Fast tokenizers go straight to the Rust backend's `encode_batch_fast` (no
+        offsets, no per-encoding Python conversion: ~2x faster on 14k pairs); the
+        result is the same as `tokenizer(texts, add_special_tokens=False,
+        split_special_tokens=...)`, which slow tokenizers use.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast") and hasattr(backend, "encode_special_tokens"):
+            before = backend.encode_special_tokens
+            backend.encode_special_tokens = split_special
+            try:
+                return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+            finally:
+                backend.encode_special_tokens = before
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]
 
     def _encode_cont(self, texts: list[str], raw: bool = False) -> list[list[int]]:
         if not texts:
