@@ -228,3 +228,42 @@ def test_fast_backend_path_equals_tokenizer_call(sp_tokenizer, smol_tokenizer):
         for split in (True, False):
             want = tok(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
             assert fmt._tokenize(texts, split_special=split) == [list(w) for w in want]
+
+
+# LLaMA-2-chat's own Jinja template (as shipped with its tokenizer), to run the "model"
+# path on a sentencepiece tokenizer: system folded into the first user turn, bos per turn.
+LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_model_template_on_sentencepiece(sp_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(sp_tokenizer)
+    tok.chat_template = LLAMA2_JINJA
+    fmt = ChatFormat(tok, DataConfig(system_prompt="Be brief."), "auto")
+    assert fmt.template == "model"
+    ex = examples()[0]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": fmt.user_text(ex)}]
+    assert tok.decode(fmt.prompt_ids(ex)) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    for other in examples():  # same ids as apply_chat_template, except that "</s>" in data stays text
+        msgs[1]["content"] = fmt.user_text(other)
+        want = list(tok.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"])
+        has_special = "</s>" in other.source
+        assert (fmt.prompt_ids(other) == want) != has_special
+        assert (want.count(tok.eos_token_id) == 1) == has_special and tok.eos_token_id not in fmt.prompt_ids(other)
+    # The answer follows "[/INST] " like the template's " " + content: one leading "▁".
+    answer = fmt.answer_ids(ex.reference, continuation=False)
+    assert tok.convert_ids_to_tokens(answer)[0].startswith("▁") and tok.decode(answer) == ex.reference
+    assert fmt.end_of_turn_ids()[-1] == tok.eos_token_id and fmt.stop_token_ids == [tok.eos_token_id]
+    assert tok.decode(fmt.followup_ids("Why?")) == "<s>[INST] Why? [/INST]"
+    seg = build_segment(fmt, ex, separator=SEP, max_tokens=4096)
+    assert tok.decode(spans_of(seg, MT)) == ex.reference
