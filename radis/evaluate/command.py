@@ -220,12 +220,27 @@ def _run_key(cfg: RadisConfig, ref_fingerprint: str, test_sets: list[dict[str, A
 
 
 def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
-    """Evaluate every model of cfg.eval.models; returns the summary (also on disk)."""
+    """Evaluate every model of cfg.eval.models; returns the summary (also on disk).
+
+    Under torchrun (WORLD_SIZE > 1) the ranks share the work; the process group is
+    created here when needed and destroyed again at the end.
+    """
+    import torch
+
+    own_group = torch.distributed.is_available() and not torch.distributed.is_initialized()
+    rank, world = init_distributed_from_env()
+    try:
+        return _evaluate(cfg, rank, world, progress)
+    finally:
+        if own_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[str, Any]:
     import torch
 
     from radis.models import ModelNotFoundError, resolve_model_path
 
-    rank, world = init_distributed_from_env()
     out_root = Path(cfg.eval.output_dir)
     log = (lambda *a: print("[evaluate]", *a, flush=True)) if rank == 0 else (lambda *a: None)
 
@@ -258,7 +273,7 @@ def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
 
     comet = None
     reason = metrics.comet_unavailable_reason(cfg.eval.comet_model)
-    if reason is None and examples:
+    if reason is None and examples and rank == 0:  # only rank 0 scores
         comet = metrics.CometScorer(cfg.eval.comet_model, batch_size=cfg.eval.batch_size)
     elif reason:
         log(reason)
