@@ -1,0 +1,360 @@
+"""The fused RaDis loss kernel: translation NLL + self-distillation in one pass over logits.
+
+Three layers share one name (the public API is `radis.loss`):
+
+1. `_radis_loss_kernel` (Triton) and its pure-PyTorch twin `torch_rows`: per row, the
+   log-sum-exp over the vocabulary, the NLL of the target, the KL to the teacher's top-k,
+   the row's weighted loss and -- when asked -- the row's gradient w.r.t. the logits.
+2. `rows_loss_and_grad`: the host launcher (allocate, pick the grid, chunk the torch path).
+3. `RadisLossFunction` / `RadisLinearLossFunction`: `torch.autograd.Function`s that compute
+   the gradient DURING the forward and only scale it by `grad_output` in the backward.
+
+Layout (the packer already shifted labels: row i of the logits predicts targets[i]):
+
+    logits   [N, V]  bf16 / fp16 / fp32       row i = scores for the token at position i+1
+    targets  [N]     int64, -100 = no target
+    spans    [N]     0 IGNORE, 1 MT, 2 RD     (radis.data.example)
+    scale    [3]     fp32, loss weight per token of span 0 / 1 / 2 (scale[0] = 0)
+    t_ids    [N, k]  int, teacher's top-k token ids        (only read on RD rows)
+    t_lp     [N, k]  float, teacher's log-probs of t_ids   (-inf = no entry)
+
+Per active row (target != -100 and span in {MT, RD}), with p = softmax(x) and
+q = softmax over the k teacher log-probs (the top-k mass renormalised to 1; -inf entries
+get q = 0):
+
+    nll  = lse(x) - x[t]
+    kl   = sum_j q_j * (log q_j - log p[id_j])                 (0 without a teacher)
+    b    = kd_weight if (span == RD and the row has >= 1 finite teacher log-prob) else 0
+    loss_row = scale[span] * ((1 - b) * nll + b * kl)
+    dloss_row/dx = scale[span] * (p - (1 - b) * onehot(t) - b * sum_j q_j onehot(id_j))
+
+Inactive rows have loss 0 and gradient 0. The gradient is written over the logits
+buffer (so a backward is one multiply by grad_output, and no fp32 [N, V] copy ever
+exists): the forward DESTROYS the logits it is given. The autograd Functions own that
+buffer -- `RadisLossFunction` clones the caller's logits unless `inplace=True`, and the
+fused-linear path computes each chunk's logits itself and throws them away.
+
+Two reads of each row (one online log-sum-exp pass, one pass that writes the gradient)
+are the minimum: the gradient needs the final log-sum-exp.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional at import time: the torch path works without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a core dependency, but keep CPU use possible
+    HAS_TRITON = False
+
+
+# --------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _radis_loss_kernel(
+        x_ptr,  # [N, V] logits in; the gradient is written here when COMPUTE_GRAD
+        x_stride,
+        targets_ptr,  # [N] int64
+        spans_ptr,  # [N] int
+        scale_ptr,  # [3] fp32
+        tids_ptr,  # [N, K] int (unused unless HAS_TEACHER)
+        tids_stride,
+        tlp_ptr,  # [N, K] float
+        tlp_stride,
+        loss_ptr,  # [N] fp32 out: scale * ((1-b) * nll + b * kl)
+        nll_ptr,  # [N] fp32 out: raw NLL (0 on inactive rows)
+        kl_ptr,  # [N] fp32 out: raw KL (0 without a teacher)
+        kd_weight,
+        V,
+        K,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_TEACHER: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr,
+    ):
+        # int64 before multiplying by the stride: row * V overflows int32 at 7B scale.
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * x_stride
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        span = tl.load(spans_ptr + row).to(tl.int32)
+        # Out-of-range spans (only possible with validate=False) count as IGNORE.
+        active = (target != -100) & (span > 0) & (span < 3)
+        c = tl.load(scale_ptr + tl.where(active, span, 0))
+
+        if active:
+            # Pass 1: online log-sum-exp over vocabulary blocks, fp32 accumulation.
+            m = tl.full((), float("-inf"), tl.float32)
+            s = tl.zeros((), tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, 0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                m = m_new
+            lse = m + tl.log(s)
+            nll = lse - tl.load(x_row + target).to(tl.float32)
+
+            kl = tl.zeros((), tl.float32)
+            b = tl.zeros((), tl.float32)
+            if HAS_TEACHER:
+                koffs = tl.arange(0, BLOCK_K)
+                kmask = koffs < K
+                lp = tl.load(tlp_ptr + row * tlp_stride + koffs, mask=kmask, other=float("-inf")).to(tl.float32)
+                valid = lp > float("-inf")
+                has_t = (tl.sum(valid.to(tl.int32), 0) > 0) & (span == 2)
+                ids = tl.load(tids_ptr + row * tids_stride + koffs, mask=kmask, other=0).to(tl.int64)
+                ids = tl.where(valid, ids, 0)
+                lp_max = tl.max(tl.where(valid, lp, float("-inf")), 0)
+                lp_max = tl.where(has_t, lp_max, 0.0)
+                e = tl.where(valid, tl.exp(lp - lp_max), 0.0)
+                z = tl.sum(e, 0)
+                z = tl.where(has_t, z, 1.0)
+                q = tl.where(valid & has_t, e / z, 0.0)
+                log_q = tl.where(valid, lp, 0.0) - lp_max - tl.log(z)  # finite even on padding
+                x_ids = tl.load(x_row + ids, mask=valid, other=0.0).to(tl.float32)
+                kl = tl.sum(tl.where(q > 0, q * (log_q - (x_ids - lse)), 0.0), 0)
+                b = tl.where(has_t, kd_weight, 0.0)
+
+            tl.store(nll_ptr + row, nll)
+            tl.store(kl_ptr + row, kl)
+            tl.store(loss_ptr + row, c * ((1.0 - b) * nll + b * kl))
+
+            if COMPUTE_GRAD:
+                # Pass 2: g = c * (p - (1-b) onehot(t) - b * sum_j q_j onehot(id_j)), in place.
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    vmask = offs < V
+                    x = tl.load(x_row + offs, mask=vmask, other=0.0).to(tl.float32)
+                    g = tl.exp(x - lse) - tl.where(offs == target, 1.0 - b, 0.0)
+                    if HAS_TEACHER:
+                        hit = offs[:, None] == ids[None, :]
+                        g -= b * tl.sum(tl.where(hit, q[None, :], 0.0), 1)
+                    tl.store(x_row + offs, (c * g).to(x_ptr.dtype.element_ty), mask=vmask)
+        else:
+            zero = tl.zeros((), tl.float32)
+            tl.store(nll_ptr + row, zero)
+            tl.store(kl_ptr + row, zero)
+            tl.store(loss_ptr + row, zero)
+            if COMPUTE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    tl.store(
+                        x_row + offs, tl.zeros((BLOCK_V,), tl.float32).to(x_ptr.dtype.element_ty), mask=offs < V
+                    )
+
+
+def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad, block_v):
+    """Launch one program per row; returns (loss_row, nll, kl) and overwrites x with the gradient."""
+    if not HAS_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package")
+    if not x.is_cuda and not _interpreting():
+        raise RuntimeError(
+            "impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton is imported; use impl='torch'"
+        )
+    n, v = x.shape
+    loss = torch.empty(n, dtype=torch.float32, device=x.device)
+    nll = torch.empty_like(loss)
+    kl = torch.empty_like(loss)
+    if n == 0:
+        return loss, nll, kl
+    has_teacher = t_ids is not None
+    k = t_ids.shape[1] if has_teacher else 1
+    dummy = targets  # any valid pointer; never read when HAS_TEACHER is False
+    _radis_loss_kernel[(n,)](
+        x,
+        x.stride(0),
+        targets,
+        spans,
+        scale,
+        t_ids if has_teacher else dummy,
+        t_ids.stride(0) if has_teacher else 0,
+        t_lp if has_teacher else dummy,
+        t_lp.stride(0) if has_teacher else 0,
+        loss,
+        nll,
+        kl,
+        float(kd_weight),
+        v,
+        k,
+        BLOCK_V=block_v or min(triton.next_power_of_2(v), 4096),
+        BLOCK_K=max(triton.next_power_of_2(k), 2),
+        HAS_TEACHER=has_teacher,
+        COMPUTE_GRAD=compute_grad,
+    )
+    return loss, nll, kl
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------- PyTorch twin
+
+
+def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad):
+    """The same per-row computation in PyTorch (fp32), for one chunk of rows.
+
+    Returns (loss_row [n], nll [n], kl [n], grad [n, V] fp32 or None). No autograd: the
+    gradient is the closed form from the module docstring.
+    """
+    xf = x.float()
+    active = (targets != -100) & (spans > 0) & (spans < 3)
+    t = torch.where(active, targets, 0).unsqueeze(1)
+    lse = torch.logsumexp(xf, dim=1)
+    nll = torch.where(active, lse - xf.gather(1, t).squeeze(1), 0.0)
+    c = scale[torch.where(active, spans.long(), 0)] * active
+    kl = torch.zeros_like(nll)
+    b = torch.zeros_like(nll)
+    q = ids = None
+    if t_ids is not None:
+        valid = t_lp > float("-inf")
+        has_t = valid.any(1) & (spans == 2) & active
+        lp = torch.where(valid & has_t.unsqueeze(1), t_lp.float(), float("-inf"))
+        lp = torch.where(has_t.unsqueeze(1), lp, 0.0)  # keep log_softmax finite on rows without teacher
+        log_q = torch.log_softmax(lp, dim=1)
+        q = torch.where(valid & has_t.unsqueeze(1), log_q.exp(), 0.0)
+        ids = torch.where(valid, t_ids.long(), 0)
+        log_p = xf.gather(1, ids) - lse.unsqueeze(1)
+        kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(1)
+        b = torch.where(has_t, kd_weight, 0.0)
+    loss = c * ((1.0 - b) * nll + b * kl)
+    grad = None
+    if compute_grad:
+        grad = torch.exp(xf - lse.unsqueeze(1))
+        grad.scatter_add_(1, t, -(1.0 - b).unsqueeze(1))
+        if q is not None:
+            grad.scatter_add_(1, ids, -b.unsqueeze(1) * q)
+        grad.mul_(c.unsqueeze(1))
+    return loss, nll, kl, grad
+
+
+# --------------------------------------------------------------------------- host launcher
+
+
+def rows_loss_and_grad(x, targets, spans, scale, t_ids, t_lp, kd_weight, *, impl, compute_grad, chunk_rows=1024, block_v=None):
+    """Per-row loss / NLL / KL for all N rows; with `compute_grad`, x is overwritten by dloss/dx.
+
+    `impl="torch"` processes `chunk_rows` rows at a time so its fp32 temporaries are
+    O(chunk_rows x V); `impl="triton"` runs one program per row.
+    """
+    if impl == "triton":
+        return _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad, block_v)
+    n = x.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=x.device)
+    nll = torch.empty_like(loss)
+    kl = torch.empty_like(loss)
+    # `.data`: writing the gradient must not bump the autograd version counter of a
+    # buffer the Function owns (the Triton kernel's writes do not either).
+    out = x.data
+    for s in range(0, n, chunk_rows):
+        e = min(s + chunk_rows, n)
+        tc = None if t_ids is None else t_ids[s:e]
+        lc = None if t_lp is None else t_lp[s:e]
+        loss[s:e], nll[s:e], kl[s:e], g = torch_rows(
+            x[s:e], targets[s:e], spans[s:e], scale, tc, lc, kd_weight, compute_grad
+        )
+        if g is not None:
+            out[s:e].copy_(g)
+    return loss, nll, kl
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class RadisLossFunction(torch.autograd.Function):
+    """Loss from logits; the gradient is computed in the forward (see module docstring).
+
+    Returns (loss: fp32 scalar = sum of the rows' weighted losses, nll [N], kl [N]); only
+    the loss is differentiable (nll / kl are per-row logging values).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_rows, block_v):
+        # (grad mode is off inside Function.forward; needs_input_grad says what autograd wants)
+        compute_grad = ctx.needs_input_grad[0]
+        buf = logits if (inplace or not compute_grad) else logits.detach().clone()
+        loss, nll, kl = rows_loss_and_grad(
+            buf, targets, spans, scale, t_ids, t_lp, kd_weight,
+            impl=impl, compute_grad=compute_grad, chunk_rows=chunk_rows, block_v=block_v,
+        )
+        ctx.grad_logits = buf if compute_grad else None
+        ctx.mark_non_differentiable(nll, kl)
+        return loss.sum(), nll, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_kl):
+        g = ctx.grad_logits
+        if g is None:
+            raise RuntimeError("radis loss: backward called twice (the saved gradient is scaled in place)")
+        ctx.grad_logits = None
+        # One multiply by the scalar grad_output, in place: no second [N, V] buffer.
+        g.data.mul_(grad_loss.to(g.dtype))
+        return g, None, None, None, None, None, None, None, None, None, None
+
+
+class RadisLinearLossFunction(torch.autograd.Function):
+    """Loss from hidden states and the LM head, chunk by chunk over tokens.
+
+        for each chunk of rows [s, e):
+            logits_c  = hidden[s:e] @ weight.T (+ bias)        [c, V]   the only O(V) buffer
+            rows_loss_and_grad(logits_c)                        logits_c <- dloss/dlogits_c
+            grad_hidden[s:e]  = logits_c @ weight               [c, d]
+            grad_weight      += logits_c.T @ hidden[s:e]        [V, d]   (in weight.dtype)
+            grad_bias        += logits_c.sum(0)
+
+    Gradients are computed in the forward (like Liger-Kernel's fused linear cross
+    entropy) rather than recomputing the logits in the backward: it saves one [N, d] x
+    [d, V] matmul, and the LM-head weight is not needed after the forward -- which is what
+    makes the ZeRO-3 head (radis.loss_head) simple: the weight is gathered only for the
+    forward. Cost: grad_hidden [N, d] and grad_weight [V, d] live from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        compute_grad = need_h or need_w or need_b
+        n = hidden.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        nll = torch.empty_like(loss)
+        kl = torch.empty_like(loss)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        h_all, w = hidden.detach(), weight.detach()
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h = h_all[s:e]
+            logits = torch.addmm(bias.detach(), h, w.t()) if bias is not None else h @ w.t()
+            tc = None if t_ids is None else t_ids[s:e]
+            lc = None if t_lp is None else t_lp[s:e]
+            loss[s:e], nll[s:e], kl[s:e] = rows_loss_and_grad(
+                logits, targets[s:e], spans[s:e], scale, tc, lc, kd_weight,
+                impl=impl, compute_grad=compute_grad, chunk_rows=chunk_size, block_v=block_v,
+            )
+            if need_h:
+                torch.mm(logits, w, out=grad_h[s:e])
+            if need_w:
+                grad_w.addmm_(logits.t(), h)
+            if need_b:
+                grad_b += logits.float().sum(0)
+            del logits
+        ctx.grads = (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.mark_non_differentiable(nll, kl)
+        return loss.sum(), nll, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_kl):
+        if ctx.grads is None:
+            raise RuntimeError("radis linear loss: backward called twice (the saved gradients are scaled in place)")
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        for t in (grad_h, grad_w, grad_b):
+            if t is not None:
+                t.mul_(grad_loss.to(t.dtype))
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
