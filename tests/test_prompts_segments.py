@@ -267,3 +267,20 @@ def test_model_template_on_sentencepiece(sp_tokenizer):
     assert tok.decode(fmt.followup_ids("Why?")) == "<s>[INST] Why? [/INST]"
     seg = build_segment(fmt, ex, separator=SEP, max_tokens=4096)
     assert tok.decode(spans_of(seg, MT)) == ex.reference
+
+
+def test_model_template_text_before_every_answer_goes_to_the_prompt(smol_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (  # a "thinking" chat template: an empty think block before each answer
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    fmt = ChatFormat(tok, DataConfig(), "auto")
+    ex = examples()[1]
+    assert tok.decode(fmt.prompt_ids(ex)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    seg = build_segment(fmt, ex, separator=SEP, max_tokens=4096)
+    assert tok.decode(spans_of(seg, MT)) == ex.reference

@@ -16,8 +16,10 @@ Templates
 ---------
 - "model": the tokenizer's own Jinja `chat_template`, rendered with a sentinel
   answer to learn what comes before an answer, after it (end of turn), and how a next
-  user turn starts. The rendered prompt is tokenised like `apply_chat_template` does
-  (special-token strings in the text are parsed as special tokens).
+  user turn starts. The template is rendered once, with a sentinel as user text; the
+  frame around it is tokenised like `apply_chat_template` does, which gives the same
+  ids as `apply_chat_template(..., tokenize=True)` (tested for SmolLM2 and LLaMA-2's
+  template), except that special-token strings inside the data stay text.
 - "llama2": `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`
 - "mistral": `<s>[INST] {user} [/INST]{answer}</s>`; no system role, so a system prompt
   is put in front of the user text, separated by a blank line.
@@ -26,7 +28,7 @@ Templates
 - "auto": "model" when the tokenizer has a chat template, else chosen from the
   tokenizer (an `<|im_start|>` token: chatml; "mistral" / "llama-2" in its name).
 
-Built-in templates add bos/eos by id and tokenise user text with special-token
+Built-in templates add bos/eos by id. All templates tokenise user text with special-token
 strings treated as plain text, so a source sentence containing "</s>" cannot end a
 turn early.
 
@@ -244,7 +246,15 @@ class ChatFormat:
             )
         rest = full[len(prompt):]
         at = rest.index(_ANSWER_SENTINEL)
-        self._answer_lead = rest[:at]  # e.g. " " for LLaMA-2's "[/INST] {answer}"
+        # Spaces before the answer join its first word (LLaMA-2's "[/INST] {answer}");
+        # anything else a template writes before every answer (newlines, an empty
+        # "<think></think>") belongs to the prompt, not to the translation span.
+        lead = rest[:at]
+        core = lead.rstrip(" ")
+        self._answer_lead = lead[len(core):]
+        if core:
+            before, ws, after = self._prompt_frame
+            self._prompt_frame = (before, ws, after + core)
         post = rest[at + len(_ANSWER_SENTINEL):]
         self._closed_turn = full
         self._eot = self._assemble([[("raw_cont", post)]])[0]
