@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One node, all its GPUs, through the DeepSpeed launcher.
+#
+#   launch/single_node.sh CONFIG.yaml [key=value ...]
+#
+#   NUM_GPUS=4 launch/single_node.sh recipes/llama2_7b_chat.yaml train.lr=5e-6
+#   RADIS_CPU=1 launch/single_node.sh recipes/smollm2_cpu.yaml     # 2 CPU ranks over gloo
+#
+# Environment: NUM_GPUS (default: every visible GPU), MASTER_PORT (default 29500),
+# RADIS_CPU=1 for CPU ranks (NPROC ranks, default 2, OMP_NUM_THREADS=1 each so the ranks
+# do not oversubscribe the cores). Extra arguments are config overrides, passed through.
+set -euo pipefail
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 CONFIG.yaml [key=value ...]" >&2
+  exit 2
+fi
+CONFIG=$1
+shift
+MASTER_PORT=${MASTER_PORT:-29500}
+if [[ "${RADIS_CPU:-0}" == "1" ]]; then
+  NPROC=${NPROC:-2}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  export DS_ACCELERATOR=cpu
+else
+  NPROC=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+  if [[ "$NPROC" -lt 1 ]]; then
+    echo "$0: no GPU found (nvidia-smi); set NUM_GPUS, or RADIS_CPU=1 for CPU ranks" >&2
+    exit 2
+  fi
+fi
+# --no_local_rank: the rank comes from LOCAL_RANK, not an appended --local_rank argument.
+cmd=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank
+     --module radis.cli train --config "$CONFIG" "$@")
+echo "+ ${cmd[*]}" >&2
+exec "${cmd[@]}"

@@ -1,0 +1,179 @@
+"""Crash-safe DeepSpeed checkpoints: save to a temporary tag, rename, then move `latest`.
+
+Layout under `<train.output_dir>/checkpoints`:
+
+    checkpoints/
+      latest                      text: the tag of the newest COMPLETE checkpoint
+      zero_to_fp32.py             (copied by DeepSpeed)
+      global_step10/              one DeepSpeed tag directory per saved step
+        mp_rank_00_model_states.pt            module (ZeRO-3: placeholders) + client_state
+        zero_pp_rank_{r}_mp_rank_00_optim_states.pt   rank r's optimizer / fp32 shard
+        trainer_state_rank{r}.pt              rank r's loader position and RNG states
+        hf/                                   config.json, generation config, tokenizer
+      global_step20/
+      .tmp-global_step30/         a save in progress (or one killed mid-way)
+
+A save writes everything into `.tmp-<tag>`, waits for all ranks, renames the directory to
+`<tag>` (atomic on one file system), then replaces `latest` atomically (tmp file +
+os.replace) and only then prunes old tags. A crash at any point leaves `latest` naming a
+complete checkpoint; leftover `.tmp-*` directories are removed at the next start. The
+`latest` file has DeepSpeed's format, so `zero_to_fp32.py` and `load_checkpoint` read it.
+Multi-node runs need `output_dir` on a file system shared by all nodes.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+HF_SUBDIR = "hf"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    """The tag named by `<ckpt_dir>/latest` if that checkpoint directory exists, else None."""
+    p = Path(ckpt_dir) / LATEST
+    if not p.is_file():
+        return None
+    tag = p.read_text(encoding="utf-8").strip()
+    if not tag or not (Path(ckpt_dir) / tag).is_dir():
+        return None
+    return tag
+
+
+def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Complete step tags in `ckpt_dir`, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [d.name for d in root.iterdir() if d.is_dir() and step_of_tag(d.name) is not None]
+    return sorted(tags, key=lambda t: step_of_tag(t))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_partial(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Delete `.tmp-*` directories left by a save that did not finish (call on rank 0)."""
+    root = Path(ckpt_dir)
+    removed = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith(TMP_PREFIX):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+    return removed
+
+
+def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` tags; never the one `latest` names."""
+    if keep_last <= 0:
+        return []
+    keep = latest_tag(ckpt_dir)
+    tags = list_tags(ckpt_dir)
+    removed = []
+    for tag in tags[:-keep_last]:
+        if tag != keep:
+            shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+            removed.append(tag)
+    return removed
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
+                    rank_state: dict[str, Any], keep_last: int, hf_files=None) -> str:
+    """Save a complete checkpoint of `step` (all ranks call this); returns its tag.
+
+    `client_state` (same on every rank) goes into DeepSpeed's model-states file;
+    `rank_state` (this rank's loader position, RNG) into `trainer_state_rank{r}.pt`.
+    `hf_files(dir)`, called on rank 0, writes the HF config/tokenizer next to it.
+    """
+    root = Path(ckpt_dir)
+    tag = tag_for_step(step)
+    tmp_tag = TMP_PREFIX + tag
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    torch.save(rank_state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
+    if rank == 0 and hf_files is not None:
+        hf_files(root / tmp_tag / HF_SUBDIR)
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        final = root / tag
+        if final.exists():
+            # Only a checkpoint that `latest` does not name can be in the way (a
+            # re-run of the same step after a crash past this point); replace it.
+            if latest_tag(root) == tag:
+                shutil.rmtree(root / tmp_tag, ignore_errors=True)
+            else:
+                shutil.rmtree(final)
+        if not final.exists():
+            os.replace(root / tmp_tag, final)
+        write_text_atomic(root / LATEST, tag)
+        prune(root, keep_last)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore model, optimizer and LR scheduler from `tag`; return (client_state, rank_state).
+
+    rank_state is None when this rank has no state file (the run was saved with fewer
+    ranks); the caller then re-seeds.
+    """
+    root = Path(ckpt_dir)
+    load_path, client_state = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    rank_file = root / tag / f"trainer_state_rank{dist.get_rank()}.pt"
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.is_file() else None
+    return client_state or {}, rank_state

@@ -1,0 +1,42 @@
+"""`radis train`: RaDis (MT + RD) or vanilla (MT only) fine-tuning on DeepSpeed.
+
+    radis train --config recipes/smollm2_cpu.yaml [key=value ...]                 # one rank
+    torchrun --nproc_per_node 2 -m radis.cli train --config X.yaml [key=value ...]
+    deepspeed --num_gpus 8 --no_local_rank --module radis.cli train --config X.yaml
+    launch/single_node.sh recipes/llama2_7b_chat.yaml [key=value ...]           # prints, then runs
+
+Configuration errors (missing model or data file, a DeepSpeed JSON that contradicts the
+config) are reported on every rank before any process group starts; exit status 2.
+A non-finite loss beyond `train.max_bad_batches` stops the run with exit status 1,
+naming the step and the example ids of the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from radis.cli import add_config_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    # Accepted for launchers that append it (deepspeed without --no_local_rank); the
+    # rank is read from the LOCAL_RANK environment variable.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from radis.config import load_config
+    from radis.train.recipe import RadisRecipe, TrainingError, preflight
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)  # ConfigError -> `radis train: config error: ...`, exit 2 (radis.cli)
+    recipe = RadisRecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    except TrainingError as err:
+        print(f"radis train: {err}", file=sys.stderr, flush=True)
+        return 1
+    recipe.cleanup()
+    return 0

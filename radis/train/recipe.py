@@ -1,0 +1,571 @@
+"""The RaDis training recipe on DeepSpeed: setup / train / save_checkpoint / resume.
+
+One optimizer step, as the loop in `train` runs it on every rank:
+
+    loader ──> G micro-batches of this rank (same plan on all ranks, radis.data.loader)
+                │   each: input_ids / labels / spans / position_ids [B, T] + packed 4D mask
+                │   and step_counts = GLOBAL {mt, rd} target tokens of the whole step
+                ▼
+    engine(RadisCausalLM)  base transformer -> hidden [B, T, d] -> fused loss with the
+                │          (ZeRO-3-gathered) lm_head:  loss_g = Σ_tokens(g) w·nll / N_global
+                ▼
+    engine.backward(loss_g * world_size, scale_wrt_gas=False)
+                │   DeepSpeed would divide by G (we switch that off) and averages gradients
+                │   over ranks (the * world_size undoes it), so the summed gradient is
+                │   Σ_ranks Σ_g ∇loss_g = ∇(Σ_all tokens w·nll / N_global): independent of
+                │   how the step's tokens are split into micro-batches and ranks.
+                ▼
+    engine.step()   after every micro-batch; reduces, clips, updates and steps the LR
+                    schedule only at the accumulation boundary.
+
+Everything a step needs from the outside is in `RadisConfig`; what a resumed run needs
+is in the checkpoint (radis.train.checkpoint): model, optimizer, LR schedule (DeepSpeed),
+loader position and RNG states (per rank), step counters (client state).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radis.config import ConfigError, RadisConfig, dump_config
+from radis.train import checkpoint as ckpt
+from radis.train.metrics import (
+    MetricsWriter,
+    count_matmul_params,
+    peak_flops_per_rank,
+    peak_memory_gb,
+    step_flops,
+    sum_sq_lengths,
+)
+from radis.train.schedule import LRFactor, build_scheduler, resolve_warmup_steps
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss beyond train.max_bad_batches, ...)."""
+
+
+# --------------------------------------------------------------------------- checks before any process group
+
+
+def preflight(cfg: RadisConfig) -> None:
+    """Check what can be checked without a process group; raise ConfigError naming the field.
+
+    Runs on every rank before `init_distributed`, so a missing model, data file or a bad
+    DeepSpeed JSON is reported at once instead of after the ranks have met.
+    """
+    from radis.ds_config import RunShape, load_ds_config
+    from radis.models import ModelNotFoundError, resolve_model_path
+
+    try:
+        resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+        if cfg.model.tokenizer:
+            resolve_model_path(cfg.model.tokenizer, cfg.model.cache_dir)
+    except ModelNotFoundError as err:
+        raise ConfigError(f"model.name_or_path: {err}") from None
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training sources given")
+    for split in ("train", "valid"):
+        for i, src in enumerate(getattr(cfg.data, split)):
+            for key in ("path", "target_path"):
+                value = getattr(src, key)
+                if key == "path" and not value:
+                    raise ConfigError(f"data.{split}[{i}].path: empty")
+                if value and src.format != "hf" and not Path(os.path.expanduser(value)).exists():
+                    raise ConfigError(f"data.{split}[{i}].{key}: {value}: no such file or directory")
+    if cfg.loss.kd_weight > 0 and cfg.loss.method == "vanilla":
+        raise ConfigError("loss.kd_weight > 0 needs loss.method=radis (vanilla data has no rationales)")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps: expected >= 1, got {cfg.train.max_steps}")
+    if cfg.train.epochs < 1 and cfg.train.max_steps is None:
+        raise ConfigError(f"train.epochs: expected >= 1, got {cfg.train.epochs}")
+    for key in ("keep_last", "save_every", "eval_every", "max_bad_batches"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key}: expected >= 0, got {getattr(cfg.train, key)}")
+    if cfg.train.log_every < 1:
+        raise ConfigError(f"train.log_every: expected >= 1, got {cfg.train.log_every}")
+    if cfg.train.dist_timeout_s < 1:
+        raise ConfigError(f"train.dist_timeout_s: expected >= 1, got {cfg.train.dist_timeout_s}")
+    # The DeepSpeed JSON: readable and consistent with the config (sizes not yet known).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    load_ds_config(cfg, RunShape(world_size=world))
+    out = Path(os.path.expanduser(cfg.train.output_dir))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
+
+
+def _default_single_process_env() -> None:
+    """`radis train` started without a launcher runs as one rank on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class RadisRecipe:
+    """RaDis / vanilla fine-tuning on a DeepSpeed engine (torchtune recipe interface).
+
+        recipe = RadisRecipe(cfg)
+        recipe.setup()      # process group, data, model under ZeRO, engine, resume
+        recipe.train()      # the loop; checkpoints every train.save_every and at the end
+        recipe.cleanup()
+    """
+
+    def __init__(self, cfg: RadisConfig):
+        self.cfg = cfg
+        self.out_dir = Path(os.path.expanduser(cfg.train.output_dir))
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step = 0  # optimizer steps done
+        self.bad_batches = 0
+        self.metrics: MetricsWriter | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        import deepspeed
+        import torch.distributed as dist
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from radis.data.loader import PackedLoader
+        from radis.ds_config import RunShape, load_ds_config
+        from radis.loss_head import RadisCausalLM
+        from radis.models import (
+            default_attn_implementation,
+            default_dtype,
+            load_tokenizer,
+            resolve_model_path,
+        )
+
+        cfg, t = self.cfg, self.cfg.train
+        self.cuda = torch.cuda.is_available()
+
+        # -- process group (bounded: a dead rank makes the others fail a collective
+        #    within dist_timeout_s instead of waiting forever)
+        _default_single_process_env()
+        if self.cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
+                                   timeout=timedelta(seconds=t.dist_timeout_s), verbose=False)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        _seed_everything(t.seed)
+
+        # -- data: rank 0 builds (or finds) the cache first, the others then read it
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
+        self.dtype = default_dtype(cfg.model.dtype)
+        self.attn = default_attn_implementation(cfg.model.attn_implementation)
+        train_ds, valid_ds = self._build_data()
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        loader_kw = {"rank": self.rank, "world_size": self.world, "packs_per_micro_batch": cfg.data.packs_per_micro_batch,
+                         "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype}
+        self.loader = PackedLoader(train_ds, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                   seed=cfg.data.seed, **loader_kw)
+        self.valid_loader = None
+        if valid_ds is not None:
+            self.valid_loader = PackedLoader(valid_ds, gradient_accumulation_steps=1, seed=cfg.data.seed,
+                                             shuffle=False, tail="empty", **loader_kw)
+        self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.loader.steps_per_epoch
+        self.warmup_steps = resolve_warmup_steps(t.warmup_steps, t.warmup_ratio, self.total_steps)
+
+        # -- the DeepSpeed JSON (derived or the user's, "auto" resolved)
+        hf_config = AutoConfig.from_pretrained(model_path)
+        hidden = getattr(hf_config, "hidden_size", None)
+        precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
+        shape = RunShape(world_size=self.world, precision=precision, hidden_size=hidden,
+                         total_steps=self.total_steps, warmup_steps=self.warmup_steps, cuda=self.cuda)
+        self.ds_config = load_ds_config(cfg, shape)
+
+        # -- the model: under ZeRO-3 HfDeepSpeedConfig makes from_pretrained build it
+        #    inside zero.Init, so each rank only ever holds its shard
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
+        model = self._load_model(model_path)
+        self.hf_config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+        self.matmul_params = count_matmul_params(model)
+        self.n_layers = int(getattr(hf_config, "num_hidden_layers", 0))
+        self.hidden = int(hidden or 0)
+        wrapper = RadisCausalLM.from_config(model, cfg.loss)
+
+        # -- optimizer + schedule (ours, unless the user's JSON names DeepSpeed's)
+        factor = LRFactor(t.schedule, self.total_steps, self.warmup_steps, t.min_lr_ratio)
+        optimizer = None if "optimizer" in self.ds_config else self._build_optimizer(wrapper)
+        if "scheduler" in self.ds_config:
+            scheduler = None
+        elif optimizer is not None:
+            scheduler = build_scheduler(optimizer, factor)
+        else:
+            scheduler = lambda opt: build_scheduler(opt, factor)
+        self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=self.ds_config,
+                                                    model_parameters=None if optimizer is not None else
+                                                    [p for p in wrapper.parameters() if p.requires_grad])
+        self.peak_flops = peak_flops_per_rank(self.device)
+
+        # -- outputs, resume
+        resume_tag = None
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            removed = ckpt.remove_partial(self.ckpt_dir)
+            if removed:
+                self._print(f"removed unfinished checkpoint(s) {removed}")
+            ckpt.write_text_atomic(self.out_dir / "config.yaml", dump_config(cfg))
+            ckpt.write_text_atomic(self.out_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+        dist.barrier()
+        if t.resume == "auto":
+            resume_tag = ckpt.latest_tag(self.ckpt_dir)
+        if resume_tag is not None:
+            self.resume(resume_tag)
+        self.metrics = MetricsWriter(self.out_dir, active=self.is_main, resume_step=self.step)
+        self._print(f"{self.world} rank(s), {self.total_steps} optimizer steps ({self.loader.steps_per_epoch} per epoch), "
+                    f"{train_ds.num_packs} packs x {train_ds.max_tokens} tokens, ZeRO-{t.zero_stage}, {precision}, "
+                    f"attn {self.attn}, loss {cfg.loss.method}/{cfg.loss.mode}"
+                    + (f"; resumed at step {self.step} from {resume_tag}" if resume_tag else ""))
+
+    def _build_data(self):
+        """(train PackedDataset, valid PackedDataset or None); rank 0 builds the cache first."""
+        import torch.distributed as dist
+
+        from radis.data.build import load_or_build
+
+        if not self.is_main:
+            dist.barrier()
+        train_ds = load_or_build(self.cfg, "train", self.tokenizer)
+        valid_ds = load_or_build(self.cfg, "valid", self.tokenizer) if self.cfg.data.valid else None
+        if self.is_main:
+            dist.barrier()
+        return train_ds, valid_ds
+
+    def _load_model(self, model_path: str):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype, attn_implementation=self.attn)
+        model.config.use_cache = False
+        if self.cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return model
+
+    def _build_optimizer(self, wrapper: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW; no weight decay on 1-D parameters (norm weights, biases).
+
+        torch.optim.AdamW as DeepSpeed's client optimizer (fused on CUDA); under ZeRO-Offload
+        DeepSpeedCPUAdam, the only optimizer DeepSpeed runs well on offloaded fp32 states.
+        """
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for p in wrapper.parameters():
+            if not p.requires_grad:
+                continue
+            # Under zero.Init a parameter is an empty shard; its real shape is ds_shape.
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kw = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
+        if t.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        return torch.optim.AdamW(groups, fused=True if self.cuda else None, **kw)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        import torch.distributed as dist
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        G = t.gradient_accumulation_steps
+        engine = self.engine
+        engine.train()
+        batches = self._micro_batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not self.is_main, file=sys.stdout)
+        if self.eval_due(self.step, first=True):
+            self.validate()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            # Per-step sums on this rank, all-reduced once at the end of the step:
+            # [loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_len², skipped]
+            stats = torch.zeros(10, dtype=torch.float64)
+            for micro in range(G):
+                batch = next(batches)
+                inputs = self._model_inputs(batch)
+                # forward: the fused loss of this micro-batch, already divided by the
+                # GLOBAL target-token count of the whole optimizer step
+                out = engine(**inputs)
+                # a non-finite loss on any rank is seen by all ranks (they must agree on
+                # running the backward, or ZeRO's collectives would hang)
+                if self._any_rank(not bool(torch.isfinite(out.loss.detach()))):
+                    del out
+                    self._skip_bad_batch(batch, micro)
+                    stats[9] += 1
+                    continue
+                # backward: * world_size undoes DeepSpeed's averaging over ranks, and
+                # scale_wrt_gas=False its division by G (the normaliser already holds both)
+                engine.backward(out.loss * self.world, scale_wrt_gas=False)
+                # step: DeepSpeed updates only at the accumulation boundary (micro == G-1)
+                engine.step()
+                stats += torch.tensor([float(out.loss.detach()), float(out.nll_mt), float(out.nll_rd), float(out.kd_rd),
+                                       float(out.n_mt), float(out.n_rd), float(out.n_kd),
+                                       float(batch["num_tokens"]), float(sum_sq_lengths(_cumsum0(_example_lengths(batch)))), 0.0],
+                                      dtype=torch.float64)
+            self.step += 1
+            # metrics of the step over all ranks (one small all-reduce)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            dt = time.perf_counter() - t0
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
+                record = self._step_record(stats, dt)
+                self.metrics.write(self.step, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if self.eval_due(self.step):
+                self.validate()
+            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            _fault_injection(self.step, self.rank)
+        bar.close()
+        if self.step > 0 and ckpt.latest_tag(self.ckpt_dir) != ckpt.tag_for_step(self.step):
+            self.save_checkpoint()
+
+    def _micro_batches(self):
+        """This rank's micro-batches, epoch after epoch (the loader knows where it stands)."""
+        while True:
+            yield from self.loader
+
+    def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Engine (RadisCausalLM) kwargs for a collated micro-batch, on the engine's device.
+
+        flash_attention_2 gets the B packs laid end to end as one row [1, B*T]: its varlen
+        path then follows position_ids (which restart per example) for any B.
+        """
+        dev = self.device
+        kw: dict[str, Any] = {"input_ids": batch["input_ids"], "labels": batch["labels"], "spans": batch["spans"],
+                              "position_ids": batch["position_ids"]}
+        if "attention_mask" in batch:
+            kw["attention_mask"] = batch["attention_mask"]
+        else:
+            kw = {k: v.reshape(1, -1) for k, v in kw.items()}
+        if "teacher_ids" in batch and self.cfg.loss.kd_weight > 0:
+            lp = batch["teacher_logprobs"].masked_fill(~batch["teacher_mask"][..., None], float("-inf"))
+            kw["teacher_ids"], kw["teacher_logprobs"] = batch["teacher_ids"], lp
+            if "attention_mask" not in batch:
+                kw["teacher_ids"] = kw["teacher_ids"].reshape(1, -1, lp.shape[-1])
+                kw["teacher_logprobs"] = kw["teacher_logprobs"].reshape(1, -1, lp.shape[-1])
+        kw = {k: v.to(dev, non_blocking=True) for k, v in kw.items()}
+        counts = batch.get("step_counts")
+        if counts is not None:
+            kw["normalizer"] = {"mt": counts["mt"], "rd": counts["rd"]}
+        return kw
+
+    def _any_rank(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        x = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return bool(x.item() > 0)
+
+    def _skip_bad_batch(self, batch: dict[str, Any], micro: int) -> None:
+        """Stop (or, within train.max_bad_batches, skip) a micro-batch whose loss is NaN/inf.
+
+        Skipping keeps DeepSpeed's accumulation bookkeeping in step on every rank: each
+        rank backpropagates zero times the loss of an all-padding micro-batch (finite,
+        no targets), so the skipped micro-batch adds exactly zero gradient.
+        """
+        import torch.distributed as dist
+
+        ids: list[Any] = [None] * self.world
+        dist.all_gather_object(ids, [x for pack in batch["example_ids"] for x in pack])
+        all_ids = sorted({x for rank_ids in ids for x in rank_ids})
+        self.bad_batches += 1
+        where = f"step {self.step + 1}, micro-batch {micro}"
+        if self.bad_batches > self.cfg.train.max_bad_batches:
+            raise TrainingError(f"non-finite loss at {where} (epoch {batch.get('epoch')}); examples of the batch on "
+                                f"all ranks: {all_ids}; train.max_bad_batches={self.cfg.train.max_bad_batches}")
+        self._print(f"warning: non-finite loss at {where}, skipped ({self.bad_batches}/"
+                    f"{self.cfg.train.max_bad_batches}); examples: {all_ids}")
+        empty = self._empty_inputs(batch)
+        out = self.engine(**empty)
+        self.engine.backward(out.loss * 0.0, scale_wrt_gas=False)
+        self.engine.step()
+
+    def _empty_inputs(self, like: dict[str, Any]) -> dict[str, Any]:
+        """An all-padding micro-batch shaped like `like` (no targets)."""
+        import numpy as np
+
+        from radis.data.packing import Pack, collate_packs
+
+        B, T = like["input_ids"].shape
+        empty = [Pack(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int8), [], [])] * B
+        batch = collate_packs(empty, self.loader.pad_token_id, self.attn, self.dtype, pad_to=T)
+        batch["step_counts"] = like.get("step_counts")
+        return self._model_inputs(batch)
+
+    def _step_record(self, stats: torch.Tensor, dt: float) -> dict[str, Any]:
+        loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_sq, skipped = stats.tolist()
+        flops = step_flops(self.matmul_params, self.n_layers, self.hidden, int(tokens), int(sum_sq))
+        lr = self.engine.get_lr()[0]
+        gn = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss,  # the objective: (w_mt Σnll_mt + w_rd Σrd) / N over the step
+            "loss_mt": nll_mt / n_mt if n_mt else float("nan"),
+            "loss_rd": nll_rd / n_rd if n_rd else float("nan"),
+            "kd": kd / n_kd if n_kd else float("nan"),
+            "lr": float(lr),
+            "grad_norm": float(gn) if gn is not None else float("nan"),
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / dt,
+            "mfu": flops / dt / (self.world * self.peak_flops),
+            "step_time_s": dt,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "skipped_micro_batches": int(skipped),
+        }
+
+    # ------------------------------------------------------------------ validation
+
+    def eval_due(self, step: int, first: bool = False) -> bool:
+        every = self.cfg.train.eval_every
+        if self.valid_loader is None or every <= 0:
+            return False
+        return step == 0 if first else step % every == 0 or step == self.total_steps
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss per span on the validation packs (each rank its share; all ranks run the
+        same number of forwards, padded with empty packs, as ZeRO-3 requires)."""
+        import torch.distributed as dist
+
+        engine = self.engine
+        engine.eval()
+        sums = torch.zeros(5, dtype=torch.float64)  # nll_mt, nll_rd, n_mt, n_rd, weighted loss sum
+        self.valid_loader.set_epoch(0)
+        for batch in self.valid_loader:
+            inputs = self._model_inputs(batch)
+            inputs["normalizer"] = {"mt": 1, "rd": 1}  # raw sums: divided once below
+            out = engine(**inputs)
+            sums += torch.tensor([float(out.nll_mt), float(out.nll_rd), float(out.n_mt), float(out.n_rd),
+                                  float(out.nll_mt) * self.cfg.loss.w_mt + float(out.nll_rd) * self.cfg.loss.w_rd],
+                                 dtype=torch.float64)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        engine.train()
+        nll_mt, nll_rd, n_mt, n_rd, _ = sums.tolist()
+        rec = {"loss": (nll_mt + nll_rd) / max(n_mt + n_rd, 1),
+               "loss_mt": nll_mt / n_mt if n_mt else float("nan"),
+               "loss_rd": nll_rd / n_rd if n_rd else float("nan"),
+               "tokens_mt": int(n_mt), "tokens_rd": int(n_rd)}
+        self.metrics.write(self.step, rec, kind="valid")
+        self._print(f"step {self.step}: valid loss {rec['loss']:.4f} (mt {rec['loss_mt']:.4f}, rd {rec['loss_rd']:.4f})")
+        return rec
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> str:
+        """Save model / optimizer / schedule (DeepSpeed) + loader and RNG (per rank) at self.step."""
+        client = {"step": self.step, "bad_batches": self.bad_batches, "total_steps": self.total_steps}
+        rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+        tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
+                                   keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files)
+        self._print(f"step {self.step}: saved {self.ckpt_dir / tag}")
+        return tag
+
+    def _write_hf_files(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf_config.save_pretrained(str(directory))
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+
+    def resume(self, tag: str) -> None:
+        """Restore everything `save_checkpoint` wrote under `tag`."""
+        client, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        self.step = int(client.get("step", ckpt.step_of_tag(tag) or 0))
+        self.bad_batches = int(client.get("bad_batches", 0))
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["loader"])
+            ckpt.set_rng_state(rank_state["rng"])
+        else:
+            # Saved with fewer ranks: continue at the same optimizer step from rank 0's
+            # plan position (the loader checks that its sizes allow it).
+            import torch.distributed as dist
+
+            state: list[Any] = [None]
+            path = self.ckpt_dir / tag / "trainer_state_rank0.pt"
+            state[0] = torch.load(path, map_location="cpu", weights_only=False)["loader"]
+            self.loader.load_state_dict(state[0])
+            _seed_everything(self.cfg.train.seed + self.step * 1000 + dist.get_rank())
+
+    def cleanup(self) -> None:
+        import torch.distributed as dist
+
+        if self.metrics is not None:
+            self.metrics.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def _print(self, msg: str) -> None:
+        if self.is_main:
+            print(f"[radis train] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _cumsum0(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=x.dtype), x.cumsum(0)])
+
+
+def _example_lengths(batch: dict[str, Any]) -> torch.Tensor:
+    """Lengths of the real examples of a micro-batch (padding tails left out).
+
+    `cu_seqlens` runs row by row over the flattened [B, T] tokens; row b holds
+    len(example_ids[b]) examples, then one padding "sequence" when they fill less than T.
+    """
+    T = batch["input_ids"].shape[1]
+    lens = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).to(torch.int64).tolist()
+    real, i = [], 0
+    for ids in batch["example_ids"]:
+        row = lens[i:i + len(ids)]
+        real += row
+        i += len(ids) + (1 if sum(row) < T else 0)
+    return torch.tensor(real, dtype=torch.int64)
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """Testing hook: RADIS_FAULT_KILL_AT_STEP=N [RADIS_FAULT_KILL_RANK=r] kills this process
+    (SIGKILL, no clean-up) after optimizer step N (and after its checkpoint, if one was due)."""
+    at = os.environ.get("RADIS_FAULT_KILL_AT_STEP")
+    if at is None or int(at) != step:
+        return
+    who = os.environ.get("RADIS_FAULT_KILL_RANK")
+    if who is None or int(who) == rank:
+        sys.stdout.flush()
+        os.kill(os.getpid(), 9)
+
+
