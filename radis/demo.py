@@ -67,17 +67,24 @@ def default_nproc() -> int:
 
 
 def build_stages(config: Path, out: Path) -> list[Stage]:
+    from radis.config import load_config
+
     train, test = demo_data()
-    pair = "src_lang: de, tgt_lang: en"
+    # The shipped files replace the recipe's relative paths (the demo runs from any
+    # directory); the recipe's `limit` on its first train source is kept.
+    sources = load_config(config).data.train
+    limit = sources[0].limit if sources else None
+    langs = "src_lang: de, tgt_lang: en"
+    pair = langs + (f", limit: {limit}" if limit is not None else "")
     rationales = out / "rationales"
     common = ["--config", str(config)]
     stages = [
         Stage("rationales", ["rationales", *common, "--no-progress", f"rationale.output_dir={rationales}",
-                             f"data.train=[{{path: '{train}', {pair}}}]"], True, rationales / "rationales.jsonl"),
+                             f"data.train=[{{path: {json.dumps(str(train))}, {pair}}}]"], True, rationales / "rationales.jsonl"),
     ]
     for method in ("radis", "vanilla"):
         data = rationales / "rationales.jsonl" if method == "radis" else train
-        source = f"{{path: '{data}'}}" if method == "radis" else f"{{path: '{data}', {pair}}}"
+        source = f"{{path: {json.dumps(str(data))}}}" if method == "radis" else f"{{path: {json.dumps(str(data))}, {pair}}}"
         stages.append(Stage(f"train-{method}", ["train", *common, f"loss.method={method}",
                                                 f"train.output_dir={out / method}", f"data.train=[{source}]"],
                             True, out / method / "checkpoints" / "latest"))
@@ -87,7 +94,7 @@ def build_stages(config: Path, out: Path) -> list[Stage]:
                             False, out / method / "hf" / "config.json"))
     models = f"[original=smollm2, vanilla={out / 'vanilla' / 'hf'}, radis={out / 'radis' / 'hf'}]"
     stages.append(Stage("evaluate", ["evaluate", *common, f"eval.models={models}", f"eval.output_dir={out / 'eval'}",
-                                     f"eval.test=[{{path: '{test}', {pair}}}]"], True, out / "eval" / "summary.json"))
+                                     f"eval.test=[{{path: {json.dumps(str(test))}, {langs}}}]"], True, out / "eval" / "summary.json"))
     return stages
 
 
