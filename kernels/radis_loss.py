@@ -55,6 +55,17 @@ except ImportError:  # pragma: no cover - triton is a core dependency, but keep 
 if HAS_TRITON:
 
     @triton.jit
+    def _round_to_bf16(x):
+        """fp32 -> fp32 holding the nearest bf16 (ties to even), so the cast after it is exact.
+
+        The compiled GPU cast already rounds to nearest, but the CPU interpreter truncates;
+        rounding by hand gives the same bits on both (x is finite here).
+        """
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _radis_loss_kernel(
         x_ptr,  # [N, V] logits in; the gradient is written here when COMPUTE_GRAD
         x_stride,
@@ -75,6 +86,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         HAS_TEACHER: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
+        OUT_BF16: tl.constexpr,
     ):
         # int64 before multiplying by the stride: row * V overflows int32 at 7B scale.
         row = tl.program_id(0).to(tl.int64)
@@ -133,7 +145,10 @@ if HAS_TRITON:
                     if HAS_TEACHER:
                         hit = offs[:, None] == ids[None, :]
                         g -= b * tl.sum(tl.where(hit, q[None, :], 0.0), 1)
-                    tl.store(x_row + offs, (c * g).to(x_ptr.dtype.element_ty), mask=vmask)
+                    g = c * g
+                    if OUT_BF16:
+                        g = _round_to_bf16(g)
+                    tl.store(x_row + offs, g.to(x_ptr.dtype.element_ty), mask=vmask)
         else:
             zero = tl.zeros((), tl.float32)
             tl.store(nll_ptr + row, zero)
@@ -184,6 +199,7 @@ def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad,
         BLOCK_K=max(triton.next_power_of_2(k), 2),
         HAS_TEACHER=has_teacher,
         COMPUTE_GRAD=compute_grad,
+        OUT_BF16=x.dtype == torch.bfloat16,
     )
     return loss, nll, kl
 

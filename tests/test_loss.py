@@ -1,0 +1,426 @@
+"""The fused RaDis loss against an fp64 oracle (F.cross_entropy per span + explicit KL).
+
+Both implementations are checked: impl="torch" (the chunked reference) and impl="triton"
+(the kernel; on CPU it runs under TRITON_INTERPRET=1, set by conftest). Shapes are odd
+on purpose (37 rows, V=1000 with 256-wide blocks, chunks of 10) so partial blocks and
+chunks are exercised. Every gradient (logits, hidden, weight, bias) is compared.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from radis.config import LossConfig
+from radis.loss import RadisLoss, radis_linear_loss, radis_loss
+from radis.loss_head import RadisCausalLM, RadisLossHead
+
+IMPLS = ["torch", "triton"]
+N, V, K, D = 37, 1000, 5, 24
+BLOCK = 256
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def oracle(x, targets, spans, *, mode="pooled", w_mt=1.0, w_rd=1.0, normalizer=None,
+           teacher_ids=None, teacher_logprobs=None, kd_weight=0.0):
+    """The documented formula, spelled out with F.cross_entropy in whatever dtype x has.
+
+    Returns (loss, nll_mt_sum, nll_rd_sum, kl_sum); differentiable w.r.t. x.
+    """
+    nll_mt = F.cross_entropy(x, torch.where(spans == 1, targets, -100), reduction="none")
+    nll_rd = F.cross_entropy(x, torch.where(spans == 2, targets, -100), reduction="none")
+    mt = (spans == 1) & (targets != -100)
+    rd = (spans == 2) & (targets != -100)
+    rd_term = nll_rd
+    kl = torch.zeros_like(nll_rd)
+    if teacher_ids is not None:
+        valid = teacher_logprobs > float("-inf")
+        has = valid.any(1) & rd
+        lp = torch.where(valid, teacher_logprobs.to(x.dtype), -1e30)
+        q = torch.softmax(lp, 1) * valid  # top-k renormalised to 1
+        log_q = torch.log_softmax(lp, 1)
+        log_p = torch.log_softmax(x, 1).gather(1, teacher_ids.long())
+        kl = torch.where(has, (torch.where(q > 0, q * (log_q - log_p), 0.0)).sum(1), 0.0)
+        b = torch.where(has, kd_weight, 0.0).to(x.dtype)
+        rd_term = (1 - b) * nll_rd + b * kl
+    s_mt, s_rd = nll_mt.sum(), rd_term.sum()
+    n_mt, n_rd = (float(mt.sum()), float(rd.sum())) if normalizer is None else (normalizer["mt"], normalizer["rd"])
+    if mode == "pooled":
+        loss = (w_mt * s_mt + w_rd * s_rd) / max(n_mt + n_rd, 1)
+    else:
+        loss = w_mt * s_mt / max(n_mt, 1) + w_rd * s_rd / max(n_rd, 1)
+    return loss, nll_mt.sum(), nll_rd.sum(), kl.sum()
+
+
+def make_inputs(n=N, v=V, k=K, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g) * scale
+    targets = torch.randint(0, v, (n,), generator=g)
+    spans = torch.randint(0, 3, (n,), generator=g, dtype=torch.int8)
+    targets[::7] = -100  # ignored targets, some inside MT / RD spans
+    t_ids = torch.randint(0, v, (n, k), generator=g)
+    t_lp = torch.log_softmax(torch.randn(n, k, generator=g), 1) - 0.3  # top-k mass < 1
+    t_lp[1::4] = float("-inf")  # rows without a teacher
+    t_lp[2::4, 3:] = float("-inf")  # padded top-k
+    return logits, targets, spans, t_ids, t_lp
+
+
+def check_parts(out, ref, atol=1e-4, rtol=1e-5):
+    loss, nll_mt, nll_rd, kl = ref
+    for got, want in ((out.loss, loss), (out.nll_mt, nll_mt), (out.nll_rd, nll_rd), (out.kd_rd, kl)):
+        torch.testing.assert_close(got.double(), want.double().detach(), atol=atol, rtol=rtol)
+
+
+CASES = {
+    "pooled": {"mode": "pooled"},
+    "span-weighted": {"mode": "span", "w_mt": 0.7, "w_rd": 1.3},
+    "pooled-kd": {"mode": "pooled", "kd_weight": 0.5, "teacher": True},
+    "span-kd1": {"mode": "span", "w_rd": 0.5, "kd_weight": 1.0, "teacher": True},
+}
+
+
+# --------------------------------------------------------------------------- logits path
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_fp32_matches_oracle(impl, case):
+    kw = dict(CASES[case])
+    teacher = kw.pop("teacher", False)
+    x, t, s, tid, tlp = make_inputs()
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp} if teacher else {}
+    xx = x.clone().requires_grad_()
+    out = radis_loss(xx, t, s, impl=impl, block_v=BLOCK, chunk_size=10, **tk, **kw)
+    (2.5 * out.loss).backward()  # grad_output != 1 must scale the saved gradient
+    assert torch.equal(x, xx.detach()), "inplace=False must leave the logits intact"
+    x64 = x.double().requires_grad_()
+    ref = oracle(x64, t, s, **tk, **kw)
+    (2.5 * ref[0]).backward()
+    check_parts(out, ref)
+    torch.testing.assert_close(xx.grad.double(), x64.grad, atol=1e-7, rtol=1e-5)
+    active = t != -100
+    assert int(out.n_mt) == int(((s == 1) & active).sum()) and int(out.n_rd) == int(((s == 2) & active).sum())
+    if teacher:
+        assert int(out.n_kd) == int(((s == 2) & active & (tlp > float("-inf")).any(1)).sum()) > 0
+        assert float(out.kd_rd) > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_bf16_error_within_reference_error(impl):
+    """bf16 in: the fused op accumulates in fp32, so its error must not exceed that of the
+    reference computed in bf16 (F.cross_entropy on bf16 logits), measured against fp64."""
+    x, t, s, tid, tlp = make_inputs()
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.5}
+    xb = x.bfloat16()
+    exact = xb.double().requires_grad_()
+    ref = oracle(exact, t, s, **tk)
+    ref[0].backward()
+    low = xb.clone().requires_grad_()
+    ref_low = oracle(low, t, s, **tk)
+    ref_low[0].backward()
+    ours = xb.clone().requires_grad_()
+    out = radis_loss(ours, t, s, impl=impl, block_v=BLOCK, **tk)
+    out.loss.backward()
+    assert ours.grad.dtype == torch.bfloat16
+    loss_err = abs(out.loss.item() - ref[0].item())
+    ref_loss_err = abs(ref_low[0].item() - ref[0].item())
+    assert loss_err <= max(ref_loss_err, 1e-5), (loss_err, ref_loss_err)
+    err = (ours.grad.double() - exact.grad).abs()
+    ref_grad_err = (low.grad.double() - exact.grad).abs().max()
+    assert err.max() <= ref_grad_err, (err.max(), ref_grad_err)
+    # fp32 accumulation then one rounding: every element within half a bf16 ulp (2^-8 relative)
+    assert (err <= exact.grad.abs() * 2.0**-8 * 1.01 + 1e-12).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_vocab_few_rows(impl):
+    """V = 32000 (not a multiple of the 4096 block), 3 rows, default block size."""
+    x, t, s, tid, tlp = make_inputs(n=3, v=32000, seed=3)
+    s = torch.tensor([1, 2, 2], dtype=torch.int8)
+    t[:] = torch.tensor([5, 31999, 17])
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.25}
+    xx = x.clone().requires_grad_()
+    out = radis_loss(xx, t, s, impl=impl, **tk)
+    out.loss.backward()
+    x64 = x.double().requires_grad_()
+    ref = oracle(x64, t, s, **tk)
+    ref[0].backward()
+    check_parts(out, ref)
+    torch.testing.assert_close(xx.grad.double(), x64.grad, atol=1e-7, rtol=1e-5)
+
+
+EDGES = {
+    "all-ignore-spans": lambda t, s: (t, torch.zeros_like(s)),
+    "no-target-at-all": lambda t, s: (torch.full_like(t, -100), s),
+    "no-rd": lambda t, s: (t, torch.where(s == 2, 1, s).to(s.dtype)),
+    "no-mt": lambda t, s: (t, torch.where(s == 1, 2, s).to(s.dtype)),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("edge", list(EDGES))
+@pytest.mark.parametrize("mode", ["pooled", "span"])
+def test_edge_cases(impl, edge, mode):
+    x, t, s, tid, tlp = make_inputs(n=11, v=300)
+    t, s = EDGES[edge](t, s)
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.5}
+    xx = x.clone().requires_grad_()
+    out = radis_loss(xx, t, s, mode=mode, w_rd=0.5, impl=impl, block_v=128, **tk)
+    out.loss.backward()
+    assert torch.isfinite(xx.grad).all() and torch.isfinite(out.loss)
+    x64 = x.double().requires_grad_()
+    ref = oracle(x64, t, s, mode=mode, w_rd=0.5, **tk)
+    ref[0].backward()
+    check_parts(out, ref)
+    torch.testing.assert_close(xx.grad.double(), x64.grad, atol=1e-7, rtol=1e-5)
+    if edge in ("all-ignore-spans", "no-target-at-all"):
+        assert out.loss.item() == 0.0 and not xx.grad.any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_logits(impl):
+    x, t, s, tid, tlp = make_inputs(n=9, v=300)
+    x[:, ::3] = 1e4
+    x[:, 1::3] = -1e4
+    t[:3] = torch.tensor([0, 1, 2])  # targets on +1e4, -1e4 and ordinary logits
+    s[:3] = torch.tensor([1, 1, 2])
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.5}
+    xx = x.clone().requires_grad_()
+    out = radis_loss(xx, t, s, impl=impl, block_v=128, **tk)
+    out.loss.backward()
+    x64 = x.double().requires_grad_()
+    ref = oracle(x64, t, s, **tk)
+    ref[0].backward()
+    assert torch.isfinite(xx.grad).all()
+    check_parts(out, ref, atol=1e-2, rtol=1e-6)  # NLL ~ 2e4: fp32 spacing there is ~2e-3
+    torch.testing.assert_close(xx.grad.double(), x64.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_overwrites_logits_with_gradient(impl):
+    x, t, s, _, _ = make_inputs(n=7, v=200)
+    xx = x.clone().requires_grad_()
+    out = radis_loss(xx, t, s, impl=impl, inplace=True, block_v=128)
+    out.loss.backward()
+    assert not torch.equal(xx.detach(), x)  # documented: the buffer now holds the gradient
+    x64 = x.double().requires_grad_()
+    oracle(x64, t, s)[0].backward()
+    torch.testing.assert_close(xx.grad.double(), x64.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_no_grad_path_and_empty_input():
+    x, t, s, _, _ = make_inputs(n=7, v=200)
+    with torch.no_grad():
+        out = radis_loss(x, t, s, impl="torch")
+    torch.testing.assert_close(out.loss.double(), oracle(x.double(), t, s)[0], rtol=1e-5, atol=1e-6)
+    empty = torch.zeros(0, 50, requires_grad=True)
+    out = radis_loss(empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and empty.grad.shape == (0, 50)
+
+
+# --------------------------------------------------------------------------- normaliser
+
+
+@pytest.mark.parametrize("mode", ["pooled", "span"])
+def test_global_normalizer_makes_micro_batches_add_up(mode):
+    """Split one batch in two calls with the GLOBAL counts: losses and gradients add up."""
+    x, t, s, tid, tlp = make_inputs()
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.3}
+    full = x.clone().requires_grad_()
+    whole = radis_loss(full, t, s, mode=mode, **tk)
+    whole.loss.backward()
+    norm = {"mt": whole.n_mt, "rd": whole.n_rd}
+    parts = x.clone().requires_grad_()
+    total = 0
+    for sl, norm_arg in ((slice(0, 20), norm), (slice(20, N), torch.stack([whole.n_mt, whole.n_rd]))):
+        out = radis_loss(parts[sl], t[sl], s[sl], mode=mode, normalizer=norm_arg,
+                         teacher_ids=tid[sl], teacher_logprobs=tlp[sl], kd_weight=0.3)
+        total = total + out.loss
+    total.backward()
+    torch.testing.assert_close(total, whole.loss)
+    torch.testing.assert_close(parts.grad, full.grad)
+    ref = oracle(x.double(), t, s, mode=mode, normalizer={"mt": 100.0, "rd": 50.0}, **tk)
+    out = radis_loss(x, t, s, mode=mode, normalizer={"mt": 100, "rd": 50}, **tk)
+    check_parts(out, ref)
+
+
+# --------------------------------------------------------------------------- fused linear
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_oracle(impl, with_bias):
+    _x, t, s, tid, tlp = make_inputs()
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(N, D, generator=g)
+    w = torch.randn(V, D, generator=g) * 0.3
+    b = torch.randn(V, generator=g) if with_bias else None
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.4}
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    bb = b.clone().requires_grad_() if with_bias else None
+    out = radis_linear_loss(hh, ww, t, s, bias=bb, mode="span", w_rd=0.6, impl=impl, chunk_size=10,
+                            block_v=BLOCK, **tk)
+    (3.0 * out.loss).backward()
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if with_bias else None
+    logits = h64 @ w64.T + (b64 if with_bias else 0)
+    ref = oracle(logits, t, s, mode="span", w_rd=0.6, **tk)
+    (3.0 * ref[0]).backward()
+    check_parts(out, ref)
+    torch.testing.assert_close(hh.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ww.grad.double(), w64.grad, atol=1e-6, rtol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(bb.grad.double(), b64.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_bf16_error_within_reference_error(impl):
+    """bf16 hidden / weight: compare with an HF-style bf16 step (bf16 matmul, then
+    F.cross_entropy on the bf16 logits), both measured against fp64 on the same inputs."""
+    _x, t, s, _, _ = make_inputs()
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(N, D, generator=g).bfloat16()
+    w = (torch.randn(V, D, generator=g) * 0.3).bfloat16()
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = oracle(h64 @ w64.T, t, s)
+    ref[0].backward()
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    oracle(hl @ wl.T, t, s)[0].backward()
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = radis_linear_loss(hh, ww, t, s, impl=impl, chunk_size=10, block_v=BLOCK)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref[0].item()) <= 2e-2 * ref[0].item()
+    for ours, low, exact in ((hh.grad, hl.grad, h64.grad), (ww.grad, wl.grad, w64.grad)):
+        assert ours.dtype == torch.bfloat16
+        err = (ours.double() - exact).abs().max()
+        ref_err = (low.double() - exact).abs().max()
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _tiny_llama(tied=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).float()
+
+
+def test_causal_lm_wrapper_matches_hf_logits_and_reaches_tied_weight():
+    model = _tiny_llama(tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    g = torch.Generator().manual_seed(1)
+    b, seq, k = 2, 11, 3
+    ids = torch.randint(0, 97, (b, seq), generator=g)
+    labels = torch.full((b, seq), -100)
+    labels[:, :-1] = ids[:, 1:]
+    spans = torch.zeros(b, seq, dtype=torch.int8)
+    spans[:, 3:6], spans[:, 6:10] = 1, 2
+    t_ids = torch.randint(0, 97, (b, seq, k), generator=g)
+    t_lp = torch.log_softmax(torch.randn(b, seq, k, generator=g), -1)
+    wrapper = RadisCausalLM(model, mode="span", w_rd=0.5, kd_weight=0.5, impl="torch", chunk_size=5)
+    out = wrapper(input_ids=ids, labels=labels, spans=spans, teacher_ids=t_ids, teacher_logprobs=t_lp)
+    out.loss.backward()
+    got = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=ids).logits.reshape(b * seq, -1)
+    ref = oracle(logits, labels.reshape(-1), spans.reshape(-1), mode="span", w_rd=0.5,
+                 teacher_ids=t_ids.reshape(-1, k), teacher_logprobs=t_lp.reshape(-1, k), kd_weight=0.5)
+    ref[0].backward()
+    check_parts(out, ref, atol=1e-5, rtol=1e-5)
+    # the tied weight receives both the head's and the embedding's gradient
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, model.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_modules_and_from_config():
+    _x, t, s, _, _ = make_inputs(n=9, v=97)
+    model = _tiny_llama(tied=False)
+    h = torch.randn(9, 32)
+    head = RadisLossHead(model.lm_head, mode="span", impl="torch")
+    out = head(h, t.clamp(max=96), s)
+    ref = oracle(h.double() @ model.lm_head.weight.double().T, t.clamp(max=96), s, mode="span")
+    check_parts(out, ref)
+    mod = RadisLoss(mode="span", impl="torch")
+    check_parts(mod(h, t.clamp(max=96), s, weight=model.lm_head.weight), ref)
+    check_parts(mod(h @ model.lm_head.weight.T, t.clamp(max=96), s), ref)
+    vanilla = RadisCausalLM.from_config(model, LossConfig(method="vanilla", w_rd=1.0))
+    assert vanilla.loss_kwargs["w_rd"] == 0.0 and vanilla.loss_kwargs["mode"] == "span"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad(**change):
+    x, t, s, _tid, _tlp = make_inputs(n=5, v=50)
+    args = {"logits": x, "targets": t, "spans": s}
+    kw = {}
+    for key, val in change.items():
+        (args if key in args else kw)[key] = val
+    return args, kw
+
+
+BAD = {
+    "targets-shape": ({"targets": torch.zeros(4, dtype=torch.long)}, "targets"),
+    "target-too-large": ({"targets": torch.tensor([0, 1, 50, 2, 3])}, "targets"),
+    "target-negative": ({"targets": torch.tensor([0, 1, -5, 2, 3])}, "targets"),
+    "span-out-of-range": ({"spans": torch.tensor([0, 1, 3, 2, 1])}, "spans"),
+    "logits-int": ({"logits": torch.zeros(5, 50, dtype=torch.long)}, "logits"),
+    "targets-int32": ({"targets": torch.zeros(5, dtype=torch.int32)}, "targets"),
+    "logits-non-contiguous": ({"logits": torch.zeros(50, 5).t()}, "logits"),
+    "spans-float": ({"spans": torch.zeros(5)}, "spans"),
+    "teacher-shape": ({"teacher_ids": torch.zeros(5, 3, dtype=torch.long), "teacher_logprobs": torch.zeros(5, 2)},
+                      "teacher_logprobs"),
+    "teacher-id-range": ({"teacher_ids": torch.full((5, 2), 50), "teacher_logprobs": torch.zeros(5, 2)}, "teacher_ids"),
+    "kd-without-teacher": ({"kd_weight": 0.5}, "kd_weight"),
+    "kd-out-of-range": ({"kd_weight": 1.5}, "kd_weight"),
+    "mode": ({"mode": "mean"}, "mode"),
+    "normalizer-keys": ({"normalizer": {"mt": 3}}, "normalizer"),
+    "impl": ({"impl": "cuda"}, "impl"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_names_the_argument(name):
+    change, arg = BAD[name]
+    args, kw = _bad(**change)
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        radis_loss(args["logits"], args["targets"], args["spans"], **kw)
+
+
+def test_bad_linear_input_names_the_argument():
+    h, t, s = torch.zeros(5, 8), torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="^weight:"):
+        radis_linear_loss(h, torch.zeros(0), t, s)  # e.g. an ungathered ZeRO-3 shard
+    with pytest.raises(ValueError, match="^weight:"):
+        radis_linear_loss(h, torch.zeros(10, 8, dtype=torch.float64), t, s)
+    with pytest.raises(ValueError, match="^bias:"):
+        radis_linear_loss(h, torch.zeros(10, 8), t, s, bias=torch.zeros(9))
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_cuda_triton_matches_torch_without_host_sync():
+    x, t, s, tid, tlp = (a.cuda() for a in make_inputs(n=67, v=5000))
+    tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.5}
+    outs, grads = [], []
+    for impl in IMPLS:
+        xx = x.bfloat16().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any .item() / host sync in the op raises
+        try:
+            out = radis_loss(xx, t, s, impl=impl, validate=False, **tk)
+            out.loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        outs.append(out)
+        grads.append(xx.grad.float())
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=2e-2)
