@@ -278,3 +278,39 @@ def test_retention_proxies_of_two_loads_of_the_same_weights_are_zero(tiny_models
     # Batched teacher forcing (right padding) equals one prompt at a time.
     one = retention.teacher_forced_sums(a, tuned, old, pad_id=kw["pad_id"], batch_size=1)
     assert one["kl"] == pytest.approx(moved["kl"] * moved["answer_tokens"], rel=1e-4)
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_same_results_as_one(tiny_models, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): sharded translation and retention, gathered in order."""
+    import os
+    import subprocess
+    import sys
+
+    base, tuned = tiny_models
+    test_file = tmp_path / "test.de-en.jsonl"
+    test_file.write_text("".join(json.dumps({"translation": {"de": f"Satz Nummer {i}.", "en": f"Sentence number {i}."}}) + "\n"
+                                 for i in range(7)), encoding="utf-8")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        f"model: {{name_or_path: '{base}'}}\n"
+        f"eval:\n  models: ['original={base}', 'tuned={tuned}']\n  max_new_tokens: 5\n  retention_max_new_tokens: 5\n"
+        f"  retention_limit: 5\n  batch_size: 2\n  test: [{{path: '{test_file}', src_lang: de, tgt_lang: en}}]\n",
+        encoding="utf-8")
+    from radis.evaluate.command import evaluate
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--module", "radis.cli", "evaluate", "--config", str(cfg_file), f"eval.output_dir={tmp_path / 'eval2'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluate(load_config(cfg_file, [f"eval.output_dir={tmp_path / 'eval1'}"]))  # one process, in this one
+    runs = {n: (json.loads((tmp_path / f"eval{n}" / "summary.json").read_text(encoding="utf-8"))["models"],
+                json.loads((tmp_path / f"eval{n}" / "tuned" / "translations.json").read_text(encoding="utf-8")))
+            for n in (1, 2)}
+    assert [t["id"] for t in runs[2][1]] == [t["id"] for t in runs[1][1]]
+    assert [t["raw"] for t in runs[2][1]] == [t["raw"] for t in runs[1][1]]
+    for one, two in zip(runs[1][0], runs[2][0]):
+        assert two["chrf_cut"] == pytest.approx(one["chrf_cut"])
+        for key in ("kl", "nll_tuned", "nll_original", "changed", "chrf_to_original"):
+            assert two["retention"][key] == pytest.approx(one["retention"][key], rel=1e-4, abs=1e-6)
