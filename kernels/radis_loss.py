@@ -213,13 +213,15 @@ def _interpreting() -> bool:
 # --------------------------------------------------------------------------- PyTorch twin
 
 
-def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad):
+def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, out=None):
     """The same per-row computation in PyTorch (fp32), for one chunk of rows.
 
-    Returns (loss_row [n], nll [n], kl [n], grad [n, V] fp32 or None). No autograd: the
-    gradient is the closed form from the module docstring.
+    Returns (loss_row [n], nll [n], kl [n]); with `out` (x itself or a buffer of x's
+    shape and dtype) the gradient is written into it. No autograd: the gradient is the
+    closed form from the module docstring. Temporaries: one fp32 [n, V] (the upcast of a
+    bf16/fp16 chunk, reused for the gradient) plus logsumexp's own.
     """
-    xf = x.float()
+    xf = x.float()  # x itself when x is fp32
     active = (targets != -100) & (spans > 0) & (spans < 3)
     t = torch.where(active, targets, 0).unsqueeze(1)
     lse = torch.logsumexp(xf, dim=1)
@@ -240,14 +242,18 @@ def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad):
         kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(1)
         b = torch.where(has_t, kd_weight, 0.0)
     loss = c * ((1.0 - b) * nll + b * kl)
-    grad = None
-    if compute_grad:
-        grad = torch.exp(xf - lse.unsqueeze(1))
-        grad.scatter_add_(1, t, -(1.0 - b).unsqueeze(1))
+    if out is not None:
+        # Every read of x is done above, so the gradient may overwrite it: elementwise
+        # into `out` directly for fp32, else into the private fp32 upcast, then cast once.
+        g = out if out.dtype == torch.float32 else xf
+        torch.sub(xf, lse.unsqueeze(1), out=g).exp_()
+        g.scatter_add_(1, t, -(1.0 - b).unsqueeze(1))
         if q is not None:
-            grad.scatter_add_(1, ids, -b.unsqueeze(1) * q)
-        grad.mul_(c.unsqueeze(1))
-    return loss, nll, kl, grad
+            g.scatter_add_(1, ids, -b.unsqueeze(1) * q)
+        g.mul_(c.unsqueeze(1))
+        if g is not out:
+            out.copy_(g)
+    return loss, nll, kl
 
 
 # --------------------------------------------------------------------------- host launcher
@@ -272,11 +278,9 @@ def rows_loss_and_grad(x, targets, spans, scale, t_ids, t_lp, kd_weight, *, impl
         e = min(s + chunk_rows, n)
         tc = None if t_ids is None else t_ids[s:e]
         lc = None if t_lp is None else t_lp[s:e]
-        loss[s:e], nll[s:e], kl[s:e], g = torch_rows(
-            x[s:e], targets[s:e], spans[s:e], scale, tc, lc, kd_weight, compute_grad
+        loss[s:e], nll[s:e], kl[s:e] = torch_rows(
+            out[s:e], targets[s:e], spans[s:e], scale, tc, lc, kd_weight, out[s:e] if compute_grad else None
         )
-        if g is not None:
-            out[s:e].copy_(g)
     return loss, nll, kl
 
 
