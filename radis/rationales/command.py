@@ -65,9 +65,11 @@ from radis.rationales.store import (
     write_jsonl_atomic,
 )
 
-# The final barrier waits for the slowest rank, which may be hours behind on an
-# unbalanced shard; gloo needs no GPU tensors and has no watchdog that would kill a
-# long wait, so it is used on GPU machines too.
+# Joining the group must happen within minutes (a wrong address should fail, not hang);
+# the final barrier waits for the slowest rank, which may be hours behind on an
+# unbalanced shard, so it runs in a second group with a long timeout. Both use gloo,
+# also on GPU machines: no GPU tensor is ever exchanged.
+JOIN_TIMEOUT = datetime.timedelta(minutes=10)
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
 
@@ -100,17 +102,22 @@ class Ranks:
             raise RationaleInputError(f"RANK={r.rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={r.world_size})")
         return r
 
-    def barrier(self) -> None:
+    def barrier(self, group=None) -> None:
         if self.world_size > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=group)
 
 
-def _init_process_group(ranks: Ranks) -> bool:
-    """Join the gloo group used only for barriers and the final statistics."""
-    if ranks.world_size == 1 or torch.distributed.is_initialized():
-        return False
-    torch.distributed.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=BARRIER_TIMEOUT)
-    return True
+def _init_process_group(ranks: Ranks):
+    """Join the gloo group (only barriers and the final statistics use it).
+
+    Returns (whether this call created the default group, the long-timeout group).
+    """
+    if ranks.world_size == 1:
+        return False, None
+    created = not torch.distributed.is_initialized()
+    if created:
+        torch.distributed.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=JOIN_TIMEOUT)
+    return created, torch.distributed.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -253,18 +260,14 @@ def _read_examples(cfg: RadisConfig) -> tuple[list[Example], Any]:
 
     if not cfg.data.train:
         raise RationaleInputError("data.train: no sources configured; rationales are generated for the training pairs")
-    examples, stats = read_sources(cfg.data.train, cfg.data.on_empty)
-    seen: set[str] = set()
-    for ex in examples:
-        if ex.id in seen:
-            raise RationaleInputError(f"data.train: example id {ex.id!r} occurs twice; ids must be unique to resume")
-        seen.add(ex.id)
-    return examples, stats
+    return read_sources(cfg.data.train, cfg.data.on_empty)
 
 
 def _jsonable(obj: Any) -> Any:
     if obj is None:
         return None
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, dict):
@@ -282,7 +285,7 @@ def generate_rationales(
 
     ranks = Ranks.from_env()
     started = time.perf_counter()
-    own_group = _init_process_group(ranks)
+    own_group, slow_group = _init_process_group(ranks)
     try:
         settings = decoding_settings(cfg)
         gen_ref = generator_reference(cfg)
@@ -296,6 +299,11 @@ def generate_rationales(
             examples, source_stats = _read_examples(cfg)
         else:
             examples, source_stats = list(examples), None
+        seen: set[str] = set()
+        for ex in examples:
+            if ex.id in seen:  # records are keyed by id: resume and merge need them unique
+                raise RationaleInputError(f"example id {ex.id!r} occurs twice; ids must be unique")
+            seen.add(ex.id)
         usable: list[Example] = []
         requests: list[Request] = []
         skipped: list[dict[str, str]] = []
@@ -354,11 +362,11 @@ def generate_rationales(
                 bar.close()
 
         run_stats = {"rank": ranks.rank, "generated": generated, "tokens": tokens, "seconds": time.perf_counter() - started}
-        ranks.barrier()
+        ranks.barrier(slow_group)  # every rank's parts are committed
         all_stats = [run_stats]
         if ranks.world_size > 1:
             all_stats = [None] * ranks.world_size
-            torch.distributed.all_gather_object(all_stats, run_stats)
+            torch.distributed.all_gather_object(all_stats, run_stats, group=slow_group)
         if ranks.rank != 0:
             return {}
 
@@ -408,12 +416,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from radis.config import load_config
     from radis.data.prompts import ChatFormatError
+    from radis.data.sources import DataError
     from radis.models import ModelNotFoundError
 
     cfg = load_config(args.config, args.overrides)
     try:
         summary = generate_rationales(cfg, progress=not args.no_progress)
-    except (RationaleInputError, OutputMismatchError, ModelNotFoundError, ChatFormatError) as err:
+    except (RationaleInputError, OutputMismatchError, ModelNotFoundError, ChatFormatError, DataError) as err:
         print(f"radis rationales: error: {err}", file=sys.stderr)
         return 2
     if summary:
