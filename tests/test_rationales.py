@@ -335,7 +335,7 @@ def test_command_records_topk_skips_resume_and_mismatch(tiny_generator, tmp_path
     assert not (out / MERGED_TOPK).exists()
 
 
-def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path):
+def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from radis.data.prompts import ChatFormat, ChatFormatError
@@ -354,6 +354,21 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path):
     tail = fmt.end_of_turn_ids() + fmt.followup_ids("Why?")
     assert req.prompt_ids[-len(tail):] == tail and req.min_new_tokens == 0
 
+    # Through the console command: a clear message and exit status 2, no traceback.
+    from radis.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"translation": {"de": "Hallo Welt.", "en": "Hello world."}}) + "\n", encoding="utf-8")
+    yaml_path = tmp_path / "ask.yaml"
+    yaml_path.write_text(json.dumps({
+        "model": {"name_or_path": str(tiny_generator)},
+        "data": {"train": [{"path": str(data), "src_lang": "de", "tgt_lang": "en"}]},
+        "rationale": {"output_dir": str(tmp_path / "ask"), "strategy": "continue"},
+    }), encoding="utf-8")
+    assert main(["rationales", "--config", str(yaml_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "radis rationales: error: rationale.output_dir" in err and "strategy: 'ask' -> 'continue'" in err
+
     strict = _cfg(tiny_generator, tmp_path / "strict", "data.on_empty=error")
     with pytest.raises(RationaleInputError, match=r"'t:empty': empty reference"):
         generate_rationales(strict, examples=_examples(), progress=False)
@@ -370,3 +385,35 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path):
     no_template = _cfg(bare, tmp_path / "bare_out", "model.chat_template=model")
     with pytest.raises(ChatFormatError, match="no chat template"):
         generate_rationales(no_template, examples=examples, progress=False)
+
+
+def test_real_smollm2_on_three_pairs(shared_data, tmp_path):
+    """SmolLM2-135M-Instruct (the embedded real chat model) on real de-en pairs."""
+    from radis.config import SourceConfig
+    from radis.data.prompts import ChatFormat
+    from radis.data.sources import read_source
+    from radis.models import load_model, load_tokenizer
+    from radis.rationales.command import build_requests, generate_rationales
+
+    examples = read_source(SourceConfig(path=str(shared_data / "alma" / "deen" / "valid.de-en.json"), limit=3))
+    cfg = load_config(None, [
+        "model.name_or_path=smollm2", f"rationale.output_dir={tmp_path}", "rationale.max_new_tokens=6",
+        "rationale.min_rationale_tokens=3", "rationale.batch_size=3", "rationale.topk=2",
+    ])
+    model = load_model("smollm2").eval()
+    summary = generate_rationales(cfg, examples=examples, model=model, progress=False)
+    assert summary["count"] == 3 and summary["share_empty"] == 0.0
+    recs = _lines(tmp_path / MERGED)
+    for rec in recs:
+        assert 3 <= rec["rationale_tokens"] <= 6 and rec["rationale"].strip()
+        assert rec["stop_reason"] in ("eot", "max_length") and rec["generator"] == "smollm2"
+
+    # Left padding with the real model: the batch of three equals one at a time.
+    tok = load_tokenizer("smollm2")
+    fmt = ChatFormat(tok, cfg.data, "auto")
+    requests = build_requests(fmt, examples, cfg)
+    assert len({len(r.prompt_ids) for r in requests}) == 3  # really different lengths
+    settings = DecodingSettings(max_new_tokens=6)
+    for req, rec in zip(requests, recs):
+        alone = generate(model, [req], settings, stop_token_ids=fmt.stop_token_ids, pad_token_id=tok.pad_token_id)[0]
+        assert alone.token_ids == rec["rationale_token_ids"] and alone.stop_reason == rec["stop_reason"]

@@ -276,10 +276,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def generate_rationales(
-    cfg: RadisConfig, *, examples: Sequence[Example] | None = None, progress: bool = True
+    cfg: RadisConfig, *, examples: Sequence[Example] | None = None, model: Any = None, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) rationale generation on this rank; returns the summary on rank 0
-    ({} on the other ranks). `examples` replaces reading `data.train` (API use)."""
+    ({} on the other ranks).
+
+    API use: `examples` replaces reading `data.train`; `model` is an already loaded
+    generator (on its device, its tokenizer being the configured one).
+    """
     from radis.data.prompts import ChatFormat
     from radis.models import load_model, load_tokenizer
 
@@ -333,10 +337,11 @@ def generate_rationales(
         mine = [req for i, req in enumerate(requests) if i % ranks.world_size == ranks.rank and req.key not in done]
 
         generated = tokens = 0
-        if mine:
+        if mine and model is None:
             model = load_model(gen_ref, cfg.model.cache_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
             if torch.cuda.is_available():
                 model = model.to(f"cuda:{ranks.local_rank}")
+        if mine:
             model.eval()
             stop_ids = list(fmt.stop_token_ids)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
