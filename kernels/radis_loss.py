@@ -218,35 +218,44 @@ def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, out=None):
 
     Returns (loss_row [n], nll [n], kl [n]); with `out` (x itself or a buffer of x's
     shape and dtype) the gradient is written into it. No autograd: the gradient is the
-    closed form from the module docstring. Temporaries: one fp32 [n, V] (the upcast of a
-    bf16/fp16 chunk, reused for the gradient) plus logsumexp's own.
+    closed form from the module docstring. With `out`, the softmax is built in place in
+    one fp32 [n, V] buffer (`out` itself for fp32, the private upcast of a bf16/fp16
+    chunk otherwise), so a chunk costs no further [n, V] temporaries.
     """
     xf = x.float()  # x itself when x is fp32
     active = (targets != -100) & (spans > 0) & (spans < 3)
     t = torch.where(active, targets, 0).unsqueeze(1)
-    lse = torch.logsumexp(xf, dim=1)
-    nll = torch.where(active, lse - xf.gather(1, t).squeeze(1), 0.0)
+    x_t = xf.gather(1, t).squeeze(1)  # gathers first: the buffer is overwritten below
+    ids = x_ids = None
+    if t_ids is not None:
+        valid = t_lp > float("-inf")
+        ids = torch.where(valid, t_ids.long(), 0)
+        x_ids = xf.gather(1, ids)
+    if out is None:
+        lse = torch.logsumexp(xf, dim=1)
+    else:
+        g = out if out.dtype == torch.float32 else xf
+        m = xf.amax(1, keepdim=True)
+        torch.sub(xf, m, out=g).exp_()
+        z = g.sum(1, keepdim=True)
+        lse = (m + z.log()).squeeze(1)
+        g.div_(z)  # g = softmax(x)
+    nll = torch.where(active, lse - x_t, 0.0)
     c = scale[torch.where(active, spans.long(), 0)] * active
     kl = torch.zeros_like(nll)
     b = torch.zeros_like(nll)
-    q = ids = None
+    q = None
     if t_ids is not None:
-        valid = t_lp > float("-inf")
         has_t = valid.any(1) & (spans == 2) & active
         lp = torch.where(valid & has_t.unsqueeze(1), t_lp.float(), float("-inf"))
         lp = torch.where(has_t.unsqueeze(1), lp, 0.0)  # keep log_softmax finite on rows without teacher
         log_q = torch.log_softmax(lp, dim=1)
         q = torch.where(valid & has_t.unsqueeze(1), log_q.exp(), 0.0)
-        ids = torch.where(valid, t_ids.long(), 0)
-        log_p = xf.gather(1, ids) - lse.unsqueeze(1)
+        log_p = x_ids - lse.unsqueeze(1)
         kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(1)
         b = torch.where(has_t, kd_weight, 0.0)
     loss = c * ((1.0 - b) * nll + b * kl)
     if out is not None:
-        # Every read of x is done above, so the gradient may overwrite it: elementwise
-        # into `out` directly for fp32, else into the private fp32 upcast, then cast once.
-        g = out if out.dtype == torch.float32 else xf
-        torch.sub(xf, lse.unsqueeze(1), out=g).exp_()
         g.scatter_add_(1, t, -(1.0 - b).unsqueeze(1))
         if q is not None:
             g.scatter_add_(1, ids, -b.unsqueeze(1) * q)

@@ -424,3 +424,22 @@ def test_cuda_triton_matches_torch_without_host_sync():
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_variants_run_and_agree():
+    """benchmarks/bench_loss.py's CPU variants compute the same loss (tiny shapes)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    h, w, t, s = bench.make_inputs(40, 300, 16, torch.float32, "cpu")
+    losses = [bench.step_fn(v, chunk=16)(h, w, t, s).item() for v in bench.CPU_VARIANTS]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) == pytest.approx(losses[2], rel=1e-5)
+    row = bench.measure("radis_linear_torch", 40, 300, 16, torch.float32, "cpu", chunk=16, repeats=1)
+    assert row["time_s"] > 0 and row["grads_mib"] > 0

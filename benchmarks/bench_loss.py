@@ -1,0 +1,247 @@
+"""Benchmark of the fused RaDis loss: time and peak extra memory of one forward + backward.
+
+One "step" starts from hidden states h [N, d] and the LM-head weight W [V, d] (both
+requiring grad) and ends after backward (grads of h and W exist), so every variant
+pays for the same outputs:
+
+    naive                 logits = h @ W.T; logits.float(); F.cross_entropy for the MT
+                          targets and for the RD targets (sum), pooled mean -- as an HF-style step
+    radis_torch           logits = h @ W.T; radis_loss(logits, impl="torch", inplace=True)
+    radis_linear_torch    radis_linear_loss(h, W, impl="torch", chunk_size=C): no [N, V] logits
+  GPU only:
+    radis_triton          logits = h @ W.T; radis_loss(logits, impl="triton", inplace=True)
+    radis_linear_triton   radis_linear_loss(h, W, impl="triton", chunk_size=C)
+    compiled_ce           the naive step under torch.compile
+    liger_flce            Liger-Kernel's fused linear cross entropy (if importable; plain
+                          CE over MT u RD = the pooled loss with w_mt = w_rd = 1)
+
+Targets: 40% IGNORE (prompt), 20% MT, 40% RD, 3% of span targets set to -100.
+
+Memory method.
+- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the
+  memory allocated before the step (inputs), i.e. the allocator's exact peak.
+- CPU: torch's CPU allocator keeps no statistics and tracemalloc does not see it, so
+  each (variant, N) runs in a fresh subprocess and reports the process's peak resident
+  set (getrusage ru_maxrss) minus its resident set just before the first step. The
+  subprocess runs with MALLOC_MMAP_THRESHOLD_=131072 so that every large tensor is its own
+  mmap and is returned to the OS when freed: RSS then tracks live tensors (the number
+  includes allocator slack and the grads of h and W, the same for every variant).
+  Inputs are created in place so set-up never peaks above the pre-step RSS.
+- Both report the peak including the gradients of h and W, and "excl. grads": that peak
+  minus their size -- the gradients are outputs every variant must produce (at d=4096
+  grad W alone is 500 MiB), so the memory goal (fused-linear <= 1/4 of naive) is
+  judged on what the loss itself costs.
+
+Time: the first step is the memory measurement (and warm-up); the reported time is the
+median of `--repeats` further steps (CUDA: synchronised).
+
+    python benchmarks/bench_loss.py                          # CPU, scaled down: d=512
+    python benchmarks/bench_loss.py --d 4096                 # the full size (slow on CPU)
+    python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --d 4096
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CPU_VARIANTS = ["naive", "radis_torch", "radis_linear_torch"]
+GPU_VARIANTS = CPU_VARIANTS + ["radis_triton", "radis_linear_triton", "compiled_ce", "liger_flce"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """h [n, d], W [v, d] (requires grad), targets [n] int64, spans [n] int8; no temporaries."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, d, generator=g, device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g, device=device, dtype=dtype)
+    w.mul_(d**-0.5)
+    w.requires_grad_()
+    u = torch.rand(n, generator=g, device=device)
+    spans = torch.where(u < 0.4, 0, torch.where(u < 0.6, 1, 2)).to(torch.int8)
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
+    targets[(spans == 0) | (torch.rand(n, generator=g, device=device) < 0.03)] = -100
+    return h, w, targets, spans
+
+
+def naive_loss(h, w, targets, spans):
+    logits = (h @ w.t()).float()
+    s_mt = F.cross_entropy(logits, torch.where(spans == 1, targets, -100), reduction="sum")
+    s_rd = F.cross_entropy(logits, torch.where(spans == 2, targets, -100), reduction="sum")
+    n_tok = ((spans > 0) & (targets != -100)).sum().clamp(min=1)
+    return (s_mt + s_rd) / n_tok
+
+
+_COMPILED = None
+
+
+def step_fn(variant: str, chunk: int):
+    """The function (h, w, targets, spans) -> scalar loss for one variant."""
+    from radis.loss import radis_linear_loss, radis_loss
+
+    if variant == "naive":
+        return naive_loss
+    if variant in ("radis_torch", "radis_triton"):
+        impl = variant.split("_")[1]
+
+        def fn(h, w, t, s):
+            # inplace: the matmul output is needed by nobody else (its backward reads h, W)
+            return radis_loss(h @ w.t(), t, s, impl=impl, inplace=True, validate=False, chunk_size=chunk).loss
+
+        return fn
+    if variant in ("radis_linear_torch", "radis_linear_triton"):
+        impl = variant.split("_")[2]
+        return lambda h, w, t, s: radis_linear_loss(h, w, t, s, impl=impl, validate=False, chunk_size=chunk).loss
+    if variant == "compiled_ce":
+        global _COMPILED
+        _COMPILED = _COMPILED or torch.compile(naive_loss)
+        return _COMPILED
+    if variant == "liger_flce":
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,
+        )
+
+        return lambda h, w, t, s: liger_fused_linear_cross_entropy(h, w, torch.where(s > 0, t, -100))
+    raise ValueError(f"--variant: unknown {variant!r}")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(variant: str, n: int, v: int, d: int, dtype: torch.dtype, device: str, chunk: int, repeats: int) -> dict:
+    """Peak extra memory (first step) and median time (next `repeats` steps) of one variant."""
+    h, w, t, s = make_inputs(n, v, d, dtype, device)
+    fn = step_fn(variant, chunk)
+    cuda = device.startswith("cuda")
+
+    def one_step():
+        h.grad = w.grad = None
+        fn(h, w, t, s).backward()
+
+    if cuda:
+        if variant == "compiled_ce":  # compile outside the measurement
+            one_step()
+        torch.cuda.synchronize()
+        h.grad = w.grad = None
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        one_step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_bytes()
+        one_step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        one_step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"variant": variant, "n": n, "v": v, "d": d, "dtype": str(dtype).replace("torch.", ""),
+            "device": device, "chunk": chunk, "time_s": statistics.median(times), "peak_extra_mib": peak / 2**20,
+            # the grads of h and W: outputs every variant must produce (the optimizer needs them)
+            "grads_mib": (h.numel() * h.element_size() + w.numel() * w.element_size()) / 2**20}
+
+
+def run_cpu_worker(args, variant: str, n: int) -> dict:
+    """One measurement in a fresh process (see the memory method in the module docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    cmd = [sys.executable, __file__, "--worker", variant, "--n", str(n), "--v", str(args.v), "--d", str(args.d),
+           "--dtype", args.dtype, "--chunk", str(args.chunk), "--repeats", str(args.repeats), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {variant} N={n} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _excl(row: dict) -> float:
+    """Peak extra memory beyond the gradient outputs (what the loss itself costs)."""
+    return row["peak_extra_mib"] - row["grads_mib"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = [("| N | V | d | dtype | device | variant | time (s) | peak extra (MiB) | excl. grads (MiB) "
+             "| mem / naive (excl. grads) | time / naive |"),
+             ("|---|---|---|-------|--------|---------|----------|------------------|-------------------"
+             "|---------------------------|--------------|")]
+    naive = {(r["n"], r["device"]): r for r in rows if r["variant"] == "naive"}
+    for r in rows:
+        ref = naive.get((r["n"], r["device"]))
+        mem = f"{_excl(r) / _excl(ref):.2f}" if ref and _excl(ref) > 0 else "-"
+        tim = f"{r['time_s'] / ref['time_s']:.2f}" if ref else "-"
+        lines.append(f"| {r['n']} | {r['v']} | {r['d']} | {r['dtype']} | {r['device']} | {r['variant']} | "
+                     f"{r['time_s']:.3f} | {r['peak_extra_mib']:.0f} | {_excl(r):.0f} | {mem} | {tim} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[2048, 8192], help="tokens per step")
+    p.add_argument("--v", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--d", type=int, default=512, help="hidden size (4096 = 7B; default scaled down for CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--chunk", type=int, default=1024, help="rows per chunk of the fused paths")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=None, help="subset to run")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = DTYPES[args.dtype]
+
+    if args.worker:  # child process of a CPU run: one measurement, one JSON line
+        torch.manual_seed(0)
+        print(json.dumps(measure(args.worker, args.n[0], args.v, args.d, dtype, "cpu", args.chunk, args.repeats)))
+        return 0
+
+    variants = args.variants or (GPU_VARIANTS if device.startswith("cuda") else CPU_VARIANTS)
+    rows = []
+    for n in args.n:
+        for variant in variants:
+            if variant == "liger_flce":
+                try:
+                    import liger_kernel  # noqa: F401
+                except ImportError:
+                    print(f"skip {variant}: liger-kernel not installed", file=sys.stderr)
+                    continue
+            if device == "cpu":
+                row = run_cpu_worker(args, variant, n)
+            else:
+                row = measure(variant, n, args.v, args.d, dtype, device, args.chunk, args.repeats)
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"  {variant:22s} N={n:6d}: {row['time_s']:.3f} s, {row['peak_extra_mib']:.0f} MiB", file=sys.stderr)
+    print(table(rows))
+    for n in args.n:
+        by = {r["variant"]: r for r in rows if r["n"] == n}
+        if "naive" in by and "radis_linear_torch" in by:
+            mem = _excl(by["radis_linear_torch"]) / _excl(by["naive"])
+            tim = by["radis_linear_torch"]["time_s"] / by["naive"]["time_s"]
+            print(f"\nN={n}: fused-linear (torch) peak extra memory beyond the grads {mem:.2f} x naive (goal <= 0.25), "
+                  f"time {tim:.2f} x naive (goal <= 1.00)")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
