@@ -1,0 +1,146 @@
+"""Rationale generation throughput: our batched, length-sorted KV-cache loop against
+one-example-at-a-time Hugging Face `generate`, on the same prompts.
+
+    python benchmarks/bench_generate.py                      # 64 de-en pairs, SmolLM2, CPU
+    python benchmarks/bench_generate.py --examples 8 --max-new-tokens 8    # smoke run
+
+Both sides decode greedily from the same `continue`-strategy prompts (instruction +
+source, reference + separator as the start of the answer) with end-of-turn impossible
+for the first `--min-rationale-tokens` tokens (HF: `min_new_tokens` with every stop id
+as `eos_token_id`, the same rule), and count generated tokens without the stop token.
+tokens/s = generated tokens / wall time of the generation calls (prompts are built
+beforehand, the model is loaded once). "agree" is the share of examples whose greedy
+tokens are identical on both sides: batching must not change the output.
+
+On a CUDA machine the same comparison runs again in bf16 on the GPU with larger
+batches (`--gpu-batch-sizes`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alma" / "deen" / "valid.de-en.json"
+
+
+def build(args):
+    from radis.config import SourceConfig, load_config
+    from radis.data.prompts import ChatFormat
+    from radis.data.sources import read_source
+    from radis.models import load_tokenizer
+    from radis.rationales.command import build_requests
+
+    cfg = load_config(None, [f"model.name_or_path={args.model}", f"rationale.min_rationale_tokens={args.min_rationale_tokens}"])
+    examples = read_source(SourceConfig(path=str(args.data), limit=args.examples))
+    tok = load_tokenizer(args.model)
+    fmt = ChatFormat(tok, cfg.data, cfg.model.chat_template)
+    return tok, fmt, build_requests(fmt, examples, cfg)
+
+
+def run_ours(model, requests, fmt, pad_id, max_new, batch_size):
+    from radis.rationales.generate import (
+        DecodingSettings,
+        generate,
+        length_sorted_batches,
+    )
+
+    settings = DecodingSettings(max_new_tokens=max_new)
+    out = {}
+    sync()
+    t0 = time.perf_counter()
+    for batch in length_sorted_batches(requests, batch_size):
+        for g in generate(model, batch, settings, stop_token_ids=fmt.stop_token_ids, pad_token_id=pad_id):
+            out[g.key] = g.token_ids
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def run_hf_one_at_a_time(model, requests, fmt, pad_id, max_new, min_new):
+    device = next(model.parameters()).device
+    stops = set(fmt.stop_token_ids)
+    out = {}
+    sync()
+    t0 = time.perf_counter()
+    for r in requests:
+        ids = torch.tensor([r.prompt_ids], device=device)
+        gen = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, min_new_tokens=min_new,
+            do_sample=False, eos_token_id=list(fmt.stop_token_ids), pad_token_id=pad_id,
+        )
+        new = gen[0, ids.shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        out[r.key] = new[:cut]
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def compare(label, model, requests, fmt, pad_id, args, batch_sizes):
+    rows = []
+    base, base_s = run_hf_one_at_a_time(model, requests, fmt, pad_id, args.max_new_tokens, args.min_rationale_tokens)
+    base_tok = sum(len(v) for v in base.values())
+    rows.append({"device": label, "method": "HF generate, one at a time", "batch": 1, "examples": len(requests),
+                 "tokens": base_tok, "seconds": round(base_s, 2), "tokens_per_s": round(base_tok / base_s, 1),
+                 "speedup": 1.0, "agree": 1.0})
+    for bs in batch_sizes:
+        ours, s = run_ours(model, requests, fmt, pad_id, args.max_new_tokens, bs)
+        tok = sum(len(v) for v in ours.values())
+        agree = sum(ours[k] == base[k] for k in base) / len(base)
+        rows.append({"device": label, "method": "radis batched, length-sorted", "batch": bs, "examples": len(requests),
+                     "tokens": tok, "seconds": round(s, 2), "tokens_per_s": round(tok / s, 1),
+                     "speedup": round((tok / s) / (base_tok / base_s), 2), "agree": round(agree, 3)})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-rationale-tokens", type=int, default=16)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.data.is_file():
+        print(f"data file {args.data} not found (../shared/data beside the checkout); pass --data", file=sys.stderr)
+        return 2
+
+    from radis.models import load_model
+
+    tok, fmt, requests = build(args)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else fmt.stop_token_ids[0]
+    rows = []
+    model = load_model(args.model, dtype="float32", attn_implementation="sdpa").eval()
+    rows += compare(f"CPU fp32, {torch.get_num_threads()} threads", model, requests, fmt, pad_id, args, args.batch_sizes)
+    if torch.cuda.is_available():
+        model = load_model(args.model, dtype="bfloat16", attn_implementation="sdpa").to("cuda").eval()
+        rows += compare(f"{torch.cuda.get_device_name()} bf16", model, requests, fmt, pad_id, args, args.gpu_batch_sizes)
+
+    print(f"{len(requests)} prompts from {args.data.name}, model {args.model}, greedy, "
+          f"max_new_tokens={args.max_new_tokens}, min_rationale_tokens={args.min_rationale_tokens}\n")
+    print("| device | method | batch | tokens | seconds | tokens/s | speed-up | agree |")
+    print("|--------|--------|-------|--------|---------|----------|----------|-------|")
+    for r in rows:
+        print(f"| {r['device']} | {r['method']} | {r['batch']} | {r['tokens']} | {r['seconds']} | "
+              f"{r['tokens_per_s']} | {r['speedup']}x | {r['agree']} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
