@@ -178,6 +178,13 @@ def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad,
         return loss, nll, kl
     has_teacher = t_ids is not None
     k = t_ids.shape[1] if has_teacher else 1
+    block_k = max(triton.next_power_of_2(k), 2)
+    if block_v is None:
+        block_v = min(triton.next_power_of_2(v), 4096)
+        if has_teacher:
+            # pass 2 compares a [BLOCK_V, BLOCK_K] tile against the teacher ids: keep the
+            # tile at <= 16k elements so it stays in registers (64 per thread at 8 warps)
+            block_v = max(min(block_v, 16384 // block_k), 64)
     dummy = targets  # any valid pointer; never read when HAS_TEACHER is False
     _radis_loss_kernel[(n,)](
         x,
@@ -195,11 +202,12 @@ def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad,
         float(kd_weight),
         v,
         k,
-        BLOCK_V=block_v or min(triton.next_power_of_2(v), 4096),
-        BLOCK_K=max(triton.next_power_of_2(k), 2),
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
         HAS_TEACHER=has_teacher,
         COMPUTE_GRAD=compute_grad,
         OUT_BF16=x.dtype == torch.bfloat16,
+        num_warps=8 if block_v >= 2048 else 4,
     )
     return loss, nll, kl
 
