@@ -1,4 +1,4 @@
-"""The fused RaDis loss kernel: translation NLL + self-distillation in one pass over logits.
+"""The fused RaDis loss kernel: translation NLL + self-distillation, one kernel over the logits.
 
 Three layers share one name (the public API is `radis.loss`):
 
@@ -38,6 +38,8 @@ Two reads of each row (one online log-sum-exp pass, one pass that writes the gra
 are the minimum: the gradient needs the final log-sum-exp.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -213,8 +215,6 @@ def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad,
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
