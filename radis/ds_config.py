@@ -57,8 +57,10 @@ class RunShape:
     world_size:    number of ranks (data-parallel degree).
     precision:     "float32" | "bfloat16" | "float16" (the resolved `model.dtype`).
     hidden_size:   the model's hidden size (None: ZeRO bucket sizes keep DeepSpeed's defaults).
-    total_steps:   optimizer steps of the whole run (for scheduler "auto" values).
-    warmup_steps:  warmup optimizer steps (resolved from warmup_steps / warmup_ratio).
+    total_steps:   optimizer steps of the whole run (for scheduler "auto" values; None:
+                   not known yet, e.g. before the data is built).
+    warmup_steps:  warmup optimizer steps (resolved from warmup_steps / warmup_ratio; None:
+                   not known yet).
     cuda:          whether ranks run on CUDA (pinned memory for offload, comm overlap).
     """
 
@@ -66,7 +68,7 @@ class RunShape:
     precision: str = "float32"
     hidden_size: int | None = None
     total_steps: int | None = None
-    warmup_steps: int = 0
+    warmup_steps: int | None = 0
     cuda: bool = False
 
 
@@ -169,7 +171,8 @@ def read_ds_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def resolve_ds_config(user: dict[str, Any], cfg: RadisConfig, shape: RunShape, source: str = "<json>") -> dict[str, Any]:
+def resolve_ds_config(user: dict[str, Any], cfg: RadisConfig, shape: RunShape, source: str = "<json>",
+                      check_only: bool = False) -> dict[str, Any]:
     """Fill the "auto" values of a user's DeepSpeed JSON from `cfg`; check the others.
 
     Every key that the config determines is either "auto" (filled), absent (filled for
@@ -177,6 +180,10 @@ def resolve_ds_config(user: dict[str, Any], cfg: RadisConfig, shape: RunShape, s
     config's value; anything else raises `DeepSpeedConfigError` naming the key, the
     file's value and the config's value. An "auto" this function has no rule for is an
     error too. The input dict is not modified.
+
+    `check_only=True` (the trainer's pre-flight, before the model and data are loaded):
+    values that need what `shape` does not know yet (hidden size, step counts) are
+    neither checked nor filled; everything else is.
     """
     _check_shape(cfg, shape)
     ds = copy.deepcopy(user)
@@ -205,8 +212,7 @@ def resolve_ds_config(user: dict[str, Any], cfg: RadisConfig, shape: RunShape, s
     if "scheduler" in ds:
         checker.match("scheduler.params.warmup_max_lr", t.lr, "train.lr")
         checker.match("scheduler.params.warmup_num_steps", shape.warmup_steps, "train.warmup_steps/warmup_ratio")
-        if shape.total_steps is not None:
-            checker.match("scheduler.params.total_num_steps", shape.total_steps, "train.max_steps/epochs")
+        checker.match("scheduler.params.total_num_steps", shape.total_steps, "train.max_steps/epochs")
         checker.match("scheduler.params.cos_min_ratio", t.min_lr_ratio, "train.min_lr_ratio")
         # Not config fields: "auto" means the schedule starts from zero.
         checker.fill_auto("scheduler.params.warmup_min_lr", 0.0)
@@ -232,10 +238,15 @@ def resolve_ds_config(user: dict[str, Any], cfg: RadisConfig, shape: RunShape, s
     for key, rule in hidden_keys.items():
         if checker.get(key) == "auto":
             if shape.hidden_size is None:
-                raise DeepSpeedConfigError(f"{source}: {key} is \"auto\" but the model's hidden size is unknown")
-            checker.set(key, rule(shape.hidden_size))
+                checker.deferred.append(key)
+                if not check_only:
+                    raise DeepSpeedConfigError(f"{source}: {key} is \"auto\" but the model's hidden size is unknown")
+            else:
+                checker.set(key, rule(shape.hidden_size))
 
-    left = sorted(_find_auto(ds))
+    if checker.deferred and not check_only:
+        raise DeepSpeedConfigError(f"{source}: cannot resolve {', '.join(checker.deferred)} (value not known)")
+    left = sorted(set(_find_auto(ds)) - set(checker.deferred))
     if left:
         raise DeepSpeedConfigError(
             f"{source}: no rule to resolve \"auto\" for {', '.join(left)}; write a concrete value")
@@ -245,11 +256,11 @@ def resolve_ds_config(user: dict[str, Any], cfg: RadisConfig, shape: RunShape, s
     return ds
 
 
-def load_ds_config(cfg: RadisConfig, shape: RunShape) -> dict[str, Any]:
+def load_ds_config(cfg: RadisConfig, shape: RunShape, check_only: bool = False) -> dict[str, Any]:
     """The run's DeepSpeed JSON: the user's file resolved, or one derived from `cfg`."""
     if cfg.train.deepspeed_config:
         path = cfg.train.deepspeed_config
-        return resolve_ds_config(read_ds_json(path), cfg, shape, source=str(path))
+        return resolve_ds_config(read_ds_json(path), cfg, shape, source=str(path), check_only=check_only)
     return derive_ds_config(cfg, shape)
 
 
@@ -262,6 +273,7 @@ class _Checker:
     def __init__(self, ds: dict[str, Any], source: str):
         self.ds = ds
         self.source = source
+        self.deferred: list[str] = []  # keys whose value needs what RunShape does not know yet
 
     def get(self, key: str, default: Any = None) -> Any:
         node: Any = self.ds
@@ -288,6 +300,10 @@ class _Checker:
     def match(self, key: str, ours: Any, ours_name: str, fill_missing: bool = False) -> None:
         missing = object()
         theirs = self.get(key, missing)
+        if ours is None:  # not known yet (check_only): nothing to fill or compare
+            if theirs is missing or theirs == "auto":
+                self.deferred.append(key)
+            return
         if theirs is missing:
             if fill_missing:
                 self.set(key, ours)

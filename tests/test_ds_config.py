@@ -141,3 +141,17 @@ def test_shipped_ds_configs_resolve(name):
     ds = load_ds_config(cfg, RunShape(world_size=2, hidden_size=32, total_steps=10))
     assert ds["zero_optimization"]["stage"] == cfg.train.zero_stage
     assert "auto" not in json.dumps(ds)
+
+
+def test_check_only_defers_what_is_not_known_yet():
+    """The trainer's pre-flight: no hidden size or step counts yet, contradictions still caught."""
+    user = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 999, "warmup_num_steps": "auto"}}}
+    ds = resolve_ds_config(user, cfg_with(), RunShape(world_size=2, total_steps=None, warmup_steps=None),
+                           check_only=True)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == "auto"
+    with pytest.raises(DeepSpeedConfigError, match="cannot resolve scheduler.params.warmup_num_steps"):
+        resolve_ds_config(user, cfg_with(), RunShape(world_size=2, hidden_size=8, total_steps=999, warmup_steps=None))
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps is 4"):
+        resolve_ds_config({"gradient_accumulation_steps": 4}, cfg_with(), RunShape(world_size=1, warmup_steps=None),
+                          check_only=True)

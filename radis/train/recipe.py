@@ -62,7 +62,7 @@ def preflight(cfg: RadisConfig) -> None:
     DeepSpeed JSON is reported at once instead of after the ranks have met.
     """
     from radis.ds_config import RunShape, load_ds_config
-    from radis.models import ModelNotFoundError, resolve_model_path
+    from radis.models import ModelNotFoundError, default_dtype, resolve_model_path
 
     try:
         resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
@@ -93,9 +93,15 @@ def preflight(cfg: RadisConfig) -> None:
         raise ConfigError(f"train.log_every: expected >= 1, got {cfg.train.log_every}")
     if cfg.train.dist_timeout_s < 1:
         raise ConfigError(f"train.dist_timeout_s: expected >= 1, got {cfg.train.dist_timeout_s}")
-    # The DeepSpeed JSON: readable and consistent with the config (sizes not yet known).
+    # The DeepSpeed JSON: readable and consistent with the config (what needs the model
+    # or the data -- hidden size, step counts -- is checked again in setup).
+    t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    load_ds_config(cfg, RunShape(world_size=world))
+    warmup = t.warmup_steps if t.warmup_steps > 0 else (0 if t.warmup_ratio == 0 else None)
+    precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+        default_dtype(cfg.model.dtype)]
+    load_ds_config(cfg, RunShape(world_size=world, precision=precision, total_steps=t.max_steps, warmup_steps=warmup,
+                                 cuda=torch.cuda.is_available()), check_only=True)
     out = Path(os.path.expanduser(cfg.train.output_dir))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
@@ -301,6 +307,7 @@ class RadisRecipe:
             self.validate()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
+            lr = self.engine.get_lr()[0]  # the rate this step's update uses (the schedule steps after it)
             # Per-step sums on this rank, all-reduced once at the end of the step:
             # [loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_len², skipped]
             stats = torch.zeros(10, dtype=torch.float64)
@@ -332,7 +339,7 @@ class RadisRecipe:
             dt = time.perf_counter() - t0
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
-                record = self._step_record(stats, dt)
+                record = self._step_record(stats, dt, lr)
                 self.metrics.write(self.step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if self.eval_due(self.step):
@@ -417,10 +424,9 @@ class RadisRecipe:
         batch["step_counts"] = like.get("step_counts")
         return self._model_inputs(batch)
 
-    def _step_record(self, stats: torch.Tensor, dt: float) -> dict[str, Any]:
+    def _step_record(self, stats: torch.Tensor, dt: float, lr: float) -> dict[str, Any]:
         loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_sq, skipped = stats.tolist()
         flops = step_flops(self.matmul_params, self.n_layers, self.hidden, int(tokens), int(sum_sq))
-        lr = self.engine.get_lr()[0]
         gn = self.engine.get_global_grad_norm()
         return {
             "loss": loss,  # the objective: (w_mt Σnll_mt + w_rd Σrd) / N over the step

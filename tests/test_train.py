@@ -1,0 +1,220 @@
+"""Trainer pieces that need no process group: schedule, checkpoint bookkeeping, metrics,
+pre-flight errors, export argument checks."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from radis.cli import main
+from radis.data.packing import Pack, collate_packs
+from radis.train import checkpoint as ckpt
+from radis.train.export import ExportError, match_keys, resolve_checkpoint
+from radis.train.metrics import (
+    MetricsWriter,
+    count_matmul_params,
+    read_metrics,
+    step_flops,
+    sum_sq_lengths,
+)
+from radis.train.recipe import _example_lengths
+from radis.train.schedule import LRFactor, resolve_warmup_steps
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_warmup_then_cosine_linear_inverse_sqrt_constant():
+    cos = LRFactor("cosine", total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    assert [cos(s) for s in range(2)] == [0.5, 1.0]  # the first update already moves
+    assert cos(2) == pytest.approx(1.0)
+    assert cos(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert cos(10) == pytest.approx(0.1) and cos(50) == pytest.approx(0.1)
+    lin = LRFactor("linear", total_steps=10, warmup_steps=0)
+    assert [lin(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    inv = LRFactor("inverse_sqrt", total_steps=100, warmup_steps=4)
+    assert inv(3) == 1.0 and inv(15) == pytest.approx(math.sqrt(4 / 16))
+    assert LRFactor("constant", total_steps=5, warmup_steps=1)(4) == 1.0
+    values = [cos(s) for s in range(2, 11)]
+    assert values == sorted(values, reverse=True)  # monotone decay
+
+
+def test_schedule_arguments_are_checked():
+    with pytest.raises(ValueError, match="train.schedule"):
+        LRFactor("step", total_steps=3)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        LRFactor("cosine", total_steps=3, min_lr_ratio=2.0)
+    assert resolve_warmup_steps(0, 0.1, 95) == 10 and resolve_warmup_steps(7, 0.5, 95) == 7
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        resolve_warmup_steps(0, 1.5, 10)
+
+
+def test_lambda_lr_state_round_trips():
+    from radis.train.schedule import build_scheduler
+
+    def sched():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return opt, build_scheduler(opt, LRFactor("cosine", total_steps=8, warmup_steps=2))
+
+    opt, s = sched()
+    for _ in range(5):
+        opt.step()
+        s.step()
+    _opt2, s2 = sched()
+    s2.load_state_dict(s.state_dict())
+    assert s2.get_last_lr() == s.get_last_lr()
+
+
+# --------------------------------------------------------------------------- checkpoint bookkeeping
+
+
+def _fake_tag(root, tag):
+    (root / tag).mkdir(parents=True)
+    (root / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+
+def test_latest_prune_and_partial_removal(tmp_path):
+    assert ckpt.latest_tag(tmp_path) is None and ckpt.list_tags(tmp_path / "none") == []
+    for s in (5, 10, 15, 20):
+        _fake_tag(tmp_path, ckpt.tag_for_step(s))
+    (tmp_path / ".tmp-global_step25").mkdir()  # a save killed half way
+    ckpt.write_text_atomic(tmp_path / "latest", "global_step15")
+    assert ckpt.latest_tag(tmp_path) == "global_step15"
+    assert ckpt.list_tags(tmp_path) == ["global_step5", "global_step10", "global_step15", "global_step20"]
+    # keep the last 1 -- but never delete what `latest` names
+    assert ckpt.prune(tmp_path, keep_last=1) == ["global_step5", "global_step10"]
+    assert ckpt.list_tags(tmp_path) == ["global_step15", "global_step20"]
+    assert ckpt.remove_partial(tmp_path) == [".tmp-global_step25"]
+    assert ckpt.prune(tmp_path, keep_last=0) == []  # 0 keeps everything
+    ckpt.write_text_atomic(tmp_path / "latest", "global_step99")  # names a missing directory
+    assert ckpt.latest_tag(tmp_path) is None
+    assert not list(tmp_path.glob(".latest.tmp*"))
+
+
+def test_rng_state_round_trip():
+    import random
+
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _batch():
+    packs = [Pack(np.arange(3, 8, dtype=np.int32), np.array([0, 1, 1, 2, 2], dtype=np.int8), [3, 2], ["a", "b"]),
+             Pack(np.arange(3, 11, dtype=np.int32), np.array([0] * 3 + [1] * 5, dtype=np.int8), [8], ["c"])]
+    return collate_packs(packs, pad_token_id=0, attn="sdpa", pad_to=8)
+
+
+def test_attention_flops_count_examples_not_packs():
+    b = _batch()
+    # row 0: examples of 3 and 2 tokens + a 3-token padding tail; row 1: one example of 8
+    assert b["cu_seqlens"].tolist() == [0, 3, 5, 8, 16]
+    lens = _example_lengths(b)
+    assert lens.tolist() == [3, 2, 8]
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    assert sum_sq_lengths(cu) == 9 + 4 + 64
+    assert step_flops(100, n_layers=2, hidden=8, tokens=13, sum_sq=77) == 6 * 100 * 13 + 12 * 2 * 8 * 77
+
+
+def test_matmul_params_leave_out_the_input_embedding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2}
+    untied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **kw))
+    tied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **kw))
+    total = sum(p.numel() for p in untied.parameters())
+    assert count_matmul_params(untied) == total - 50 * 16  # the head stays, the lookup table goes
+    assert count_matmul_params(tied) == sum(p.numel() for p in tied.parameters())  # shared: counted once
+
+
+def test_metrics_writer_jsonl_tensorboard_and_truncate_on_resume(tmp_path):
+    w = MetricsWriter(tmp_path, active=True)
+    for step in (1, 2, 3):
+        w.write(step, {"loss": 1.0 / step, "lr": 0.1})
+    w.write(3, {"loss": 0.5}, kind="valid")
+    w.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 4, "lo')  # a line cut by a crash
+    w2 = MetricsWriter(tmp_path, active=True, tensorboard=False, resume_step=2)
+    w2.write(3, {"loss": 0.3})
+    assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl", kind=None)] == [
+        ("train", 1), ("train", 2), ("train", 3)]
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"] == 0.3
+    MetricsWriter(tmp_path / "other", active=False).write(1, {"loss": 1.0})  # non-zero ranks write nothing
+    assert not (tmp_path / "other").exists()
+
+
+# --------------------------------------------------------------------------- pre-flight (no process group)
+
+
+def _config(tmp_path, body: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(body)
+    return str(p)
+
+
+def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, capsys, sp_tokenizer):
+    import torch.distributed as dist
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    cases = [
+        (f"model: {{name_or_path: {tmp_path / 'nope'}}}\ndata: {{train: [{{path: {data}}}]}}\n",
+         "model.name_or_path:"),
+        (f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {tmp_path / 'missing.jsonl'}}}]}}\n",
+         f"data.train[0].path: {tmp_path / 'missing.jsonl'}: no such file"),
+        ((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}], valid: [{{path: {data}, "
+         f"target_path: {tmp_path / 'x.en'}}}]}}\n"), "data.valid[0].target_path"),
+        (f"model: {{name_or_path: {model}}}\n", "data.train: no training sources"),
+        ((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
+         f"train: {{deepspeed_config: {tmp_path / 'ds.json'}}}\n"), "ds.json: file not found"),
+        ((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\nloss: {{method: vanilla, "
+         "kd_weight: 0.5}\n"), "loss.kd_weight > 0 needs loss.method=radis"),
+    ]
+    (tmp_path / "bad_ds.json").write_text(json.dumps({"gradient_accumulation_steps": 3}))
+    cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
+                  f"train: {{deepspeed_config: {tmp_path / 'bad_ds.json'}}}\n"),
+                  "gradient_accumulation_steps is 3 but train.gradient_accumulation_steps gives 1"))
+    for body, expected in cases:
+        assert main(["train", "--config", _config(tmp_path, body)]) == 2
+        err = capsys.readouterr().err
+        assert "radis train: config error:" in err and expected in err, (expected, err)
+    assert not dist.is_initialized()
+
+
+# --------------------------------------------------------------------------- export arguments
+
+
+def test_export_checkpoint_resolution_errors(tmp_path):
+    with pytest.raises(ExportError, match="no such directory"):
+        resolve_checkpoint(tmp_path / "none")
+    with pytest.raises(ExportError, match="neither a checkpoints root"):
+        resolve_checkpoint(tmp_path)
+    _fake_tag(tmp_path, "global_step3")
+    assert resolve_checkpoint(tmp_path / "global_step3") == (tmp_path, "global_step3")
+    (tmp_path / "latest").write_text("global_step9")
+    with pytest.raises(ExportError, match="`latest` names 'global_step9'"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("global_step3")
+    assert resolve_checkpoint(tmp_path) == (tmp_path, "global_step3")
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2  # no hf/ config
+
+
+def test_wrapper_prefix_is_stripped_to_match_the_model():
+    sd = {"model.lm_head.weight": 1, "model.model.embed_tokens.weight": 2}
+    assert match_keys(sd, {"lm_head.weight", "model.embed_tokens.weight"}) == {
+        "lm_head.weight": 1, "model.embed_tokens.weight": 2}
+    with pytest.raises(ExportError, match="do not match"):
+        match_keys({"x.y": 1}, {"lm_head.weight"})

@@ -1,0 +1,339 @@
+"""The trainer end to end on 2 CPU ranks (gloo) with DeepSpeed ZeRO-3 and a tiny random Llama.
+
+Launches share work: one run through launch/single_node.sh (the DeepSpeed launcher)
+is the reference that the loss, validation, export and resume checks all read.
+
+    run A   launch/single_node.sh, 2 ranks, 10 steps, save every 5      -> reference metrics
+    run B   two bare processes, rank 1 SIGKILLed after step 5            -> rank 0 must exit soon
+    run C   launch/torchrun.sh, resumes B from global_step5              -> metrics == A's
+    runs D  1 rank x 4 micro-batches vs 2 ranks x 2, one step            -> same parameters
+    run E   1 rank, ZeRO-2, an example whose token embedding is NaN      -> skipped, then stop
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from radis.train.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["the", "goods", "cost", "less", "than", "twenty", "euros", "and", "fee", "would", "equal", "forty", "of", "value", "please", "note", "that", "translation", "keeps", "structure", "source", "sentence", "die", "ware", "hat", "unter", "euro", "gekostet", "ich", "hoffe", "wirklich", "dass", "sie", "eine", "finden", "werden", "you", "are", "helpful", "assistant"]
+RATIONALE = "Please note that the translation keeps the structure of the source sentence."
+# Fields of a metrics record that depend on wall-clock time or memory, not on the numerics.
+TIMING = {"time", "tokens_per_s", "mfu", "step_time_s", "peak_mem_gb"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 180, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    proc.log = f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def make_tiny_llama(tokenizer, out: Path, *, tied: bool = True, nan_token: int | None = None) -> Path:
+    """A random 2-layer Llama (hidden 32) with `tokenizer`, saved as an HF model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if nan_token is not None:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[nan_token] = float("nan")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_rationales(path: Path, n: int, seed: int, prefix: str, special: dict[int, str] | None = None) -> None:
+    """n rationale records (the `radis rationales` output format) of random German/English words."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            src = " ".join(rng.choices(WORDS, k=rng.randint(4, 9)))
+            if special and i in special:
+                src = f"{src} {special[i]}"
+            rec = {"id": f"{prefix}{i}", "src_lang": "de", "tgt_lang": "en", "source": src,
+                   "reference": " ".join(rng.choices(WORDS, k=rng.randint(4, 9))),
+                   "rationale": f"{RATIONALE} {' '.join(rng.choices(WORDS, k=rng.randint(2, 6)))}"}
+            f.write(json.dumps(rec) + "\n")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, sp_tokenizer):
+    """Tiny tied Llama + rationale data + a config YAML; returns a dict of paths."""
+    root = tmp_path_factory.mktemp("train")
+    model = make_tiny_llama(sp_tokenizer, root / "model")
+    write_rationales(root / "train.rationales.jsonl", 48, seed=1, prefix="tr")
+    write_rationales(root / "valid.rationales.jsonl", 6, seed=2, prefix="va")
+    # Prefetching is off: radis.loss_head gathers the head with GatheredParameters, which
+    # collides with ZeRO-3's prefetch of the (tied) weight after a forward without
+    # backward (validation) -- "Cannot partition a param in flight". See the report.
+    (root / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0,
+                              "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto"}}))
+    config = root / "tiny.yaml"
+    config.write_text(f"""\
+model:
+  name_or_path: {model}
+  chat_template: llama2
+data:
+  train:
+    - path: {root / 'train.rationales.jsonl'}
+  valid:
+    - path: {root / 'valid.rationales.jsonl'}
+  max_tokens: 256
+  cache_dir: {root / 'cache'}
+loss:
+  method: radis
+train:
+  lr: 3.0e-3
+  warmup_steps: 2
+  max_steps: 10
+  gradient_accumulation_steps: 2
+  save_every: 5
+  keep_last: 2
+  eval_every: 5
+  zero_stage: 3
+  deepspeed_config: {root / 'ds.json'}
+  dist_timeout_s: 30
+""")
+    return {"root": root, "model": model, "config": config}
+
+
+@pytest.fixture(scope="module")
+def run_a(work):
+    out = work["root"] / "run_a"
+    proc = _run(["bash", "launch/single_node.sh", str(work["config"]), f"train.output_dir={out}"],
+                RADIS_CPU="1", MASTER_PORT=str(_free_port()))
+    assert proc.returncode == 0, proc.log
+    return out, proc
+
+
+def _numerics(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+# --------------------------------------------------------------------------- run A
+
+
+def test_single_node_launcher_trains_validates_and_checkpoints(run_a):
+    out, proc = run_a
+    assert "+ deepspeed --num_gpus 2" in proc.stderr  # the script prints what it runs
+    assert "2 rank(s), 10 optimizer steps" in proc.stdout
+    train = read_metrics(out / "metrics.jsonl", "train")
+    assert [r["step"] for r in train] == list(range(1, 11))
+    losses = [r["loss"] for r in train]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # the loss falls: the last three steps are well below the first
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+    first = train[0]
+    assert first["loss_mt"] > 0 and first["loss_rd"] > 0 and first["grad_norm"] > 0
+    # the rate each update used: warmup 1/2, 2/2, then cosine over the remaining 8 steps
+    lrs = [r["lr"] for r in train]
+    assert lrs[:4] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3 * (1 + math.cos(math.pi / 8)) / 2])
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] < 2e-4
+    assert first["tokens"] > 0 and first["tokens_per_s"] > 0 and 0 < first["mfu"] < 1
+    valid = read_metrics(out / "metrics.jsonl", "valid")
+    assert [r["step"] for r in valid] == [0, 5, 10]
+    assert valid[-1]["loss"] < valid[0]["loss"] and valid[0]["tokens_rd"] > 0 and valid[0]["tokens_mt"] > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step10"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["global_step10", "global_step5"]
+    assert sorted(p.name for p in (ckpts / "global_step10").glob("trainer_state_rank*.pt")) == [
+        "trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+    assert (ckpts / "global_step10" / "hf" / "config.json").is_file()
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_export_loads_and_generates(run_a, work, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from radis.cli import main
+    from radis.train.export import consolidated_state_dict
+
+    out, _ = run_a
+    hf = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(out / "checkpoints"), "--out", str(hf)]) == 0
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
+        assert (hf / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    trained = consolidated_state_dict(out / "checkpoints", "global_step10")
+    sd = model.state_dict()
+    for key, value in trained.items():
+        assert torch.equal(sd[key.removeprefix("model.")], value), key
+    start = AutoModelForCausalLM.from_pretrained(work["model"]).state_dict()
+    assert not torch.equal(start["model.layers.0.self_attn.q_proj.weight"], sd["model.layers.0.self_attn.q_proj.weight"])
+    ids = tok("die ware hat", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert gen.shape == (1, ids.shape[1] + 6)
+    # an existing --out is refused; a tag directory works as --checkpoint too
+    assert main(["export", "--checkpoint", str(out / "checkpoints" / "global_step5"), "--out", str(hf)]) == 2
+    assert main(["export", "--checkpoint", str(out / "checkpoints" / "global_step5"), "--out", str(hf),
+                 "--overwrite"]) == 0
+
+
+# --------------------------------------------------------------------------- runs B + C
+
+
+def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, work):
+    out_a, _ = run_a
+    out = work["root"] / "run_bc"
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}"]
+    # Run B: two bare processes (no launcher that would kill the survivor for us);
+    # rank 1 SIGKILLs itself after step 5 (after that step's checkpoint).
+    procs, logs = [], [work["root"] / f"run_b_rank{r}.log" for r in (0, 1)]
+    for rank in (0, 1):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   RADIS_FAULT_KILL_AT_STEP="5", RADIS_FAULT_KILL_RANK="1")
+        with open(logs[rank], "w") as log:  # a file, not a pipe: nobody reads while they run
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        procs[1].wait(timeout=180)
+        died = time.monotonic()
+        procs[0].wait(timeout=30 + 30)  # dist_timeout_s is 30; gloo usually notices at once
+        waited = time.monotonic() - died
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log0 = logs[0].read_text()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode not in (0, None), log0[-3000:]
+    assert waited < 60, waited
+    # the checkpoint of step 5 is complete and named by `latest`
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step5"
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+
+    # Run C: resume through launch/torchrun.sh.
+    proc = _run(["bash", "launch/torchrun.sh", str(work["config"]), f"train.output_dir={out}"],
+                RADIS_CPU="1", MASTER_PORT=str(_free_port()))
+    assert proc.returncode == 0, proc.log
+    assert "+ torchrun" in proc.stderr and "resumed at step 5 from global_step5" in proc.stdout
+    a = _numerics(read_metrics(out_a / "metrics.jsonl", kind=None))
+    c = _numerics(read_metrics(out / "metrics.jsonl", kind=None))
+    assert c == a  # every per-step loss, grad norm, lr and validation loss, bit for bit
+
+
+# --------------------------------------------------------------------------- runs D
+
+
+def test_one_step_is_independent_of_the_micro_batch_and_rank_split(work, sp_tokenizer):
+    """1 rank x 4 micro-batches and 2 ranks x 2 give the same step (loss, grad norm, weights),
+    and the grad norm is that of the pooled loss over the step's 4 packs in plain PyTorch."""
+    from radis.train.export import consolidated_state_dict
+
+    runs = {}
+    for world, accum in ((1, 4), (2, 2)):
+        out = work["root"] / f"split_{world}x{accum}"
+        proc = _run(["torchrun", "--nproc_per_node", str(world), "--master_port", str(_free_port()),
+                     "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}",
+                     "train.max_steps=1", f"train.gradient_accumulation_steps={accum}", "train.max_grad_norm=0",
+                     "train.eval_every=0", "train.warmup_steps=0"])
+        assert proc.returncode == 0, proc.log
+        (rec,) = read_metrics(out / "metrics.jsonl")
+        runs[world] = rec, consolidated_state_dict(out / "checkpoints", "global_step1")
+    (r1, w1), (r2, w2) = runs[1], runs[2]
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-6)
+    assert r1["tokens"] == r2["tokens"]
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=1e-6)
+    assert r1["grad_norm"] == pytest.approx(_reference_grad_norm(work, sp_tokenizer), rel=1e-4)
+
+
+def _reference_grad_norm(work, tokenizer) -> float:
+    """Gradient norm of Σ_step-tokens nll / N_step on the first step's packs, no DeepSpeed."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from radis.config import load_config
+    from radis.data.build import load_or_build
+    from radis.data.loader import PackedLoader
+    from radis.data.packing import collate_packs
+
+    cfg = load_config(work["config"])
+    ds = load_or_build(cfg, "train", tokenizer, progress=False, log=None)
+    loader = PackedLoader(ds, world_size=1, gradient_accumulation_steps=4, seed=cfg.data.seed)
+    model = AutoModelForCausalLM.from_pretrained(work["model"], attn_implementation="sdpa")
+    total = loader.step_token_counts(0)["total"]
+    loss = 0.0
+    for g in range(4):
+        b = collate_packs(loader.packs_of(0, g), 0, "sdpa", pad_to=ds.max_tokens)
+        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
+                       use_cache=False).logits
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                                      reduction="sum") / total
+    loss.backward()
+    return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+
+# --------------------------------------------------------------------------- run E
+
+
+def test_nan_loss_is_skipped_then_stops_naming_step_and_examples(work, sp_tokenizer, tmp_path):
+    # "§" is the only non-ASCII character of the data: its UTF-8 bytes are byte-fallback
+    # pieces that no other example uses; its input embedding (untied from the head) is NaN.
+    (nan_id,) = [i for i in sp_tokenizer("§", add_special_tokens=False).input_ids
+                 if sp_tokenizer.convert_ids_to_tokens(i) == "<0xA7>"]
+    model = make_tiny_llama(sp_tokenizer, tmp_path / "nan_model", tied=False, nan_token=nan_id)
+    data = tmp_path / "nan.rationales.jsonl"
+    write_rationales(data, 8, seed=3, prefix="nan", special={5: "§"})
+    hits = [json.loads(line)["id"] for line in data.read_text().splitlines()
+            if nan_id in sp_tokenizer(json.loads(line)["source"]).input_ids]
+    assert hits == ["nan5"]
+    out = tmp_path / "run_e"
+    proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
+                 f"model.name_or_path={model}", f"data.train=[{{path: {data}}}]", "data.valid=[]",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.zero_stage=2",
+                 "train.deepspeed_config=null", "train.gradient_accumulation_steps=1", "train.max_steps=20",
+                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1"])
+    assert proc.returncode == 1, proc.log
+    # the first occurrence (epoch 0) was skipped, training went on; the second stopped it
+    assert "non-finite loss at step" in proc.stdout and "skipped (1/1)" in proc.stdout, proc.log
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("radis train: non-finite loss at step ") and "'nan5'" in err and "epoch 1" in err, err
+    train = read_metrics(out / "metrics.jsonl")
+    assert sum(r["skipped_micro_batches"] for r in train) == 1
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in train])))
