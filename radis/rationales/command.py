@@ -1,7 +1,7 @@
 """radis rationales: the model writes its own rationales (distributed, resumable).
 
     radis rationales --config X.yaml [key=value ...]
-    torchrun --nproc_per_node N -m radis.cli rationales --config X.yaml      (N ranks)
+    torchrun --standalone --nproc_per_node N -m radis.cli rationales --config X.yaml   (N ranks)
 
 Every pair of `data.train` becomes one prompt. The user turn is the translation
 instruction with the source; the assistant turn starts with the reference translation
@@ -17,7 +17,14 @@ example i of the list belongs to rank i % WORLD_SIZE. Each rank commits its batc
 part files (see store.py); a killed run restarted with the same command skips every
 committed id. When all ranks are done, rank 0 merges the parts into
 `rationales.jsonl` (+ `rationales.topk.safetensors`) in example order and writes
-`skipped.jsonl` and `summary.json`.
+`skipped.jsonl` and `summary.json` (count, mean / max rationale tokens, share that hit
+max_new_tokens, share empty, skips by reason, this run's tokens/s).
+
+The generator (`rationale.generator`, default `model.name_or_path`) runs in bf16 on
+cuda:LOCAL_RANK where CUDA exists, fp32 on CPU (`model.dtype`). An output directory
+whose manifest.json holds another generation config (model, tokenizer, template,
+prompt, strategy, decoding) is refused; `rationale.overwrite=true` deletes it first.
+A directory of the *same* config is always resumed, whatever `overwrite` says.
 
 One merged record (one JSON line):
 
@@ -308,9 +315,6 @@ def generate_rationales(
             if ex.id in seen:  # records are keyed by id: resume and merge need them unique
                 raise RationaleInputError(f"example id {ex.id!r} occurs twice; ids must be unique")
             seen.add(ex.id)
-        usable: list[Example] = []
-        requests: list[Request] = []
-        skipped: list[dict[str, str]] = []
         # Skipped examples are decided identically on every rank (same data, same rules).
         limit = max_positions(gen_ref, cfg.model.cache_dir)
         reasons = skip_reasons(examples, tokenizer, cfg)
@@ -337,6 +341,7 @@ def generate_rationales(
         mine = [req for i, req in enumerate(requests) if i % ranks.world_size == ranks.rank and req.key not in done]
 
         generated = tokens = 0
+        gen_time = 0.0
         if mine and model is None:
             model = load_model(gen_ref, cfg.model.cache_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
             if torch.cuda.is_available():
@@ -350,7 +355,6 @@ def generate_rationales(
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=len(mine), unit="ex", desc=f"rationales (rank 0 of {ranks.world_size})", file=sys.stderr)
-            gen_time = 0.0
             for batch in length_sorted_batches(mine, cfg.rationale.batch_size):
                 t0 = time.perf_counter()
                 results = generate(model, batch, settings, stop_token_ids=stop_ids, pad_token_id=pad_id)
@@ -366,7 +370,8 @@ def generate_rationales(
             if bar is not None:
                 bar.close()
 
-        run_stats = {"rank": ranks.rank, "generated": generated, "tokens": tokens, "seconds": time.perf_counter() - started}
+        run_stats = {"rank": ranks.rank, "generated": generated, "tokens": tokens, "generation_seconds": gen_time,
+                     "seconds": time.perf_counter() - started}
         ranks.barrier(slow_group)  # every rank's parts are committed
         all_stats = [run_stats]
         if ranks.world_size > 1:
@@ -378,22 +383,24 @@ def generate_rationales(
         merge = store.merge([ex.id for ex in usable], with_topk=settings.topk > 0)
         records = [json.loads(line) for line in (store.root / "rationales.jsonl").read_text(encoding="utf-8").splitlines()]
         seconds = max(s["seconds"] for s in all_stats)
+        gen_seconds = max(s["generation_seconds"] for s in all_stats)
         gen_tokens = sum(s["tokens"] for s in all_stats)
-        reasons: dict[str, int] = {}
+        skip_counts: dict[str, int] = {}
         for s in skipped:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+            skip_counts[s["reason"]] = skip_counts.get(s["reason"], 0) + 1
         summary = {
             **summarize(records, settings.max_new_tokens),
             "examples": len(examples),
-            "skipped": reasons,
+            "skipped": skip_counts,
             "stale_records": merge.stale,
             "duplicate_records": merge.duplicates,
             "missing": len(merge.missing),
             "this_run": {
                 "generated": sum(s["generated"] for s in all_stats),
                 "tokens": gen_tokens,
-                "seconds": round(seconds, 3),
-                "tokens_per_s": round(gen_tokens / seconds, 2) if seconds > 0 else 0.0,
+                "seconds": round(seconds, 3),  # wall time of the slowest rank, loading included
+                # generated tokens of all ranks / generation time of the slowest rank
+                "tokens_per_s": round(gen_tokens / gen_seconds, 2) if gen_seconds > 0 else 0.0,
                 "world_size": ranks.world_size,
             },
             "sources": _jsonable(source_stats),
