@@ -218,3 +218,19 @@ def test_wrapper_prefix_is_stripped_to_match_the_model():
         "lm_head.weight": 1, "model.embed_tokens.weight": 2}
     with pytest.raises(ExportError, match="do not match"):
         match_keys({"x.y": 1}, {"lm_head.weight"})
+
+
+@pytest.mark.parametrize("name", ["llama2_7b_chat", "mistral_7b_instruct", "smollm2_cpu"])
+def test_recipes_load_and_derive_a_deepspeed_config(name):
+    from pathlib import Path
+
+    from radis.config import load_config
+    from radis.ds_config import RunShape, derive_ds_config
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml"
+    header = path.read_text().split("\n\n")[0]
+    assert "launch/" in header or "torchrun" in header  # the header comment gives the launch command
+    cfg = load_config(path)
+    ds = derive_ds_config(cfg, RunShape(world_size=8, precision="bfloat16", hidden_size=4096, cuda=True))
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == cfg.data.packs_per_micro_batch * cfg.train.gradient_accumulation_steps * 8

@@ -241,7 +241,8 @@ class RadisRecipe:
         self.metrics = MetricsWriter(self.out_dir, active=self.is_main, resume_step=self.step)
         self._print(f"{self.world} rank(s), {self.total_steps} optimizer steps ({self.loader.steps_per_epoch} per epoch), "
                     f"{train_ds.num_packs} packs x {train_ds.max_tokens} tokens, ZeRO-{t.zero_stage}, {precision}, "
-                    f"attn {self.attn}, loss {cfg.loss.method}/{cfg.loss.mode}"
+                    f"attn {self.attn}, loss "
+                    + (f"radis/{cfg.loss.mode}" if cfg.loss.method == "radis" else "vanilla (MT only)")
                     + (f"; resumed at step {self.step} from {resume_tag}" if resume_tag else ""))
 
     def _build_data(self):
