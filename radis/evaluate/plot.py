@@ -54,6 +54,7 @@ def plot_quality_vs_retention(points: Sequence[dict[str, Any]], path: str | os.P
                 ys.append(float(value))
                 names.append(str(p["name"]))
         ax.scatter(xs, ys, s=40, zorder=3)
+        ax.margins(0.15)  # room for the labels of points at the edges
         for x, y, name in zip(xs, ys, names):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
         if lower_better:
