@@ -229,6 +229,11 @@ def test_a_path_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
     assert main(["evaluate", "--config", str(cfg_file)]) == 2
     err = capsys.readouterr().err
     assert "eval.models" in err and "not_a_model" in err and "config.json" in err
+    # A config.json without weights: named as well, not a traceback.
+    (tmp_path / "not_a_model" / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    assert main(["evaluate", "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.models:" in err and "not_a_model: cannot load" in err and "model.safetensors" in err
     with pytest.raises(ValueError, match="duplicate model name"):
         command.parse_model_specs(load_config(None, ["eval.models=[a=x, a=y]"]))
 
@@ -314,3 +319,26 @@ def test_two_ranks_give_the_same_results_as_one(tiny_models, tmp_path):
         assert two["chrf_cut"] == pytest.approx(one["chrf_cut"])
         for key in ("kl", "nll_tuned", "nll_original", "changed", "chrf_to_original"):
             assert two["retention"][key] == pytest.approx(one["retention"][key], rel=1e-4, abs=1e-6)
+
+
+def test_beam_search_translates_and_stops_cleanly(tiny_models):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from radis.data.example import Example
+    from radis.data.prompts import ChatFormat
+    from radis.evaluate.translate import pad_token_id, translate
+
+    base, _ = tiny_models
+    tok = AutoTokenizer.from_pretrained(base)
+    fmt = ChatFormat(tok, load_config(None, []).data, "auto")
+    model = LlamaForCausalLM.from_pretrained(base)
+    examples = [Example(id=f"e{i}", src_lang="de", tgt_lang="en", source=s, reference="x")
+                for i, s in enumerate(["Hallo.", "Der Zug ist heute sehr spät angekommen.", "Ja."])]
+    greedy = translate(model, fmt, examples, pad_id=pad_token_id(tok), batch_size=2, max_new_tokens=5)
+    beam = translate(model, fmt, examples, pad_id=pad_token_id(tok), batch_size=2, max_new_tokens=5, num_beams=3)
+    assert [t.id for t in beam] == ["e0", "e1", "e2"]
+    for t in greedy + beam:
+        assert 0 <= t.new_tokens <= 5 and t.stop_reason in {"eot", "max_length"}
+    # Beam search in one batch equals beam search one sentence at a time (left padding is sound).
+    single = [translate(model, fmt, [ex], pad_id=pad_token_id(tok), max_new_tokens=5, num_beams=3)[0] for ex in examples]
+    assert [t.raw for t in single] == [t.raw for t in beam]

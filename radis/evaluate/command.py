@@ -290,7 +290,10 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
                 summary_rows.append(previous["summary"])
                 continue
         t0 = time.time()
-        tokenizer, fmt, model = _load(cfg, path)
+        try:
+            tokenizer, fmt, model = _load(cfg, path)
+        except (OSError, ValueError) as err:  # e.g. config.json without weights, unknown template
+            raise ValueError(f"eval.models: {name}: cannot load {path}: {err}") from None
         pad = pad_token_id(tokenizer)
         result: dict[str, Any] = {"model": name, "path": path, "key": key, "test_sets": test_info, "directions": {}}
         translations: list[Translation] = []
