@@ -300,7 +300,9 @@ def generate_rationales(
     try:
         settings = decoding_settings(cfg)
         gen_ref = generator_reference(cfg)
-        tokenizer = load_tokenizer(cfg.model.tokenizer or gen_ref, cfg.model.cache_dir)
+        # model.tokenizer belongs to model.name_or_path; a separate generator brings its own.
+        tok_ref = gen_ref if cfg.rationale.generator else (cfg.model.tokenizer or gen_ref)
+        tokenizer = load_tokenizer(tok_ref, cfg.model.cache_dir)
         fmt = ChatFormat(tokenizer, cfg.data, cfg.model.chat_template)
         fingerprint = fmt.fingerprint
         description = describe(cfg, fingerprint, fmt.template)
