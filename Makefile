@@ -11,6 +11,8 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.radis-installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
+# Extra demo arguments, e.g. `make demo DEMO_ARGS="--out outputs/demo2"`.
+DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -33,6 +35,11 @@ $(STAMP): setup.py Makefile
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole pipeline on SmolLM2-135M-Instruct and the shipped de-en sample: rationales ->
+# train RaDis and vanilla (2 CPU ranks, ZeRO-3; the GPUs where present) -> evaluate.
+demo: install
+	$(PY) -m radis.demo $(DEMO_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
