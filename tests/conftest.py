@@ -5,13 +5,16 @@ the top of conftest (pytest imports conftest before any test module).
 """
 import os
 
-import torch
+# Before torch is imported, so the test process and every rank it starts use one
+# thread each: 2 ranks (or 2 xdist workers) on 2 cores must not oversubscribe.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores must not oversubscribe
 
 from pathlib import Path  # noqa: E402
 
