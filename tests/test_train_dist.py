@@ -7,7 +7,8 @@ is the reference that the loss, validation, export and resume checks all read.
     run B   two bare processes, rank 1 SIGKILLed after step 5            -> rank 0 must exit soon
     run C   launch/torchrun.sh, resumes B from global_step5              -> metrics == A's
     runs D  1 rank x 4 micro-batches vs 2 ranks x 2, one step            -> same parameters
-    run E   1 rank, ZeRO-2, an example whose token embedding is NaN      -> skipped, then stop
+    run E   1 rank, ZeRO-2, vanilla, an example whose token embedding is NaN -> skipped, then stop
+    run F   1 rank, token-level KD to recorded top-k of the model itself  -> kd == -log(top-k mass)
 """
 from __future__ import annotations
 
@@ -265,15 +266,21 @@ def test_one_step_is_independent_of_the_micro_batch_and_rank_split(work, sp_toke
     from radis.train.export import consolidated_state_dict
 
     runs = {}
+    # The two sides also differ in ways that must not change the step: the 1-rank run
+    # offloads optimizer state and parameters to CPU (ZeRO-Offload, DeepSpeedCPUAdam), the
+    # 2-rank run recomputes activations (gradient checkpointing).
+    extra = {1: ["train.offload=true", "train.deepspeed_config=null"], 2: ["model.gradient_checkpointing=true"]}
     for world, accum in ((1, 4), (2, 2)):
         out = work["root"] / f"split_{world}x{accum}"
         proc = _run(["torchrun", "--nproc_per_node", str(world), "--master_port", str(_free_port()),
                      "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}",
                      "train.max_steps=1", f"train.gradient_accumulation_steps={accum}", "train.max_grad_norm=0",
-                     "train.eval_every=0", "train.warmup_steps=0"])
+                     "train.eval_every=0", "train.warmup_steps=0", *extra[world]])
         assert proc.returncode == 0, proc.log
         (rec,) = read_metrics(out / "metrics.jsonl")
         runs[world] = rec, consolidated_state_dict(out / "checkpoints", "global_step1")
+        zero = json.loads((out / "ds_config.json").read_text())["zero_optimization"]
+        assert ("offload_optimizer" in zero) == (world == 1)
     (r1, w1), (r2, w2) = runs[1], runs[2]
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)
     assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-6)
@@ -328,12 +335,66 @@ def test_nan_loss_is_skipped_then_stops_naming_step_and_examples(work, sp_tokeni
                  f"model.name_or_path={model}", f"data.train=[{{path: {data}}}]", "data.valid=[]",
                  f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.zero_stage=2",
                  "train.deepspeed_config=null", "train.gradient_accumulation_steps=1", "train.max_steps=20",
-                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1"])
+                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1", "loss.method=vanilla"])
     assert proc.returncode == 1, proc.log
+    # vanilla: the same records are built without their rationales (MT targets only)
+    assert "loss vanilla (MT only)" in proc.stdout, proc.log
     # the first occurrence (epoch 0) was skipped, training went on; the second stopped it
     assert "non-finite loss at step" in proc.stdout and "skipped (1/1)" in proc.stdout, proc.log
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("radis train: non-finite loss at step ") and "'nan5'" in err and "epoch 1" in err, err
     train = read_metrics(out / "metrics.jsonl")
     assert sum(r["skipped_micro_batches"] for r in train) == 1
+    assert all(math.isnan(r["loss_rd"]) and r["loss_mt"] > 0 for r in train if r["tokens"])
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in train])))
+
+
+# --------------------------------------------------------------------------- run F
+
+
+def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, tmp_path):
+    """Rationale records carry the generator's top-k log-probs (here: the tiny model itself,
+    teacher-forced, as `radis rationales --topk` records them). Before any update the student
+    is the teacher, so KL(q || p) of the renormalised top-k q is exactly -log(top-k mass):
+    the trainer's logged `kd` of step 1 must equal that, computed here in plain PyTorch."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from radis.config import load_config
+    from radis.data.example import Example
+    from radis.data.prompts import ChatFormat
+    from radis.rationales.store import save_topk_atomic
+
+    K = 4
+    cfg = load_config(work["config"])
+    fmt = ChatFormat(sp_tokenizer, cfg.data, "llama2")
+    model = AutoModelForCausalLM.from_pretrained(work["model"], attn_implementation="sdpa").eval()
+    records = [json.loads(line) for line in (work["root"] / "train.rationales.jsonl").read_text().splitlines()[:6]]
+    topk, want_kl = {}, []
+    for rec in records:
+        ex = Example(id=rec["id"], src_lang="de", tgt_lang="en", source=rec["source"], reference=rec["reference"])
+        rd_ids = sp_tokenizer(rec["rationale"], add_special_tokens=False).input_ids
+        prefix = fmt.prompt_ids(ex) + fmt.answer_ids(rec["reference"], continuation=False) + \
+            fmt.answer_ids(cfg.data.separator, continuation=True)
+        with torch.no_grad():
+            logits = model(torch.tensor([prefix + rd_ids])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prefix) - 1:len(prefix) + len(rd_ids) - 1], dim=-1)  # predicts rd_ids
+        top = logp.topk(K, dim=-1)
+        topk[rec["id"]] = (top.indices.numpy().astype(np.int32), top.values.float().numpy())
+        want_kl += (-torch.logsumexp(top.values, dim=-1)).tolist()  # KL(q || p) = -log Σ_topk p
+        rec.update(rationale_token_ids=rd_ids, tokenizer_fingerprint=fmt.fingerprint, separator=cfg.data.separator,
+                   topk=K)
+    data = tmp_path / "kd.rationales.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_topk_atomic(tmp_path / "kd.rationales.topk.safetensors", topk)
+
+    out = tmp_path / "run_f"
+    proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
+                 f"data.train=[{{path: {data}}}]", "data.valid=[]", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"train.output_dir={out}", "train.max_steps=1", "train.gradient_accumulation_steps=1",
+                 "data.packs_per_micro_batch=4", "data.max_tokens=512", "train.eval_every=0", "loss.kd_weight=0.5"])
+    assert proc.returncode == 0, proc.log
+    (rec,) = read_metrics(out / "metrics.jsonl")
+    # every example is in the one step (4 packs of 512 tokens hold all six)
+    assert rec["kd"] == pytest.approx(sum(want_kl) / len(want_kl), rel=1e-4)
+    assert 0 < rec["kd"] < rec["loss_rd"]
