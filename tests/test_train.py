@@ -187,6 +187,11 @@ def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, caps
     cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
                   f"train: {{deepspeed_config: {tmp_path / 'bad_ds.json'}}}\n"),
                   "gradient_accumulation_steps is 3 but train.gradient_accumulation_steps gives 1"))
+    (tmp_path / "out" / "checkpoints" / "global_step4").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("global_step4")
+    cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
+                  f"train: {{output_dir: {tmp_path / 'out'}, resume: never}}\n"),
+                  "already holds checkpoints (latest global_step4); use train.resume=auto"))
     for body, expected in cases:
         assert main(["train", "--config", _config(tmp_path, body)]) == 2
         err = capsys.readouterr().err

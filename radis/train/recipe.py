@@ -105,6 +105,11 @@ def preflight(cfg: RadisConfig) -> None:
     out = Path(os.path.expanduser(cfg.train.output_dir))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
+    latest = ckpt.latest_tag(out / "checkpoints")
+    if t.resume == "never" and latest is not None:
+        # Starting over would overwrite (or, for the same step, be shadowed by) them.
+        raise ConfigError(f"train.output_dir: {out} already holds checkpoints (latest {latest}); "
+                          "use train.resume=auto to continue, or another train.output_dir")
 
 
 def _default_single_process_env() -> None:
@@ -176,11 +181,10 @@ class RadisRecipe:
         self.dtype = default_dtype(cfg.model.dtype)
         self.attn = default_attn_implementation(cfg.model.attn_implementation)
         train_ds, valid_ds = self._build_data()
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        # padding never has a loss and is masked out; the data builder chose the id
+        pad_id = int(train_ds.meta.get("pad_token_id", 0))
         loader_kw = {"rank": self.rank, "world_size": self.world, "packs_per_micro_batch": cfg.data.packs_per_micro_batch,
-                         "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype}
+                     "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype}
         self.loader = PackedLoader(train_ds, gradient_accumulation_steps=t.gradient_accumulation_steps,
                                    seed=cfg.data.seed, **loader_kw)
         self.valid_loader = None
@@ -309,9 +313,10 @@ class RadisRecipe:
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step's update uses (the schedule steps after it)
-            # Per-step sums on this rank, all-reduced once at the end of the step:
+            # Per-step sums on this rank, kept on the device (no host sync per micro-batch)
+            # and all-reduced once at the end of the step:
             # [loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_len², skipped]
-            stats = torch.zeros(10, dtype=torch.float64)
+            stats = torch.zeros(10, dtype=torch.float64, device=self.device)
             for micro in range(G):
                 batch = next(batches)
                 inputs = self._model_inputs(batch)
@@ -320,7 +325,7 @@ class RadisRecipe:
                 out = engine(**inputs)
                 # a non-finite loss on any rank is seen by all ranks (they must agree on
                 # running the backward, or ZeRO's collectives would hang)
-                if self._any_rank(not bool(torch.isfinite(out.loss.detach()))):
+                if self._any_rank(~torch.isfinite(out.loss.detach())):
                     del out
                     self._skip_bad_batch(batch, micro)
                     stats[9] += 1
@@ -330,10 +335,10 @@ class RadisRecipe:
                 engine.backward(out.loss * self.world, scale_wrt_gas=False)
                 # step: DeepSpeed updates only at the accumulation boundary (micro == G-1)
                 engine.step()
-                stats += torch.tensor([float(out.loss.detach()), float(out.nll_mt), float(out.nll_rd), float(out.kd_rd),
-                                       float(out.n_mt), float(out.n_rd), float(out.n_kd),
-                                       float(batch["num_tokens"]), float(sum_sq_lengths(_cumsum0(_example_lengths(batch)))), 0.0],
-                                      dtype=torch.float64)
+                host = torch.tensor([batch["num_tokens"], sum_sq_lengths(_cumsum0(_example_lengths(batch))), 0],
+                                    dtype=torch.float64)
+                parts = (out.loss.detach(), out.nll_mt, out.nll_rd, out.kd_rd, out.n_mt, out.n_rd, out.n_kd)
+                stats += torch.cat([torch.stack([x.double() for x in parts]), host.to(self.device)])
             self.step += 1
             # metrics of the step over all ranks (one small all-reduce)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
@@ -382,10 +387,11 @@ class RadisRecipe:
             kw["normalizer"] = {"mt": counts["mt"], "rd": counts["rd"]}
         return kw
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        """True on every rank when `flag` (a bool tensor) is true on any (one sync)."""
         import torch.distributed as dist
 
-        x = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        x = flag.reshape(1).to(device=self.device, dtype=torch.float32)
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return bool(x.item() > 0)
 
@@ -426,7 +432,7 @@ class RadisRecipe:
         return self._model_inputs(batch)
 
     def _step_record(self, stats: torch.Tensor, dt: float, lr: float) -> dict[str, Any]:
-        loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_sq, skipped = stats.tolist()
+        loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_sq, skipped = stats.cpu().tolist()
         flops = step_flops(self.matmul_params, self.n_layers, self.hidden, int(tokens), int(sum_sq))
         gn = self.engine.get_global_grad_norm()
         return {
@@ -460,18 +466,16 @@ class RadisRecipe:
 
         engine = self.engine
         engine.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # nll_mt, nll_rd, n_mt, n_rd, weighted loss sum
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # nll_mt, nll_rd, n_mt, n_rd
         self.valid_loader.set_epoch(0)
         for batch in self.valid_loader:
             inputs = self._model_inputs(batch)
-            inputs["normalizer"] = {"mt": 1, "rd": 1}  # raw sums: divided once below
+            inputs["normalizer"] = {"mt": 1, "rd": 1}  # the raw sums are used, divided once below
             out = engine(**inputs)
-            sums += torch.tensor([float(out.nll_mt), float(out.nll_rd), float(out.n_mt), float(out.n_rd),
-                                  float(out.nll_mt) * self.cfg.loss.w_mt + float(out.nll_rd) * self.cfg.loss.w_rd],
-                                 dtype=torch.float64)
+            sums += torch.stack([x.double() for x in (out.nll_mt, out.nll_rd, out.n_mt, out.n_rd)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         engine.train()
-        nll_mt, nll_rd, n_mt, n_rd, _ = sums.tolist()
+        nll_mt, nll_rd, n_mt, n_rd = sums.tolist()
         rec = {"loss": (nll_mt + nll_rd) / max(n_mt + n_rd, 1),
                "loss_mt": nll_mt / n_mt if n_mt else float("nan"),
                "loss_rd": nll_rd / n_rd if n_rd else float("nan"),
@@ -506,16 +510,13 @@ class RadisRecipe:
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["loader"])
             ckpt.set_rng_state(rank_state["rng"])
-        else:
-            # Saved with fewer ranks: continue at the same optimizer step from rank 0's
-            # plan position (the loader checks that its sizes allow it).
-            import torch.distributed as dist
-
-            state: list[Any] = [None]
-            path = self.ckpt_dir / tag / "trainer_state_rank0.pt"
-            state[0] = torch.load(path, map_location="cpu", weights_only=False)["loader"]
-            self.loader.load_state_dict(state[0])
-            _seed_everything(self.cfg.train.seed + self.step * 1000 + dist.get_rank())
+            return
+        # Saved with fewer ranks: every rank's loader position is the same number, so take
+        # rank 0's (the loader refuses it unless the plan allows another world size, i.e.
+        # at an epoch boundary) and seed this rank's RNG afresh.
+        rank0 = torch.load(self.ckpt_dir / tag / "trainer_state_rank0.pt", map_location="cpu", weights_only=False)
+        self.loader.load_state_dict(rank0["loader"])
+        _seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
 
     def cleanup(self) -> None:
         import torch.distributed as dist
