@@ -145,38 +145,39 @@ class RadisRecipe:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        """Process group, data and loaders, DeepSpeed JSON, model + engine, outputs, resume."""
+        self._setup_distributed()
+        train_ds = self._setup_data()
+        self._setup_engine()
+        self._setup_outputs_and_resume(train_ds)
+
+    def _setup_distributed(self) -> None:
         import deepspeed
         import torch.distributed as dist
-        from transformers import AutoConfig
-        from transformers.integrations import HfDeepSpeedConfig
 
-        from radis.data.loader import PackedLoader
-        from radis.ds_config import RunShape, load_ds_config
-        from radis.loss_head import RadisCausalLM
-        from radis.models import (
-            default_attn_implementation,
-            default_dtype,
-            load_tokenizer,
-            resolve_model_path,
-        )
-
-        cfg, t = self.cfg, self.cfg.train
+        # Bounded: a dead rank makes the others fail a collective within dist_timeout_s
+        # instead of waiting forever.
         self.cuda = torch.cuda.is_available()
-
-        # -- process group (bounded: a dead rank makes the others fail a collective
-        #    within dist_timeout_s instead of waiting forever)
         _default_single_process_env()
         if self.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
-                                   timeout=timedelta(seconds=t.dist_timeout_s), verbose=False)
+                                   timeout=timedelta(seconds=self.cfg.train.dist_timeout_s), verbose=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-        _seed_everything(t.seed)
+        _seed_everything(self.cfg.train.seed)
 
-        # -- data: rank 0 builds (or finds) the cache first, the others then read it
-        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    def _setup_data(self):
+        """Tokenizer, packed data (rank 0 builds the cache first), loaders, step counts."""
+        from radis.data.loader import PackedLoader
+        from radis.models import (
+            default_attn_implementation,
+            default_dtype,
+            load_tokenizer,
+        )
+
+        cfg, t = self.cfg, self.cfg.train
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
         self.dtype = default_dtype(cfg.model.dtype)
         self.attn = default_attn_implementation(cfg.model.attn_implementation)
@@ -189,21 +190,36 @@ class RadisRecipe:
                                    seed=cfg.data.seed, **loader_kw)
         self.valid_loader = None
         if valid_ds is not None:
+            # every rank runs the same number of forwards (empty packs fill the tail), as ZeRO-3 needs
             self.valid_loader = PackedLoader(valid_ds, gradient_accumulation_steps=1, seed=cfg.data.seed,
                                              shuffle=False, tail="empty", **loader_kw)
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.loader.steps_per_epoch
         self.warmup_steps = resolve_warmup_steps(t.warmup_steps, t.warmup_ratio, self.total_steps)
+        return train_ds
 
-        # -- the DeepSpeed JSON (derived or the user's, "auto" resolved)
+    def _setup_engine(self) -> None:
+        """The DeepSpeed JSON, the model (sharded at load under ZeRO-3), optimizer, schedule, engine."""
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from radis.ds_config import RunShape, load_ds_config
+        from radis.loss_head import RadisCausalLM
+        from radis.models import resolve_model_path
+
+        cfg, t = self.cfg, self.cfg.train
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+
+        # -- the DeepSpeed JSON (derived, or the user's with "auto" resolved)
         hf_config = AutoConfig.from_pretrained(model_path)
         hidden = getattr(hf_config, "hidden_size", None)
-        precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
-        shape = RunShape(world_size=self.world, precision=precision, hidden_size=hidden,
+        self.precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
+        shape = RunShape(world_size=self.world, precision=self.precision, hidden_size=hidden,
                          total_steps=self.total_steps, warmup_steps=self.warmup_steps, cuda=self.cuda)
         self.ds_config = load_ds_config(cfg, shape)
 
-        # -- the model: under ZeRO-3 HfDeepSpeedConfig makes from_pretrained build it
-        #    inside zero.Init, so each rank only ever holds its shard
+        # -- the model: under ZeRO-3 HfDeepSpeedConfig (kept alive on self) makes
+        #    from_pretrained build it inside zero.Init, so a rank only ever holds its shard
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
         model = self._load_model(model_path)
         self.hf_config = model.config
@@ -222,14 +238,15 @@ class RadisRecipe:
             scheduler = build_scheduler(optimizer, factor)
         else:
             scheduler = lambda opt: build_scheduler(opt, factor)
+        params = None if optimizer is not None else [p for p in wrapper.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self.ds_config,
-                                                    model_parameters=None if optimizer is not None else
-                                                    [p for p in wrapper.parameters() if p.requires_grad])
+                                                    config=self.ds_config, model_parameters=params)
         self.peak_flops = peak_flops_per_rank(self.device)
 
-        # -- outputs, resume
-        resume_tag = None
+    def _setup_outputs_and_resume(self, train_ds) -> None:
+        import torch.distributed as dist
+
+        cfg, t = self.cfg, self.cfg.train
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             removed = ckpt.remove_partial(self.ckpt_dir)
@@ -238,13 +255,12 @@ class RadisRecipe:
             ckpt.write_text_atomic(self.out_dir / "config.yaml", dump_config(cfg))
             ckpt.write_text_atomic(self.out_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
         dist.barrier()
-        if t.resume == "auto":
-            resume_tag = ckpt.latest_tag(self.ckpt_dir)
+        resume_tag = ckpt.latest_tag(self.ckpt_dir) if t.resume == "auto" else None
         if resume_tag is not None:
             self.resume(resume_tag)
         self.metrics = MetricsWriter(self.out_dir, active=self.is_main, resume_step=self.step)
         self._print(f"{self.world} rank(s), {self.total_steps} optimizer steps ({self.loader.steps_per_epoch} per epoch), "
-                    f"{train_ds.num_packs} packs x {train_ds.max_tokens} tokens, ZeRO-{t.zero_stage}, {precision}, "
+                    f"{train_ds.num_packs} packs x {train_ds.max_tokens} tokens, ZeRO-{t.zero_stage}, {self.precision}, "
                     f"attn {self.attn}, loss "
                     + (f"radis/{cfg.loss.mode}" if cfg.loss.method == "radis" else "vanilla (MT only)")
                     + (f"; resumed at step {self.step} from {resume_tag}" if resume_tag else ""))
