@@ -18,8 +18,8 @@ The schedule is a multiplier of `train.lr` as a function of the optimizer step `
     constant           1
 
 It is a `torch.optim.lr_scheduler.LambdaLR` so that DeepSpeed steps it after every
-optimizer step and saves / restores it with the checkpoint (the factor object is
-picklable state-free, so resuming only needs the step counter).
+optimizer step and saves / restores it with the checkpoint: the state is the step counter
+plus the fields of `LRFactor` (a resumed run keeps the schedule it started with).
 """
 from __future__ import annotations
 
