@@ -5,16 +5,17 @@ module's own parameters only around that module's forward (a pre/post-forward ho
 A fused loss reads `lm_head.weight` without calling `lm_head.forward`, so it would see
 an empty [0] tensor (Liger-Kernel #1048, TRL #3368).
 
-The fix used here: when the head's parameters are ZeRO-3 parameters (they carry `ds_id`)
-the fused loss runs inside `deepspeed.zero.GatheredParameters(params, modifier_rank=None)`
-(gather for reading; nothing is broadcast back on exit). That works because the fused
-linear loss computes every gradient in its forward (radis.kernels.radis_loss): the
-weight is never needed in the backward, so it can be re-partitioned right after. The
-gradient for the weight is returned by the backward in full shape and goes through
-the parameter's normal ZeRO-3 reduce-scatter hook -- for a tied head that is the same
-parameter as the input embedding, and autograd sums both contributions first.
-(Routing the call through `lm_head`'s forward hooks would also gather, but would make
-ZeRO-3 also gather the weight again for a backward that does not need it.)
+The fix used here: the fused loss runs *as `lm_head`'s forward* (`call_as_forward`), so
+the engine's own hooks on that module fire: ZeRO-3 gathers the weight before the call,
+releases it after, and gathers it again around the backward of the call's outputs.
+The re-gather in backward is not optional even though the fused loss computed every
+gradient in its forward: autograd accumulates the full-shape weight gradient into
+`weight.grad`, which must match the (then gathered) parameter's shape -- an untied head
+left as an empty shard fails there with "size of tensor a (0) must match ...".
+(`GatheredParameters` around the call looked cheaper but fails twice: that shape error
+for untied heads, and "param in flight" after a forward without backward, when ZeRO-3's
+prefetcher already holds the head.) For a tied head (SmolLM2) the weight is the input
+embedding's parameter; autograd sums both contributions before the reduce-scatter hook.
 
     RadisCausalLM(hf_model).forward(input_ids [B, T], labels [B, T], spans [B, T], ...)
         hidden = hf_model.<base_model>(input_ids, position_ids, attention_mask)   [B, T, d]
@@ -25,7 +26,7 @@ the HF model's under the prefix `model.` and `wrapper.model.save_pretrained` exp
 """
 from __future__ import annotations
 
-import contextlib
+import types
 from typing import Any
 
 import torch
@@ -34,14 +35,18 @@ from torch import nn
 from radis.loss import Impl, Mode, Normalizer, RadisLossOutput, radis_linear_loss
 
 
-def gathered(module: nn.Module):
-    """Context in which `module`'s own ZeRO-3 parameters are full (read-only); a no-op otherwise."""
-    params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
+def call_as_forward(module: nn.Module, fn, *args: Any) -> Any:
+    """Run `fn(module, *args)` through `module.__call__`, so that the module's hooks fire.
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    The hooks are what a DeepSpeed ZeRO-3 engine uses to gather the module's parameters
+    for the forward and again for the backward of the outputs (see the module docstring);
+    without an engine this is a plain call. `fn` must return tensors (a tuple is fine).
+    """
+    module.forward = types.MethodType(fn, module)  # shadows the class's forward on this instance
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def fused_head_loss(
@@ -51,7 +56,7 @@ def fused_head_loss(
     spans: torch.Tensor,
     **loss_kwargs: Any,
 ) -> RadisLossOutput:
-    """`radis_linear_loss` with `lm_head` (an nn.Linear [V, d]) gathered when it is ZeRO-3 sharded.
+    """`radis_linear_loss` with `lm_head` (an nn.Linear [V, d]), run as lm_head's forward.
 
     hidden [..., d], targets / spans [...] (any leading shape, flattened to N rows);
     teacher_ids / teacher_logprobs in loss_kwargs [..., k].
@@ -61,15 +66,19 @@ def fused_head_loss(
         t = loss_kwargs.get(key)
         if t is not None:
             loss_kwargs[key] = t.reshape(-1, t.shape[-1]).contiguous()
-    with gathered(lm_head):
-        return radis_linear_loss(
-            hidden.reshape(-1, d).contiguous(),
-            lm_head.weight,
-            targets.reshape(-1).contiguous(),
-            spans.reshape(-1).contiguous(),
-            bias=getattr(lm_head, "bias", None),
+
+    def loss_forward(head: nn.Module, h: torch.Tensor, tgt: torch.Tensor, spn: torch.Tensor) -> tuple:
+        out = radis_linear_loss(
+            h.reshape(-1, d).contiguous(),
+            head.weight,
+            tgt.reshape(-1).contiguous(),
+            spn.reshape(-1).contiguous(),
+            bias=getattr(head, "bias", None),
             **loss_kwargs,
         )
+        return tuple(out)  # plain tensors: ZeRO-3's output hooks walk tuples
+
+    return RadisLossOutput(*call_as_forward(lm_head, loss_forward, hidden, targets, spans))
 
 
 class RadisLossHead(nn.Module):

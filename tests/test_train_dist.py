@@ -102,13 +102,10 @@ def work(tmp_path_factory, sp_tokenizer):
     model = make_tiny_llama(sp_tokenizer, root / "model")
     write_rationales(root / "train.rationales.jsonl", 48, seed=1, prefix="tr")
     write_rationales(root / "valid.rationales.jsonl", 6, seed=2, prefix="va")
-    # Prefetching is off: radis.loss_head gathers the head with GatheredParameters, which
-    # collides with ZeRO-3's prefetch of the (tied) weight after a forward without
-    # backward (validation) -- "Cannot partition a param in flight". See the report.
     (root / "ds.json").write_text(json.dumps({
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
         "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 0,
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto",
                               "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto"}}))
     config = root / "tiny.yaml"
     config.write_text(f"""\
@@ -400,16 +397,12 @@ def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, t
     assert 0 < rec["kd"] < rec["loss_rd"]
 
 
-# --------------------------------------------------------------------------- known gap
+# --------------------------------------------------------------------------- ZeRO-3 head
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "radis.loss_head gathers the LM head with GatheredParameters: (1) an untied head's full-size "
-    "gradient then meets its empty ZeRO-3 shard in backward ('size of tensor a (0) must match'), "
-    "(2) after a forward without backward (validation) ZeRO-3's prefetch holds the head in flight "
-    "when GatheredParameters re-partitions it ('Cannot partition a param in flight'). When this "
-    "passes, drop the xfail and the stage3_prefetch_bucket_size=0 workaround in the `work` fixture."))
 def test_untied_head_with_validation_under_default_zero3(work, sp_tokenizer, tmp_path):
+    """LLaMA-2 / Mistral have an untied head: the fused loss must gather it for the
+    backward too, and survive ZeRO-3's prefetch after validation forwards."""
     model = make_tiny_llama(sp_tokenizer, tmp_path / "untied", tied=False)
     proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                  "-m", "radis.cli", "train", "--config", str(work["config"]), f"model.name_or_path={model}",
