@@ -47,6 +47,8 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench_packing.py
 	$(PY) benchmarks/bench_loss.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_train.py
 
 lint: install
 	$(PY) -m ruff check radis kernels tests benchmarks
