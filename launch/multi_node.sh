@@ -27,10 +27,7 @@ CONFIG=$1
 shift
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 MASTER_PORT=${MASTER_PORT:-29500}
-if [[ "${RADIS_CPU:-0}" == "1" ]]; then
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  export DS_ACCELERATOR=cpu
-fi
+source "$(dirname "$0")/common.sh"
 # Exported variables that pdsh must carry to the other nodes are listed in
 # ~/.deepspeed_env (one NAME=value per line), as the DeepSpeed launcher reads it.
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}"

@@ -17,17 +17,8 @@ fi
 CONFIG=$1
 shift
 MASTER_PORT=${MASTER_PORT:-29500}
-if [[ "${RADIS_CPU:-0}" == "1" ]]; then
-  NPROC=${NPROC:-2}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  export DS_ACCELERATOR=cpu
-else
-  NPROC=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-  if [[ "$NPROC" -lt 1 ]]; then
-    echo "$0: no GPU found (nvidia-smi); set NUM_GPUS, or RADIS_CPU=1 for CPU ranks" >&2
-    exit 2
-  fi
-fi
+source "$(dirname "$0")/common.sh"
+NPROC=$(radis_ranks_per_node NUM_GPUS) || exit 2
 # --no_local_rank: the rank comes from LOCAL_RANK, not an appended --local_rank argument.
 cmd=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank
      --module radis.cli train --config "$CONFIG" "$@")

@@ -17,16 +17,8 @@ if [[ $# -lt 1 ]]; then
 fi
 CONFIG=$1
 shift
-if [[ "${RADIS_CPU:-0}" == "1" ]]; then
-  NPROC=${NPROC:-2}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-else
-  NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-  if [[ "$NPROC" -lt 1 ]]; then
-    echo "$0: no GPU found (nvidia-smi); set NPROC, or RADIS_CPU=1 for CPU ranks" >&2
-    exit 2
-  fi
-fi
+source "$(dirname "$0")/common.sh"
+NPROC=$(radis_ranks_per_node NPROC) || exit 2
 cmd=(torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC"
      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
      -m radis.cli train --config "$CONFIG" "$@")
