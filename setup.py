@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 CORE = [
     "torch>=2.4",
     "deepspeed>=0.16",
-    "transformers>=4.45",
+    "transformers>=5.0",  # dtype= in from_pretrained, v5 masking and packed-sequence behaviour
     "accelerate>=1.0",
     "datasets>=2.20",
     "sentencepiece>=0.2",

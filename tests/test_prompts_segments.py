@@ -139,8 +139,9 @@ def test_recorded_rationale_ids_and_teacher_topk_are_aligned(smol_tokenizer):
     cut = build_segment(fmt, ex, separator=SEP, max_tokens=start + 4 + len(fmt.end_of_turn_ids()))
     np.testing.assert_array_equal(cut.teacher_ids[start:start + 4], tids[:4])
 
-    # Another tokenizer (fingerprint differs) or separator: text is re-tokenised, no teacher.
-    for change in ({"tokenizer_fingerprint": "other"}, {"separator": "\n"}):
+    # Another tokenizer (fingerprint differs), separator, or an `ask` rationale (generated
+    # in another context): the text is re-tokenised, no teacher.
+    for change in ({"tokenizer_fingerprint": "other"}, {"separator": "\n"}, {"strategy": "ask"}):
         other = Example(**{**ex.__dict__, "meta": {**ex.meta, **change}})
         segs, stats = build_segments(fmt, [other], separator=SEP, max_tokens=4096)
         assert segs[0].teacher_ids is None and stats.rationale_from_ids == 0

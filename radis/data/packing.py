@@ -56,8 +56,9 @@ cache object is created, which switches off transformers' packed-sequence detect
 or with a 2D all-ones mask, the second example attends to the first (logit error
 ~0.2). The 4D additive float mask isolates them in every case, for sdpa and eager; a
 4D bool mask works for sdpa only. With flash_attention_2, transformers derives varlen
-boundaries from position_ids only when B == 1, so pass the boundaries explicitly
-(`model_forward_kwargs` does: cu_seq_lens_q/k and max_length_q/k).
+boundaries from position_ids only when B == 1: the trainer lays the B packs end to end
+as one row [1, B*T] (radis.train.recipe); `model_forward_kwargs` shows the other way,
+passing the boundaries explicitly (cu_seq_lens_q/k and max_length_q/k).
 """
 from __future__ import annotations
 

@@ -157,6 +157,12 @@ def _recorded_rationale(
         return None
     if meta.get("separator") is not None and meta["separator"] != separator:
         return None
+    # Only `continue` rationales were generated right after reference + separator, the
+    # context training puts them in. `ask` ones began a new assistant turn after a
+    # follow-up question: their ids (a leading "▁" for sentencepiece) and their top-k
+    # were conditioned on another context, so the text is tokenised afresh, no teacher.
+    if meta.get("strategy", "continue") != "continue":
+        return None
     ids = [int(t) for t in ids]
     teacher = None
     if meta.get("teacher_topk_ids") is not None and meta.get("teacher_topk_logprobs") is not None:

@@ -124,7 +124,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tag
     expected = set(skeleton.state_dict())
     sd = match_keys(consolidated_state_dict(root, tag), expected)
 
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Cast tensor by tensor before building the model in the target dtype, so that host
+    # memory peaks near one fp32 copy (the consolidated state) instead of two (7B: ~28 GB).
+    target = _DTYPES[dtype]
+    for key in list(sd):
+        sd[key] = sd[key].to(target) if sd[key].is_floating_point() else sd[key]
+    model = AutoModelForCausalLM.from_config(config, dtype=target)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
@@ -132,7 +137,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tag
         raise ExportError(f"{root / tag}: state dict does not fit {config.model_type}: "
                           f"missing {missing[:5]} unexpected {list(unexpected)[:5]}")
     model.tie_weights()
-    model = model.to(_DTYPES[dtype])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

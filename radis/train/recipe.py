@@ -185,7 +185,9 @@ class RadisRecipe:
         # padding never has a loss and is masked out; the data builder chose the id
         pad_id = int(train_ds.meta.get("pad_token_id", 0))
         loader_kw = {"rank": self.rank, "world_size": self.world, "packs_per_micro_batch": cfg.data.packs_per_micro_batch,
-                     "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype}
+                     "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype,
+                     # the [B, 1, T, T] sdpa mask is built where it is used, not copied there per step
+                     "mask_device": self.device}
         self.loader = PackedLoader(train_ds, gradient_accumulation_steps=t.gradient_accumulation_steps,
                                    seed=cfg.data.seed, **loader_kw)
         self.valid_loader = None
@@ -329,8 +331,8 @@ class RadisRecipe:
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step's update uses (the schedule steps after it)
-            # Per-step sums on this rank, kept on the device (no host sync per micro-batch)
-            # and all-reduced once at the end of the step:
+            # Per-step sums on this rank, kept on the device and all-reduced once at the
+            # end of the step (the only per-micro-batch sync is the finite-loss vote below):
             # [loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_len², skipped]
             stats = torch.zeros(10, dtype=torch.float64, device=self.device)
             for micro in range(G):
