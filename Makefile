@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# e.g. an --index-url of CPU-only wheels where pip would otherwise pick a CUDA build
+TORCH_PIP_ARGS ?=
 DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.radis-installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
@@ -23,7 +25,7 @@ install: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
 	$(PIP) install -e ".[dev]"
 	# DeepSpeed is a source package: build it against the installed torch with the ops
 	# the CPU tests use prebuilt (shm_comm for CPU collectives, cpu_adam for offload).
