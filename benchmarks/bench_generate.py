@@ -8,7 +8,9 @@ Both sides decode greedily from the same `continue`-strategy prompts (instructio
 source, reference + separator as the start of the answer) with end-of-turn impossible
 for the first `--min-rationale-tokens` tokens (HF: `min_new_tokens` with every stop id
 as `eos_token_id`, the same rule), and count generated tokens without the stop token.
-tokens/s = generated tokens / wall time of the generation calls (prompts are built
+Our side runs with a decode batch ("batch": rows decoded together) and a prefill
+batch ("prefill": prompts prefilled together, their KV caches merged into the decode
+batch). tokens/s = generated tokens / wall time of the generation calls (prompts are built
 beforehand, the model is loaded once). "agree" is the share of examples whose greedy
 tokens are identical on both sides: batching must not change the output.
 
@@ -44,7 +46,7 @@ def build(args):
     return tok, fmt, build_requests(fmt, examples, cfg)
 
 
-def run_ours(model, requests, fmt, pad_id, max_new, batch_size):
+def run_ours(model, requests, fmt, pad_id, max_new, batch_size, prefill_batch_size):
     from radis.rationales.generate import (
         DecodingSettings,
         generate,
@@ -56,7 +58,8 @@ def run_ours(model, requests, fmt, pad_id, max_new, batch_size):
     sync()
     t0 = time.perf_counter()
     for batch in length_sorted_batches(requests, batch_size):
-        for g in generate(model, batch, settings, stop_token_ids=fmt.stop_token_ids, pad_token_id=pad_id):
+        for g in generate(model, batch, settings, stop_token_ids=fmt.stop_token_ids, pad_token_id=pad_id,
+                          prefill_batch_size=prefill_batch_size):
             out[g.key] = g.token_ids
     sync()
     return out, time.perf_counter() - t0
@@ -90,17 +93,30 @@ def compare(label, model, requests, fmt, pad_id, args, batch_sizes):
     rows = []
     base, base_s = run_hf_one_at_a_time(model, requests, fmt, pad_id, args.max_new_tokens, args.min_rationale_tokens)
     base_tok = sum(len(v) for v in base.values())
-    rows.append({"device": label, "method": "HF generate, one at a time", "batch": 1, "examples": len(requests),
+    rows.append({"device": label, "method": "HF generate, one at a time", "batch": 1, "prefill": 1, "examples": len(requests),
                  "tokens": base_tok, "seconds": round(base_s, 2), "tokens_per_s": round(base_tok / base_s, 1),
                  "speedup": 1.0, "agree": 1.0})
-    for bs in batch_sizes:
-        ours, s = run_ours(model, requests, fmt, pad_id, args.max_new_tokens, bs)
+    for bs, pbs in batch_sizes:
+        ours, s = run_ours(model, requests, fmt, pad_id, args.max_new_tokens, bs, pbs)
         tok = sum(len(v) for v in ours.values())
         agree = sum(ours[k] == base[k] for k in base) / len(base)
-        rows.append({"device": label, "method": "radis batched, length-sorted", "batch": bs, "examples": len(requests),
+        rows.append({"device": label, "method": "radis batched, length-sorted", "batch": bs, "prefill": pbs,
+                     "examples": len(requests),
                      "tokens": tok, "seconds": round(s, 2), "tokens_per_s": round(tok / s, 1),
                      "speedup": round((tok / s) / (base_tok / base_s), 2), "agree": round(agree, 3)})
     return rows
+
+
+def batch_pair(text: str) -> tuple[int, int]:
+    """'64:16' -> (64, 16); a single number N means N:N."""
+    try:
+        decode, _, prefill = text.partition(":")
+        pair = (int(decode), int(prefill or decode))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DECODE:PREFILL batch sizes like 64:16, got {text!r}") from None
+    if min(pair) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return pair
 
 
 def main(argv=None) -> int:
@@ -110,8 +126,10 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-rationale-tokens", type=int, default=16)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--batch-sizes", type=batch_pair, nargs="+", default=[(16, 16), (64, 16), (64, 8)],
+                   metavar="DECODE:PREFILL", help="decode batch : prefill batch (default: 16:16 64:16 64:8)")
+    p.add_argument("--gpu-batch-sizes", type=batch_pair, nargs="+", default=[(16, 16), (64, 16), (64, 64)],
+                   metavar="DECODE:PREFILL")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,10 +150,10 @@ def main(argv=None) -> int:
 
     print(f"{len(requests)} prompts from {args.data.name}, model {args.model}, greedy, "
           f"max_new_tokens={args.max_new_tokens}, min_rationale_tokens={args.min_rationale_tokens}\n")
-    print("| device | method | batch | tokens | seconds | tokens/s | speed-up | agree |")
-    print("|--------|--------|-------|--------|---------|----------|----------|-------|")
+    print("| device | method | batch | prefill | tokens | seconds | tokens/s | speed-up | agree |")
+    print("|--------|--------|-------|---------|--------|---------|----------|----------|-------|")
     for r in rows:
-        print(f"| {r['device']} | {r['method']} | {r['batch']} | {r['tokens']} | {r['seconds']} | "
+        print(f"| {r['device']} | {r['method']} | {r['batch']} | {r['prefill']} | {r['tokens']} | {r['seconds']} | "
               f"{r['tokens_per_s']} | {r['speedup']}x | {r['agree']} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -150,6 +150,61 @@ def test_sampling_is_reproducible_per_example_whatever_the_batch():
     assert example_seed(1, "a") != example_seed(1, "b") and example_seed(1, "a") == example_seed(1, "a")
 
 
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_merged_prefill_caches_decode_like_one_at_a_time(prefill):
+    """Prompts prefilled in micro-batches of different widths, their caches merged into
+    one decode batch: greedy tokens, stop reasons and top-k rows equal one at a time."""
+    model = tiny_llama()
+    reqs = random_requests(9, seed=4)
+    for i, r in enumerate(reqs):
+        r.min_new_tokens = 3 * (i % 3 == 0)
+    widths = {len(r.prompt_ids) for r in reqs}
+    assert len(widths) > 3, "the fixture should give micro-batches of different widths"
+    settings = DecodingSettings(max_new_tokens=10, topk=3)
+    merged = generate(model, reqs, settings, stop_token_ids=STOPS, pad_token_id=0, prefill_batch_size=prefill)
+    reasons = set()
+    for req, got in zip(reqs, merged):
+        alone = generate(model, [req], settings, stop_token_ids=STOPS, pad_token_id=0)[0]
+        assert got.key == req.key and got.token_ids == alone.token_ids and got.stop_reason == alone.stop_reason
+        np.testing.assert_array_equal(got.topk_ids, alone.topk_ids)
+        np.testing.assert_allclose(got.topk_logprobs, alone.topk_logprobs, atol=1e-5)
+        assert got.topk_ids.shape == (len(got.token_ids), 3)
+        reasons.add(got.stop_reason)
+    assert reasons == {"eot", "max_length"}, "rows should finish at different steps"
+
+
+def test_merged_prefill_sampling_is_reproducible_per_example():
+    model = tiny_llama()
+    reqs = random_requests(7, seed=5)
+    s = DecodingSettings(max_new_tokens=12, do_sample=True, temperature=1.2, top_p=0.95, seed=2, topk=2)
+    whole = generate(model, reqs, s, stop_token_ids=STOPS, pad_token_id=0)
+    merged = generate(model, reqs[::-1], s, stop_token_ids=STOPS, pad_token_id=0, prefill_batch_size=2)[::-1]
+    for a, b in zip(whole, merged):
+        assert a.key == b.key and a.token_ids == b.token_ids and a.stop_reason == b.stop_reason
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    assert any(len(g.token_ids) > 2 for g in whole)
+    with pytest.raises(ValueError, match="prefill_batch_size"):
+        generate(model, reqs, s, stop_token_ids=STOPS, pad_token_id=0, prefill_batch_size=0)
+
+
+def test_sliding_window_cache_is_not_merged():
+    """A sliding-window layer keeps more than keys and values: merging is refused with
+    a clear error, one micro-batch keeps the model's own cache."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4,
+    )).eval()
+    reqs = random_requests(3, seed=6)
+    s = DecodingSettings(max_new_tokens=4)
+    with pytest.raises(ValueError, match="prefill batch size"):
+        generate(model, reqs, s, stop_token_ids=[], pad_token_id=0, prefill_batch_size=1)
+    got = generate(model, reqs, s, stop_token_ids=[], pad_token_id=0, prefill_batch_size=3)
+    assert [len(g.token_ids) for g in got] == [4, 4, 4]
+
+
 def test_length_sorted_batches():
     reqs = random_requests(10, seed=3)
     batches = length_sorted_batches(reqs, 4)
@@ -412,6 +467,7 @@ def test_real_smollm2_on_three_pairs(shared_data, tmp_path, one_thread):
     cfg = load_config(None, [
         "model.name_or_path=smollm2", f"rationale.output_dir={tmp_path}", "rationale.max_new_tokens=6",
         "rationale.min_rationale_tokens=3", "rationale.batch_size=3", "rationale.topk=2",
+        "rationale.prefill_batch_size=1",  # three prefills merged into one decode batch
     ])
     model = load_model("smollm2").eval()
     summary = generate_rationales(cfg, examples=examples, model=model, progress=False)
@@ -421,7 +477,8 @@ def test_real_smollm2_on_three_pairs(shared_data, tmp_path, one_thread):
         assert 3 <= rec["rationale_tokens"] <= 6 and rec["rationale"].strip()
         assert rec["stop_reason"] in ("eot", "max_length") and rec["generator"] == "smollm2"
 
-    # Left padding with the real model: the batch of three equals one at a time.
+    # Left padding and merged caches with the real model: the batch of three equals
+    # one at a time.
     tok = load_tokenizer("smollm2")
     fmt = ChatFormat(tok, cfg.data, "auto")
     requests = build_requests(fmt, examples, cfg)

@@ -136,6 +136,9 @@ def generator_reference(cfg: RadisConfig) -> str:
 
 def decoding_settings(cfg: RadisConfig) -> DecodingSettings:
     r = cfg.rationale
+    for name in ("batch_size", "prefill_batch_size"):
+        if getattr(r, name) < 1:
+            raise RationaleInputError(f"rationale.{name} must be >= 1, got {getattr(r, name)}")
     try:
         return DecodingSettings(
             max_new_tokens=r.max_new_tokens, do_sample=r.do_sample, temperature=r.temperature,
@@ -359,7 +362,8 @@ def generate_rationales(
                 bar = tqdm(total=len(mine), unit="ex", desc=f"rationales (rank 0 of {ranks.world_size})", file=sys.stderr)
             for batch in length_sorted_batches(mine, cfg.rationale.batch_size):
                 t0 = time.perf_counter()
-                results = generate(model, batch, settings, stop_token_ids=stop_ids, pad_token_id=pad_id)
+                results = generate(model, batch, settings, stop_token_ids=stop_ids, pad_token_id=pad_id,
+                                   prefill_batch_size=cfg.rationale.prefill_batch_size)
                 gen_time += time.perf_counter() - t0
                 records = [_record(by_id[g.key], g, fmt, cfg, fingerprint, chash) for g in results]
                 topk = {g.key: (g.topk_ids, g.topk_logprobs) for g in results} if settings.topk > 0 else None

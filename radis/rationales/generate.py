@@ -11,10 +11,26 @@ tokens, so a padded row computes exactly what it would compute alone:
     position_ids    [   0   0   0   1   2 ]   (cumsum(mask) - 1, clamped at 0)
                     [   0   1   2   3   4 ]
 
+The prefill and the decode want different batches. The prefill is compute-bound and
+pays for every padded position, so it runs in small length-sorted micro-batches
+(`prefill_batch_size`, little padding); a decode step reads all the weights once
+whatever its number of rows, so the decode wants as many rows as possible. The micro-batches' KV caches are
+therefore merged into one decode batch: each is left-padded along the sequence with
+zero keys/values under a zero mask, then all are stacked along the batch:
+
+    micro-batch A  (prompts of 5)     K [ k k k k k ]       mask [ 1 1 1 1 1 ]
+    micro-batch B  (prompts of 3)     K [ 0 0 k k k ]       mask [ 0 0 1 1 1 ]
+
+Masked columns get no attention weight, and position ids are carried per row, so a
+merged row still computes what it would compute alone.
+
 After the prefill each step feeds one token per row: the mask grows by a column of
 ones and each row's position id is its last one + 1. Rows that have stopped are
 dropped from the batch and from the KV cache (`DynamicCache.batch_select_indices`),
-so a batch gets cheaper as its rows finish instead of decoding padding.
+so a batch gets cheaper as its rows finish; as a drop copies the cache, it waits until
+a quarter of the rows have finished. The cache's layers are preallocated for the
+prompt plus `max_new_tokens` (a step writes one column in place instead of copying
+the cache with torch.cat).
 
 Per step and row, with `logits` = the model's raw next-token logits [B, V] in fp32:
 
@@ -42,6 +58,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 StopReason = Literal["eot", "max_length"]
 
@@ -175,6 +192,109 @@ def _sample(
     return torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(len(generators))])
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in a buffer sized for the whole decode.
+
+    DynamicLayer grows by torch.cat, which copies the whole cache at every step; here a
+    step writes its column in place and `keys`/`values` are views of the filled part:
+
+        buffer  [B, H, capacity, D]    |<-- filled: keys = buffer[:, :, :length] -->|  free  |
+
+    Only what `generate` uses is overridden (update, batch_select_indices); crop and
+    repeat would desynchronise the views.
+    """
+
+    def __init__(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int):
+        super().__init__()
+        self._key_buf, self._value_buf, self._length = key_buf, value_buf, length
+        self.device, self.is_initialized = key_buf.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._key_buf[:, :, : self._length]
+        self.values = self._value_buf[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        if end > self._key_buf.shape[-2]:  # not expected (capacity = prompt + max_new_tokens); grow
+            grow = (0, 0, 0, end - self._key_buf.shape[-2])
+            self._key_buf = torch.nn.functional.pad(self._key_buf, grow)
+            self._value_buf = torch.nn.functional.pad(self._value_buf, grow)
+        self._key_buf[:, :, self._length : end] = key_states
+        self._value_buf[:, :, self._length : end] = value_states
+        self._length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._key_buf, self._value_buf = self._key_buf[indices], self._value_buf[indices]
+        self._views()
+
+
+def _prefill(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    pad_token_id: int,
+    prefill_batch_size: int | None,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor, list[int]]:
+    """Run the prompts through the model in micro-batches and merge their caches.
+
+    Returns, for the merged decode batch of B = len(requests) rows:
+        logits    the next-token logits after each prompt             [B, V] fp32
+        cache     a DynamicCache of _PreallocatedLayer, room for T + max_new_tokens
+                  positions; keys/values per layer                    [B, H, T, D]
+        mask      the attention mask over the cached positions        [B, T]
+        next_pos  each row's next position id                         [B]
+        active    batch row -> request index (rows are in micro-batch order)
+    """
+    device = _model_device(model)
+    n = len(requests)
+    size = n if prefill_batch_size is None else prefill_batch_size
+    order = sorted(range(n), key=lambda i: (-len(requests[i].prompt_ids), requests[i].key))
+    parts = []  # (rows, logits, per-layer (keys, values), mask, next_pos)
+    for lo in range(0, n, size):
+        rows = order[lo : lo + size]
+        input_ids, mask = _left_pad([requests[i].prompt_ids for i in rows], pad_token_id, device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = _returned_cache(out)
+        if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+            # Sliding-window or quantised layers keep more state than keys and values:
+            # their cache is used as the model made it, which needs a single micro-batch.
+            if len(rows) == n:
+                return out.logits[:, -1, :].float(), cache, mask, positions[:, -1] + 1, rows
+            raise ValueError(f"this model's {type(cache).__name__} (not plain DynamicLayer layers) cannot be merged: "
+                             f"set the prefill batch size ({size}) to at least the decode batch ({n})")
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        parts.append((rows, out.logits[:, -1, :].float(), layers, mask, positions[:, -1] + 1))
+
+    width = max(part[3].shape[1] for part in parts)
+
+    # Each micro-batch's keys/values go right-aligned into its rows of one buffer per
+    # layer; the zeros on their left are masked out.
+    capacity = width + max_new_tokens
+    layers = []
+    for layer_idx in range(len(parts[0][2])):
+        k0 = parts[0][2][layer_idx][0]
+        key_buf = k0.new_zeros((n, k0.shape[1], capacity, k0.shape[3]))
+        value_buf = torch.zeros_like(key_buf)
+        row = 0
+        for part in parts:
+            keys, values = part[2][layer_idx]
+            key_buf[row : row + keys.shape[0], :, width - keys.shape[-2] : width] = keys
+            value_buf[row : row + keys.shape[0], :, width - keys.shape[-2] : width] = values
+            row += keys.shape[0]
+        layers.append(_PreallocatedLayer(key_buf, value_buf, width))
+    merged = DynamicCache()
+    merged.layers = layers
+    mask = torch.cat([torch.nn.functional.pad(part[3], (width - part[3].shape[1], 0)) for part in parts])
+    logits = torch.cat([part[1] for part in parts])
+    next_pos = torch.cat([part[4] for part in parts])
+    active = [i for part in parts for i in part[0]]
+    return logits, merged, mask, next_pos, active
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -183,13 +303,18 @@ def generate(
     *,
     stop_token_ids: Sequence[int],
     pad_token_id: int,
+    prefill_batch_size: int | None = None,
 ) -> list[Generation]:
     """Decode one batch of requests with the KV cache; results in request order.
 
     `model` is an HF causal LM (eval mode, on its device); `stop_token_ids` end a
     row (e.g. the chat template's end-of-turn and the EOS); `pad_token_id` only
-    fills the left padding (masked out, so any id works).
+    fills the left padding (masked out, so any id works). The prompts are prefilled
+    in length-sorted micro-batches of `prefill_batch_size` (None: all at once) whose
+    caches are merged, so that all requests decode together.
     """
+    if prefill_batch_size is not None and prefill_batch_size < 1:
+        raise ValueError(f"prefill_batch_size must be >= 1, got {prefill_batch_size}")
     if not requests:
         return []
     for r in requests:
@@ -207,19 +332,13 @@ def generate(
             g.manual_seed(example_seed(settings.seed, r.key))
             generators.append(g)
 
-    input_ids, mask = _left_pad([r.prompt_ids for r in requests], pad_token_id, device)
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    logits, cache, mask, next_pos, active = _prefill(model, requests, pad_token_id, prefill_batch_size, settings.max_new_tokens)
     cache_kw = _cache_keyword(model)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :].float()
-    cache = _returned_cache(out)
-    next_pos = positions[:, -1] + 1  # [B]
 
     tokens: list[list[int]] = [[] for _ in range(n)]
     top_ids: list[list[torch.Tensor]] = [[] for _ in range(n)]
     top_lps: list[list[torch.Tensor]] = [[] for _ in range(n)]
     reasons: list[StopReason | None] = [None] * n
-    active = list(range(n))  # batch row -> request index
     min_new = torch.tensor([r.min_new_tokens for r in requests], dtype=torch.long, device=device)
 
     for step in range(settings.max_new_tokens):
@@ -233,6 +352,8 @@ def generate(
 
         keep: list[int] = []
         for row, (req, tok) in enumerate(zip(active, chosen)):
+            if reasons[req] is not None:  # finished at an earlier step, not yet dropped
+                continue
             if tok in stop_set:
                 reasons[req] = "eot"
                 continue
@@ -246,11 +367,12 @@ def generate(
             keep.append(row)
         if not keep:
             break
-        if len(keep) < len(active):
-            # Drop finished rows from everything that has a batch dimension.
-            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+        # Dropping finished rows copies the whole KV cache, so it waits until a quarter
+        # of the rows are finished; until then they decode along and are ignored.
+        if len(active) - len(keep) >= max(1, len(active) // 4):
             if not hasattr(cache, "batch_select_indices"):
                 raise TypeError(f"{type(cache).__name__}: KV cache without batch_select_indices (need a DynamicCache)")
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
             cache.batch_select_indices(keep_t)
             mask, next_pos = mask[keep_t], next_pos[keep_t]
             chosen = [chosen[row] for row in keep]
