@@ -173,6 +173,29 @@ def test_merged_prefill_caches_decode_like_one_at_a_time(prefill):
     assert reasons == {"eot", "max_length"}, "rows should finish at different steps"
 
 
+def test_shared_prefix_prefill_decodes_like_one_at_a_time():
+    """Prompts that share a system prompt: the prefix runs once per micro-batch, its
+    cache repeated for the rows; outputs equal one at a time (also a prompt that is
+    the prefix plus one token, and micro-batches whose prefix is too short to share)."""
+    from radis.rationales.generate import MIN_SHARED_PREFIX, _shared_prefix_length
+
+    model = tiny_llama()
+    head = list(range(40, 40 + MIN_SHARED_PREFIX + 3))
+    reqs = [Request(r.key, head + r.prompt_ids, min_new_tokens=2) for r in random_requests(6, seed=7)]
+    reqs.append(Request("short", head[:-1] + [5]))  # diverges inside the head
+    reqs.append(Request("tiny", head[:2]))  # too short to share anything
+    assert _shared_prefix_length([r.prompt_ids for r in reqs[:6]]) >= MIN_SHARED_PREFIX
+    settings = DecodingSettings(max_new_tokens=8, topk=3)
+    for prefill in (3, None):
+        merged = generate(model, reqs, settings, stop_token_ids=STOPS, pad_token_id=0, prefill_batch_size=prefill)
+        for req, got in zip(reqs, merged):
+            alone = generate(model, [req], settings, stop_token_ids=STOPS, pad_token_id=0)[0]
+            assert got.token_ids == alone.token_ids and got.stop_reason == alone.stop_reason, (prefill, req.key)
+            np.testing.assert_allclose(got.topk_logprobs, alone.topk_logprobs, atol=1e-5)
+    assert _shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own
+    assert _shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
 def test_merged_prefill_sampling_is_reproducible_per_example():
     model = tiny_llama()
     reqs = random_requests(7, seed=5)
@@ -484,6 +507,9 @@ def test_real_smollm2_on_three_pairs(shared_data, tmp_path, one_thread):
     requests = build_requests(fmt, examples, cfg)
     assert len({len(r.prompt_ids) for r in requests}) == 3  # really different lengths
     settings = DecodingSettings(max_new_tokens=6)
-    for req, rec in zip(requests, recs):
+    # All three prompts start with the same system prompt: prefilled once, shared.
+    shared = generate(model, requests, settings, stop_token_ids=fmt.stop_token_ids, pad_token_id=tok.pad_token_id)
+    for req, rec, both in zip(requests, recs, shared):
         alone = generate(model, [req], settings, stop_token_ids=fmt.stop_token_ids, pad_token_id=tok.pad_token_id)[0]
         assert alone.token_ids == rec["rationale_token_ids"] and alone.stop_reason == rec["stop_reason"]
+        assert both.token_ids == alone.token_ids and both.stop_reason == alone.stop_reason

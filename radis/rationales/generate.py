@@ -22,7 +22,9 @@ zero keys/values under a zero mask, then all are stacked along the batch:
     micro-batch B  (prompts of 3)     K [ 0 0 k k k ]       mask [ 0 0 1 1 1 ]
 
 Masked columns get no attention weight, and position ids are carried per row, so a
-merged row still computes what it would compute alone.
+merged row still computes what it would compute alone. Within a micro-batch, a
+leading run of tokens common to all prompts (the system prompt, the instruction
+head) is computed once and its cache repeated for every row (`_prefill_micro_batch`).
 
 After the prefill each step feeds one token per row: the mask grows by a column of
 ones and each row's position id is its last one + 1. Rows that have stopped are
@@ -231,6 +233,48 @@ class _PreallocatedLayer(DynamicLayer):
         self._views()
 
 
+# Prompts of a micro-batch that share at least this many leading tokens (the system
+# prompt and the instruction head) compute them once; shorter prefixes are not worth it.
+MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix_length(prompts: Sequence[list[int]]) -> int:
+    """Leading tokens common to all prompts, leaving every prompt at least one of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
+
+
+def _prefill_micro_batch(model: torch.nn.Module, prompts: Sequence[list[int]], pad_token_id: int):
+    """One forward over a micro-batch of prompts; returns (model output, mask [b, T],
+    position ids [b, T]). A long enough shared prefix runs once, its cache is repeated
+    for every row and the rest is left-padded after it:
+
+        input   [ s s s s | pad  a0 a1 ]    mask [ 1 1 1 1 | 0 1 1 ]
+                [ s s s s |  b0  b1 b2 ]         [ 1 1 1 1 | 1 1 1 ]
+                  prefix     suffixes            positions continue after the prefix
+    """
+    device = _model_device(model)
+    shared = _shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    if shared < MIN_SHARED_PREFIX:
+        input_ids, mask = _left_pad(prompts, pad_token_id, device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out, mask, positions
+    prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
+    cache = _returned_cache(model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(len(prompts))
+    input_ids, suffix_mask = _left_pad([p[shared:] for p in prompts], pad_token_id, device)
+    mask = torch.cat([suffix_mask.new_ones((len(prompts), shared)), suffix_mask], dim=1)
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, shared:], use_cache=True,
+                logits_to_keep=1, **{_cache_keyword(model): cache})
+    return out, mask, positions
+
+
 def _prefill(
     model: torch.nn.Module,
     requests: Sequence[Request],
@@ -248,16 +292,13 @@ def _prefill(
         next_pos  each row's next position id                         [B]
         active    batch row -> request index (rows are in micro-batch order)
     """
-    device = _model_device(model)
     n = len(requests)
     size = n if prefill_batch_size is None else prefill_batch_size
     order = sorted(range(n), key=lambda i: (-len(requests[i].prompt_ids), requests[i].key))
     parts = []  # (rows, logits, per-layer (keys, values), mask, next_pos)
     for lo in range(0, n, size):
         rows = order[lo : lo + size]
-        input_ids, mask = _left_pad([requests[i].prompt_ids for i in rows], pad_token_id, device)
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out, mask, positions = _prefill_micro_batch(model, [requests[i].prompt_ids for i in rows], pad_token_id)
         cache = _returned_cache(out)
         if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
             # Sliding-window or quantised layers keep more state than keys and values:
