@@ -295,7 +295,13 @@ def _prefill(
     n = len(requests)
     size = n if prefill_batch_size is None else prefill_batch_size
     order = sorted(range(n), key=lambda i: (-len(requests[i].prompt_ids), requests[i].key))
-    parts = []  # (rows, logits, per-layer (keys, values), mask, next_pos)
+    # Each micro-batch's keys/values go right-aligned into its rows of one buffer per
+    # layer (the zeros on their left are masked out) as soon as it is prefilled, so at
+    # most one micro-batch cache exists beside the buffers.
+    key_bufs: list[torch.Tensor] = []
+    value_bufs: list[torch.Tensor] = []
+    logits, masks, next_pos, active = [], [], [], []
+    width = 0
     for lo in range(0, n, size):
         rows = order[lo : lo + size]
         out, mask, positions = _prefill_micro_batch(model, [requests[i].prompt_ids for i in rows], pad_token_id)
@@ -307,33 +313,28 @@ def _prefill(
                 return out.logits[:, -1, :].float(), cache, mask, positions[:, -1] + 1, rows
             raise ValueError(f"this model's {type(cache).__name__} (not plain DynamicLayer layers) cannot be merged: "
                              f"set the prefill batch size ({size}) to at least the decode batch ({n})")
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        parts.append((rows, out.logits[:, -1, :].float(), layers, mask, positions[:, -1] + 1))
+        if not key_bufs:
+            # Longest prompts first: the first micro-batch is the widest.
+            width = mask.shape[1]
+            for layer in cache.layers:
+                _, heads, _, dim = layer.keys.shape
+                key_bufs.append(layer.keys.new_zeros((n, heads, width + max_new_tokens, dim)))
+                value_bufs.append(layer.values.new_zeros((n, heads, width + max_new_tokens, layer.values.shape[-1])))
+        t = mask.shape[1]  # = the micro-batch's longest prompt, shared prefix or not
+        if t > width:
+            raise RuntimeError(f"prefill micro-batch of width {t} after one of width {width}: not length-sorted")
+        for key_buf, value_buf, layer in zip(key_bufs, value_bufs, cache.layers):
+            key_buf[lo : lo + len(rows), :, width - t : width] = layer.keys
+            value_buf[lo : lo + len(rows), :, width - t : width] = layer.values
+        logits.append(out.logits[:, -1, :].float())
+        masks.append(torch.nn.functional.pad(mask, (width - t, 0)))
+        next_pos.append(positions[:, -1] + 1)
+        active.extend(rows)
+        del out, cache
 
-    width = max(part[3].shape[1] for part in parts)
-
-    # Each micro-batch's keys/values go right-aligned into its rows of one buffer per
-    # layer; the zeros on their left are masked out.
-    capacity = width + max_new_tokens
-    layers = []
-    for layer_idx in range(len(parts[0][2])):
-        k0 = parts[0][2][layer_idx][0]
-        key_buf = k0.new_zeros((n, k0.shape[1], capacity, k0.shape[3]))
-        value_buf = torch.zeros_like(key_buf)
-        row = 0
-        for part in parts:
-            keys, values = part[2][layer_idx]
-            key_buf[row : row + keys.shape[0], :, width - keys.shape[-2] : width] = keys
-            value_buf[row : row + keys.shape[0], :, width - keys.shape[-2] : width] = values
-            row += keys.shape[0]
-        layers.append(_PreallocatedLayer(key_buf, value_buf, width))
     merged = DynamicCache()
-    merged.layers = layers
-    mask = torch.cat([torch.nn.functional.pad(part[3], (width - part[3].shape[1], 0)) for part in parts])
-    logits = torch.cat([part[1] for part in parts])
-    next_pos = torch.cat([part[4] for part in parts])
-    active = [i for part in parts for i in part[0]]
-    return logits, merged, mask, next_pos, active
+    merged.layers = [_PreallocatedLayer(k, v, width) for k, v in zip(key_bufs, value_bufs)]
+    return torch.cat(logits), merged, torch.cat(masks), torch.cat(next_pos), active
 
 
 @torch.no_grad()
