@@ -450,6 +450,9 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     strict = _cfg(tiny_generator, tmp_path / "strict", "data.on_empty=error")
     with pytest.raises(RationaleInputError, match=r"'t:empty': empty reference"):
         generate_rationales(strict, examples=_examples(), progress=False)
+    no_prefill = _cfg(tiny_generator, tmp_path / "np", "rationale.prefill_batch_size=0")
+    with pytest.raises(RationaleInputError, match=r"rationale.prefill_batch_size must be >= 1, got 0"):
+        generate_rationales(no_prefill, examples=_examples(), progress=False)
 
     # A tokenizer without a chat template and no built-in fallback for it.
     bare = tmp_path / "bare"
