@@ -116,10 +116,10 @@ class RationaleConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    batch_size: int = 16  # rows decoded together (each step reads the weights once for all)
+    batch_size: int = 64  # rows decoded together (each step reads the weights once for all)
     # Prompts prefilled together (length-sorted micro-batches, merged into the decode
     # batch): prefill pays for padding, decode wants many rows.
-    prefill_batch_size: int = 16
+    prefill_batch_size: int = 8
     # Record the generator's top-k log-probs per rationale token (0 = off).
     topk: int = 0
     # Sources longer than this many tokens are skipped (counted, with reason).
