@@ -50,7 +50,7 @@ matmul, whose backward does not read its output). No fp32 copy of [N, V] is made
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -177,6 +177,29 @@ def radis_linear_loss(
 # --------------------------------------------------------------------------- module
 
 
+def loss_options(
+    *,
+    w_mt: float = 1.0,
+    w_rd: float = 1.0,
+    mode: Mode = "pooled",
+    kd_weight: float = 0.0,
+    impl: Impl = "auto",
+    chunk_size: int = 1024,
+    validate: bool = True,
+) -> dict[str, Any]:
+    """The loss hyper-parameters a module fixes at construction, checked once.
+
+    Shared by `RadisLoss` and the modules of radis.loss_head; the dict is passed on as
+    keyword arguments of `radis_loss` / `radis_linear_loss`.
+    """
+    if mode not in ("pooled", "span"):
+        raise ValueError(f"mode: expected 'pooled' or 'span', got {mode!r}")
+    return {
+        "w_mt": w_mt, "w_rd": w_rd, "mode": mode, "kd_weight": kd_weight,
+        "impl": impl, "chunk_size": chunk_size, "validate": validate,
+    }
+
+
 class RadisLoss(nn.Module):
     """`radis_loss` / `radis_linear_loss` with the hyper-parameters fixed at construction.
 
@@ -185,24 +208,10 @@ class RadisLoss(nn.Module):
     radis.loss_head.RadisLossHead instead (it gathers the sharded head weight).
     """
 
-    def __init__(
-        self,
-        *,
-        w_mt: float = 1.0,
-        w_rd: float = 1.0,
-        mode: Mode = "pooled",
-        kd_weight: float = 0.0,
-        impl: Impl = "auto",
-        chunk_size: int = 1024,
-        validate: bool = True,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
+        """options: w_mt, w_rd, mode, kd_weight, impl, chunk_size, validate (`loss_options`)."""
         super().__init__()
-        if mode not in ("pooled", "span"):
-            raise ValueError(f"mode: expected 'pooled' or 'span', got {mode!r}")
-        self.kwargs = {
-            "w_mt": w_mt, "w_rd": w_rd, "mode": mode, "kd_weight": kd_weight,
-            "impl": impl, "chunk_size": chunk_size, "validate": validate,
-        }
+        self.kwargs = loss_options(**options)
 
     def forward(
         self,

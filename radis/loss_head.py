@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from radis.loss import Impl, Mode, Normalizer, RadisLossOutput, radis_linear_loss
+from radis.loss import Normalizer, RadisLossOutput, loss_options, radis_linear_loss
 
 
 def call_as_forward(module: nn.Module, fn, *args: Any) -> Any:
@@ -91,21 +91,12 @@ class RadisLossHead(nn.Module):
     def __init__(
         self,
         lm_head: nn.Linear,
-        *,
-        w_mt: float = 1.0,
-        w_rd: float = 1.0,
-        mode: Mode = "pooled",
-        kd_weight: float = 0.0,
-        impl: Impl = "auto",
-        chunk_size: int = 1024,
-        validate: bool = True,
+        **options: Any,
     ) -> None:
+        """options: w_mt, w_rd, mode, kd_weight, impl, chunk_size, validate (radis.loss.loss_options)."""
         super().__init__()
         self.lm_head = lm_head
-        self.loss_kwargs = {
-            "w_mt": w_mt, "w_rd": w_rd, "mode": mode, "kd_weight": kd_weight,
-            "impl": impl, "chunk_size": chunk_size, "validate": validate,
-        }
+        self.loss_kwargs = loss_options(**options)
 
     def forward(
         self,
@@ -139,23 +130,14 @@ class RadisCausalLM(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        *,
-        w_mt: float = 1.0,
-        w_rd: float = 1.0,
-        mode: Mode = "pooled",
-        kd_weight: float = 0.0,
-        impl: Impl = "auto",
-        chunk_size: int = 1024,
-        validate: bool = True,
+        **options: Any,
     ) -> None:
+        """options: w_mt, w_rd, mode, kd_weight, impl, chunk_size, validate (radis.loss.loss_options)."""
         super().__init__()
         self.model = model
         if model.get_output_embeddings() is None:
             raise ValueError(f"model: {type(model).__name__} has no output embeddings (not a causal LM?)")
-        self.loss_kwargs = {
-            "w_mt": w_mt, "w_rd": w_rd, "mode": mode, "kd_weight": kd_weight,
-            "impl": impl, "chunk_size": chunk_size, "validate": validate,
-        }
+        self.loss_kwargs = loss_options(**options)
 
     @classmethod
     def from_config(cls, model: nn.Module, loss_cfg: Any, *, validate: bool = False) -> RadisCausalLM:
