@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from radis.io import write_json_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "recipes" / "demo_smollm2.yaml"
 
@@ -119,9 +121,7 @@ def _load_state(path: Path) -> dict[str, dict]:
 
 
 def _save_state(path: Path, state: dict[str, dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, state)
 
 
 def main(argv: list[str] | None = None) -> int:

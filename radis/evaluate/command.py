@@ -37,7 +37,6 @@ from radis.cli import add_config_arguments
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import Example
 from radis.evaluate import metrics, retention
-from radis.evaluate.retention import write_json_atomic
 from radis.evaluate.translate import (
     Translation,
     dist_info,
@@ -45,6 +44,7 @@ from radis.evaluate.translate import (
     pad_token_id,
     translate,
 )
+from radis.io import write_json_atomic
 
 MODEL_SPEC = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
 
@@ -408,7 +408,7 @@ class _Original:
         new = self.answers if same else retention.greedy_answers(tuned, self.prompts, encode, fmt.decode_answer, **decode_kw)
         sums = retention.teacher_forced_sums(original, tuned, self.answers, pad_id=pad_token_id(tokenizer))
         if dist_info()[0] == 0:
-            retention.write_json_atomic(Path(cfg.eval.output_dir) / name / "retention_answers.json", [
+            write_json_atomic(Path(cfg.eval.output_dir) / name / "retention_answers.json", [
                 {"id": i, "original": o, "new": n} for i, o, n in zip(self.answers.ids, self.answers.texts, new.texts)])
         out = retention.retention_proxies(sums, retention.compare_answers(self.answers, new))
         if same:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from radis.io import write_atomic
+
 # (key in a point's "retention" dict, axis label, lower is better)
 PANELS: tuple[tuple[str, str, bool], ...] = (
     ("kl", "KL(original || tuned) per token  (lower = kept more)", True),
@@ -66,9 +68,6 @@ def plot_quality_vs_retention(points: Sequence[dict[str, Any]], path: str | os.P
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

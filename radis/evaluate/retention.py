@@ -41,6 +41,7 @@ from radis.evaluate.translate import (
     gather_objects,
     model_device,
 )
+from radis.io import write_json_atomic
 from radis.rationales.generate import Request, length_sorted_batches
 
 REQUIRED_FIELDS = ("id", "category", "prompt")
@@ -262,12 +263,3 @@ def load_cached_answers(path: Path) -> Answers | None:
 
 def save_cached_answers(path: Path, answers: Answers, meta: dict[str, Any]) -> None:
     write_json_atomic(path, {"meta": meta, "answers": answers.to_dict()})
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON next to its final name, then rename it into place (no half files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

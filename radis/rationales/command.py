@@ -55,6 +55,7 @@ import torch
 
 from radis.config import RadisConfig
 from radis.data.example import Example
+from radis.io import write_json_atomic, write_jsonl_atomic
 from radis.rationales.generate import (
     DecodingSettings,
     Generation,
@@ -68,8 +69,6 @@ from radis.rationales.store import (
     OutputMismatchError,
     RationaleStore,
     config_hash,
-    write_json_atomic,
-    write_jsonl_atomic,
 )
 
 # Joining the group must happen within minutes (a wrong address should fail, not hang);

@@ -33,13 +33,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from radis.io import write_bytes_atomic, write_json_atomic, write_jsonl_atomic
 
 FORMAT = "radis-rationales/1"
 MANIFEST = "manifest.json"
@@ -69,35 +70,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Run `write(file)` on a temp file beside `path`, fsync it, rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
-    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
-    def write(f):
-        for rec in records:
-            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    _write_atomic(Path(path), write)
-
-
 def save_topk_atomic(path: str | os.PathLike, topk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Save {id: (ids [n, k] int32, logprobs [n, k] float32)} as one safetensors file."""
     from safetensors.numpy import save
@@ -107,7 +79,7 @@ def save_topk_atomic(path: str | os.PathLike, topk: dict[str, tuple[np.ndarray, 
         tensors[f"{key}/ids"] = np.ascontiguousarray(ids, dtype=np.int32)
         tensors[f"{key}/logprobs"] = np.ascontiguousarray(lps, dtype=np.float32)
     blob = save(tensors, metadata={"format": FORMAT})
-    _write_atomic(Path(path), lambda f: f.write(blob))
+    write_bytes_atomic(path, blob)
 
 
 def load_topk(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:

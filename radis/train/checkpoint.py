@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from radis.io import write_text_atomic
+
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 HF_SUBDIR = "hf"
@@ -66,16 +68,6 @@ def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
         return []
     tags = [d.name for d in root.iterdir() if d.is_dir() and step_of_tag(d.name) is not None]
     return sorted(tags, key=lambda t: step_of_tag(t))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def remove_partial(ckpt_dir: str | os.PathLike) -> list[str]:

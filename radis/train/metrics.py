@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from radis.io import write_text_atomic
+
 # Dense (non-sparse) tensor-core peaks in TFLOP/s for bf16/fp16, per GPU.
 _GPU_PEAK_TFLOPS = {
     "H200": 989.0,
@@ -153,9 +155,7 @@ class MetricsWriter:
                 continue  # a line cut by a crash
             if rec.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         """One record {"kind", "step", "time", **scalars}; TensorBoard tag `<kind>/<name>`."""

@@ -1,0 +1,56 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one,
+never half of one.
+
+Every writer goes through `write_atomic`: the bytes go to a temporary file in the same
+directory, are flushed and fsynced, and the file is renamed over its final name
+(`os.replace` is atomic within a file system); a failure removes the temporary file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Run `write(file)` on a temp file beside `path`, fsync it, rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # ".tmp-" first: the rationale store removes such leftovers of a killed run at start
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Indented UTF-8 JSON with a trailing newline."""
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """One JSON object per line."""
+
+    def write(f: IO[bytes]) -> None:
+        for rec in records:
+            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    write_atomic(path, write)
