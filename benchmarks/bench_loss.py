@@ -53,9 +53,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from radis.models import DTYPES
+
 CPU_VARIANTS = ["naive", "radis_torch", "radis_linear_torch"]
 GPU_VARIANTS = CPU_VARIANTS + ["radis_triton", "radis_linear_triton", "compiled_ce", "liger_flce"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):

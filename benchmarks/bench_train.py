@@ -168,7 +168,12 @@ def hf_worker(args: argparse.Namespace) -> None:
     from radis.data.build import load_or_build
     from radis.data.loader import PackedLoader
     from radis.ds_config import RunShape, derive_ds_config
-    from radis.models import default_attn_implementation, default_dtype, load_tokenizer
+    from radis.models import (
+        default_attn_implementation,
+        default_dtype,
+        dtype_name,
+        load_tokenizer,
+    )
     from radis.train.metrics import (
         count_matmul_params,
         peak_flops_per_rank,
@@ -211,8 +216,8 @@ def hf_worker(args: argparse.Namespace) -> None:
         def __getitem__(self, i):
             return micro[i][0]
 
-    ds_json = derive_ds_config(cfg, RunShape(world_size=world, precision={torch.float32: "float32",
-                               torch.bfloat16: "bfloat16"}[dtype], hidden_size=None, cuda=cuda))
+    ds_json = derive_ds_config(cfg, RunShape(world_size=world, precision=dtype_name(dtype),
+                               hidden_size=None, cuda=cuda))
     # DeepSpeed derives the global batch itself; the HF integration on CPU computes it with
     # a world size of 1 (its device state is not the process group's), so leave it out.
     del ds_json["train_batch_size"]

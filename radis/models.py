@@ -102,11 +102,20 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
     return out
 
 
+# The dtypes a config or command line may name (`model.dtype`, `radis export --dtype`).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the inverse of DTYPES)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def default_dtype(name: str = "auto") -> torch.dtype:
     """"auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def flash_attn_available() -> bool:

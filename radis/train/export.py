@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from radis.models import DTYPES
 from radis.train.checkpoint import HF_SUBDIR, LATEST
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = DTYPES
 
 
 class ExportError(RuntimeError):

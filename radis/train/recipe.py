@@ -62,7 +62,12 @@ def preflight(cfg: RadisConfig) -> None:
     DeepSpeed JSON is reported at once instead of after the ranks have met.
     """
     from radis.ds_config import RunShape, load_ds_config
-    from radis.models import ModelNotFoundError, default_dtype, resolve_model_path
+    from radis.models import (
+        ModelNotFoundError,
+        default_dtype,
+        dtype_name,
+        resolve_model_path,
+    )
 
     try:
         resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
@@ -98,8 +103,7 @@ def preflight(cfg: RadisConfig) -> None:
     t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     warmup = t.warmup_steps if t.warmup_steps > 0 else (0 if t.warmup_ratio == 0 else None)
-    precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-        default_dtype(cfg.model.dtype)]
+    precision = dtype_name(default_dtype(cfg.model.dtype))
     load_ds_config(cfg, RunShape(world_size=world, precision=precision, total_steps=t.max_steps, warmup_steps=warmup,
                                  cuda=torch.cuda.is_available()), check_only=True)
     out = Path(os.path.expanduser(cfg.train.output_dir))
@@ -215,7 +219,9 @@ class RadisRecipe:
         # -- the DeepSpeed JSON (derived, or the user's with "auto" resolved)
         hf_config = AutoConfig.from_pretrained(model_path)
         hidden = getattr(hf_config, "hidden_size", None)
-        self.precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
+        from radis.models import dtype_name
+
+        self.precision = dtype_name(self.dtype)
         shape = RunShape(world_size=self.world, precision=self.precision, hidden_size=hidden,
                          total_steps=self.total_steps, warmup_steps=self.warmup_steps, cuda=self.cuda)
         self.ds_config = load_ds_config(cfg, shape)
