@@ -36,8 +36,8 @@ def build(args):
     from radis.config import SourceConfig, load_config
     from radis.data.prompts import ChatFormat
     from radis.data.sources import read_source
+    from radis.generation.command import build_requests
     from radis.models import load_tokenizer
-    from radis.rationales.command import build_requests
 
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"rationale.min_rationale_tokens={args.min_rationale_tokens}"])
     examples = read_source(SourceConfig(path=str(args.data), limit=args.examples))
@@ -47,7 +47,7 @@ def build(args):
 
 
 def run_ours(model, requests, fmt, pad_id, max_new, batch_size, prefill_batch_size):
-    from radis.rationales.generate import (
+    from radis.generation.decode import (
         DecodingSettings,
         generate,
         length_sorted_batches,

@@ -2,7 +2,8 @@
 
     radis build-data    --config X.yaml [key=value ...]   sources -> packed shards
     radis inspect-data  --config X.yaml [key=value ...]   show examples with spans marked
-    radis rationales    --config X.yaml [key=value ...]   the model writes its rationales
+    radis generate      --config X.yaml [key=value ...]   the model writes rationales or baseline targets
+    radis rationales    (the same as generate)
     radis train         --config X.yaml [key=value ...]   RaDis / vanilla on DeepSpeed
     radis export        --checkpoint DIR --out DIR        consolidated HF model directory
     radis evaluate      --config X.yaml [key=value ...]   BLEU/chrF/COMET + retention
@@ -21,19 +22,13 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-data": ("radis.data.build", "tokenise, span-label and pack parallel data into cached shards"),
     "inspect-data": ("radis.data.inspect", "print examples with prompt / translation / rationale spans marked"),
-    "rationales": ("radis.rationales.command", "generate rationales with the model itself (distributed, resumable)"),
+    "generate": ("radis.generation.command",
+                 "the model writes its own training data: rationales, Seq-KD or SDFT targets (distributed, resumable)"),
+    "rationales": ("radis.generation.command", "the same as `radis generate` (its first name)"),
     "train": ("radis.train.command", "train with RaDis or vanilla fine-tuning on DeepSpeed"),
     "export": ("radis.train.export", "export a checkpoint as a consolidated Hugging Face model directory"),
     "evaluate": ("radis.evaluate.command", "translation quality and general-ability retention"),
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The `--config FILE` option and trailing `key=value` overrides shared by subcommands."""
-    parser.add_argument("--config", "-c", required=required, help="YAML configuration file (see README: Configuration)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="override a config value, e.g. train.lr=1e-5 data.max_tokens=4096"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    args.command_name = name  # the name it was called by (`radis rationales` is `radis generate`)
     from radis.config import ConfigError
 
     try:

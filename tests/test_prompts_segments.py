@@ -34,16 +34,6 @@ def examples(with_rationale=True):
     ]
 
 
-@pytest.fixture(scope="session")
-def smol_tokenizer():
-    from radis.models import ModelNotFoundError, load_tokenizer
-
-    try:
-        return load_tokenizer("smollm2")
-    except ModelNotFoundError as err:
-        pytest.skip(str(err))
-
-
 @pytest.fixture(params=[("sp", "llama2"), ("sp", "mistral"), ("smol", "auto"), ("smol", "chatml")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def fmt(request):

@@ -126,7 +126,7 @@ def test_hf_save_to_disk(tmp_path):
 
 
 def test_rationale_records_with_meta_and_topk(tmp_path):
-    from radis.rationales.store import save_topk_atomic
+    from radis.data.records import save_topk_atomic
 
     out = tmp_path / "rationales"
     out.mkdir()

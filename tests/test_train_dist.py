@@ -351,42 +351,51 @@ def test_nan_loss_is_skipped_then_stops_naming_step_and_examples(work, sp_tokeni
 # --------------------------------------------------------------------------- run F
 
 
-def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, tmp_path):
-    """Rationale records carry the generator's top-k log-probs (here: the tiny model itself,
-    teacher-forced, as `radis rationales --topk` records them). Before any update the student
-    is the teacher, so KL(q || p) of the renormalised top-k q is exactly -log(top-k mass):
-    the trainer's logged `kd` of step 1 must equal that, computed here in plain PyTorch."""
+def with_recorded_topk(records: list[dict], model_dir: Path, tokenizer, out: Path, k: int = 4) -> list[float]:
+    """Write `records` as generation records carrying the top-k of the model at `model_dir`
+    over their rationale tokens (teacher-forced, as `radis generate` with rationale.topk
+    records them), to `out` (+ its .topk.safetensors). Returns per rationale token the
+    KL(q || p) a student equal to that model has: -log(top-k mass)."""
     import numpy as np
     from transformers import AutoModelForCausalLM
 
     from radis.config import load_config
     from radis.data.example import Example
     from radis.data.prompts import ChatFormat
-    from radis.rationales.store import save_topk_atomic
+    from radis.data.records import save_topk_atomic
 
-    K = 4
-    cfg = load_config(work["config"])
-    fmt = ChatFormat(sp_tokenizer, cfg.data, "llama2")
-    model = AutoModelForCausalLM.from_pretrained(work["model"], attn_implementation="sdpa").eval()
-    records = [json.loads(line) for line in (work["root"] / "train.rationales.jsonl").read_text().splitlines()[:6]]
-    topk, want_kl = {}, []
+    cfg = load_config(None, [])
+    fmt = ChatFormat(tokenizer, cfg.data, "llama2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    topk, want_kl, recs = {}, [], []
     for rec in records:
+        rec = dict(rec)
         ex = Example(id=rec["id"], src_lang="de", tgt_lang="en", source=rec["source"], reference=rec["reference"])
-        rd_ids = sp_tokenizer(rec["rationale"], add_special_tokens=False).input_ids
+        rd_ids = tokenizer(rec["rationale"], add_special_tokens=False).input_ids
         prefix = fmt.prompt_ids(ex) + fmt.answer_ids(rec["reference"], continuation=False) + \
             fmt.answer_ids(cfg.data.separator, continuation=True)
         with torch.no_grad():
             logits = model(torch.tensor([prefix + rd_ids])).logits[0].double()
         logp = torch.log_softmax(logits[len(prefix) - 1:len(prefix) + len(rd_ids) - 1], dim=-1)  # predicts rd_ids
-        top = logp.topk(K, dim=-1)
+        top = logp.topk(k, dim=-1)
         topk[rec["id"]] = (top.indices.numpy().astype(np.int32), top.values.float().numpy())
         want_kl += (-torch.logsumexp(top.values, dim=-1)).tolist()  # KL(q || p) = -log Σ_topk p
         rec.update(rationale_token_ids=rd_ids, tokenizer_fingerprint=fmt.fingerprint, separator=cfg.data.separator,
-                   topk=K)
-    data = tmp_path / "kd.rationales.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    save_topk_atomic(tmp_path / "kd.rationales.topk.safetensors", topk)
+                   topk=k, strategy="continue")
+        recs.append(rec)
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    save_topk_atomic(out.with_name(out.name[: -len(".jsonl")] + ".topk.safetensors"), topk)
+    return want_kl
 
+
+def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, tmp_path):
+    """Rationale records carry the generator's top-k log-probs (here: the tiny model itself).
+    Before any update the student is the teacher, so KL(q || p) of the renormalised top-k q
+    is exactly -log(top-k mass): the trainer's logged `kd` of step 1 must equal that,
+    computed here in plain PyTorch."""
+    records = [json.loads(line) for line in (work["root"] / "train.rationales.jsonl").read_text().splitlines()[:6]]
+    data = tmp_path / "kd.rationales.jsonl"
+    want_kl = with_recorded_topk(records, work["model"], sp_tokenizer, data)
     out = tmp_path / "run_f"
     proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
                  f"data.train=[{{path: {data}}}]", "data.valid=[]", f"data.cache_dir={tmp_path / 'cache'}",
@@ -397,6 +406,53 @@ def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, t
     # every example is in the one step (4 packs of 512 tokens hold all six)
     assert rec["kd"] == pytest.approx(sum(want_kl) / len(want_kl), rel=1e-4)
     assert 0 < rec["kd"] < rec["loss_rd"]
+
+
+def test_kd_with_validation_that_leaves_a_rank_only_padding(work, sp_tokenizer, tmp_path):
+    """2 ranks, KD on: the validation set is one plain pair (no teacher), one pack, so rank 1
+    validates only the all-padding micro-batch that evens out the ranks; at step 0 and after
+    every step, without a teacher in any validation batch."""
+    records = [json.loads(line) for line in (work["root"] / "train.rationales.jsonl").read_text().splitlines()[:16]]
+    data = tmp_path / "kd.rationales.jsonl"
+    with_recorded_topk(records, work["model"], sp_tokenizer, data)
+    valid = tmp_path / "valid.de-en.jsonl"
+    valid.write_text(json.dumps({"translation": {"de": "die ware hat", "en": "the goods cost"}}) + "\n")
+    out = tmp_path / "run_kd_valid"
+    proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "radis.cli", "train",
+                 "--config", str(work["config"]), f"data.train=[{{path: {data}}}]", f"data.valid=[{{path: {valid}}}]",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.max_steps=2",
+                 "train.eval_every=1", "train.save_every=0", "loss.kd_weight=0.5"])
+    assert proc.returncode == 0, proc.log
+    valid_recs = read_metrics(out / "metrics.jsonl", "valid")
+    assert [r["step"] for r in valid_recs] == [0, 1, 2]
+    assert all(r["tokens_mt"] > 0 and r["tokens_rd"] == 0 for r in valid_recs)
+    assert all(r["kd"] > 0 for r in read_metrics(out / "metrics.jsonl", "train"))
+
+
+def test_kd_run_skips_a_nan_batch(work, sp_tokenizer, tmp_path):
+    """KD on and a NaN batch: the skip runs an all-padding micro-batch (no teacher) and
+    training goes on; the second occurrence stops the run as without KD."""
+    (nan_id,) = [i for i in sp_tokenizer("§", add_special_tokens=False).input_ids
+                 if sp_tokenizer.convert_ids_to_tokens(i) == "<0xA7>"]
+    model = make_tiny_llama(sp_tokenizer, tmp_path / "nan_model", tied=False, nan_token=nan_id)
+    raw = tmp_path / "nan.rationales.jsonl"
+    write_rationales(raw, 8, seed=3, prefix="nan", special={5: "§"})
+    data = tmp_path / "nan_kd.rationales.jsonl"
+    with_recorded_topk([json.loads(line) for line in raw.read_text().splitlines()], work["model"], sp_tokenizer, data)
+    out = tmp_path / "run_kd_nan"
+    proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
+                 f"model.name_or_path={model}", f"data.train=[{{path: {data}}}]", "data.valid=[]",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.zero_stage=2",
+                 "train.deepspeed_config=null", "train.gradient_accumulation_steps=1", "train.max_steps=20",
+                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1", "loss.kd_weight=0.5"])
+    assert proc.returncode == 1, proc.log
+    assert "skipped (1/1)" in proc.stdout, proc.log
+    err = next((line for line in proc.stderr.splitlines() if "radis train: non-finite loss at step " in line),
+               proc.stderr[-3000:])
+    assert "'nan5'" in err and "epoch 1" in err, err
+    train = read_metrics(out / "metrics.jsonl")
+    assert sum(r["skipped_micro_batches"] for r in train) == 1
+    assert any(r["kd"] > 0 for r in train)
 
 
 # --------------------------------------------------------------------------- ZeRO-3 head

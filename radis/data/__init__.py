@@ -1,1 +1,1 @@
-"""The data path: sources -> segments -> packing -> loader (see DESIGN.md)."""
+"""The data path: sources -> records -> segments -> packing -> loader (see docs/design.md)."""

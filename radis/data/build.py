@@ -358,7 +358,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from radis.cli import add_config_arguments
+    from radis.runtime import add_config_arguments
 
     add_config_arguments(parser)
     parser.add_argument("--split", choices=["train", "valid", "all"], default="all",

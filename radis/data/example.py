@@ -21,7 +21,7 @@ class Example:
     `id` is stable across runs (derived from the source file and record index) so that
     rationale generation can resume and rationales can be joined back to pairs.
     `teacher` optionally carries the generator's top-k ids/log-probs per rationale
-    token (see radis.rationales) for the token-level distillation loss.
+    token (see radis.generation) for the token-level distillation loss.
     """
 
     id: str

@@ -6,8 +6,14 @@ Each example is built exactly as `radis build-data` builds it (same ChatFormat, 
 segments) and printed as decoded text with its spans marked:
 
     ==== deen/train.de-en:0:de-en  (de-en)  tokens: prompt 61 | MT 14 | RD 37 | total 112
+    from outputs/rationales/rationales.jsonl; target: the human reference + a continue rationale by smollm2
     <|im_start|>user\nTranslate the following text from German into English. ...
     ⟦MT The goods cost less than 20 euros.⟧⟦RD \n\nThe word "Ware" ... <|im_end|>\n⟧
+
+The second line says which target the example trains on and where it came from
+(radis.data.records.training_target): the human reference, a rationale after it, or a
+Seq-KD / SDFT answer that replaces it (or the reference kept because the answer was
+rejected, and why).
 
 Without a TTY (or with --color never) the markers are ⟦MT …⟧ and ⟦RD …⟧; on a
 terminal MT text is green, RD text cyan and the prompt dim, markers included. The
@@ -40,8 +46,9 @@ def span_runs(spans: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 def render_segment(seg: Segment, tokenizer: Any, *, color: bool = False, show_prompt: bool = True,
-                   direction: str = "") -> str:
-    """One segment as a header line and its decoded text with the spans marked."""
+                   direction: str = "", origin: str = "") -> str:
+    """One segment as a header line, an `origin` line (when given), and its decoded text
+    with the spans marked."""
     counts = {IGNORE: 0, MT: 0, RD: 0}
     for s in seg.spans:
         counts[int(s)] = counts.get(int(s), 0) + 1
@@ -59,15 +66,18 @@ def render_segment(seg: Segment, tokenizer: Any, *, color: bool = False, show_pr
         else:
             marked = f"⟦{MARK[label]} {text}⟧"
             parts.append(f"{COLORS[label]}{marked}{RESET}" if color else marked)
-    return head + "\n" + "".join(parts)
+    return head + "\n" + (f"{origin}\n" if origin else "") + "".join(parts)
 
 
 def inspect_examples(cfg: Any, split: str = "train", num: int = 3, tokenizer: Any = None, *,
-                     color: bool = False, show_prompt: bool = True, out: TextIO = sys.stdout) -> int:
-    """Print the first `num` examples of `split`; returns how many were printed."""
+                     color: bool = False, show_prompt: bool = True, out: TextIO | None = None) -> int:
+    """Print the first `num` examples of `split` to `out` (default: the current sys.stdout);
+    returns how many were printed."""
+    out = out if out is not None else sys.stdout
     from radis.data.prompts import ChatFormat
+    from radis.data.records import training_target
     from radis.data.segments import build_segments
-    from radis.data.sources import read_sources
+    from radis.data.sources import read_source
 
     sources = getattr(cfg.data, split)
     if not sources:
@@ -77,14 +87,24 @@ def inspect_examples(cfg: Any, split: str = "train", num: int = 3, tokenizer: An
 
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
     fmt = ChatFormat(tokenizer, cfg.data, cfg.model.chat_template)
-    examples, _ = read_sources(sources, cfg.data.on_empty)
-    examples = examples[:num]
+    examples, origin = [], {}  # the first `num` examples, read source by source
+    for src in sources:
+        for ex in read_source(src, cfg.data.on_empty)[:num - len(examples)]:
+            examples.append(ex)
+            origin[ex.id] = src.path
+        if len(examples) >= num:
+            break
+    with_rationale = cfg.loss.method == "radis"
     segments, stats = build_segments(fmt, examples, separator=cfg.data.separator, max_tokens=cfg.data.max_tokens,
-                                     with_rationale=cfg.loss.method == "radis")
-    direction = {ex.id: ex.direction for ex in examples}
+                                     with_rationale=with_rationale)
+    by_id = {ex.id: ex for ex in examples}
     for seg in segments:
-        print(render_segment(seg, tokenizer, color=color, show_prompt=show_prompt,
-                             direction=direction.get(seg.example_id, "")), file=out)
+        ex = by_id[seg.example_id]
+        target = training_target(ex)
+        if ex.rationale and not with_rationale:
+            target = "target: the human reference (loss.method=vanilla leaves the rationale out)"
+        print(render_segment(seg, tokenizer, color=color, show_prompt=show_prompt, direction=ex.direction,
+                             origin=f"from {origin[ex.id]}; {target}"), file=out)
         print(file=out)
     if stats.dropped_too_long:
         print(f"({stats.dropped_too_long} of the first {len(examples)} examples exceed data.max_tokens="
@@ -93,7 +113,7 @@ def inspect_examples(cfg: Any, split: str = "train", num: int = 3, tokenizer: An
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from radis.cli import add_config_arguments
+    from radis.runtime import add_config_arguments
 
     add_config_arguments(parser)
     parser.add_argument("--num", "-n", type=int, default=3, help="how many examples to show (default 3)")

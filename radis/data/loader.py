@@ -27,7 +27,7 @@ The plan of one epoch, an int array [steps, world_size, grad_accum, packs_per_mi
    micro-batch under ZeRO-3).
 
 Loss normalisation needs the number of target tokens of the whole optimizer step,
-over all micro-batches and ranks (DESIGN.md). The plan is known to every rank, so each
+over all micro-batches and ranks (docs/design.md). The plan is known to every rank, so each
 batch carries it without communication: `batch["step_counts"] = {"mt", "rd", "total"}`
 (global, the same on every rank and micro-batch of the step), next to the batch's own
 `batch["num_targets"]`. `loader.step_token_counts(step)` gives the same numbers.

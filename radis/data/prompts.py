@@ -92,6 +92,8 @@ class ChatFormat:
       id, special tokens dropped, surrounding whitespace stripped).
     - batch forms for speed: `prompt_ids_batch(examples)`,
       `answer_ids_batch(texts, *, continuation)`.
+    - `user_prompt_ids_batch(texts)`: prompts whose user turn is the given text (SDFT
+      prompts, retention prompts) instead of the translation instruction.
     - `template` (the resolved name: "model", "llama2", "mistral", "chatml"),
       `fingerprint` (`tokenizer_fingerprint(tokenizer)`), `user_text(example)`.
     """
@@ -135,7 +137,11 @@ class ChatFormat:
         return self.prompt_ids_batch([example])[0]
 
     def prompt_ids_batch(self, examples: Sequence[Any]) -> list[list[int]]:
-        return self._assemble([self._prompt_parts(self.user_text(ex)) for ex in examples])
+        return self.user_prompt_ids_batch([self.user_text(ex) for ex in examples])
+
+    def user_prompt_ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Like prompt_ids, for a user turn that holds `text` as it is (not the instruction)."""
+        return self._assemble([self._prompt_parts(text) for text in texts])
 
     def answer_ids(self, text: str, *, continuation: bool) -> list[int]:
         return self.answer_ids_batch([text], continuation=continuation)[0]

@@ -20,10 +20,11 @@ Formats (`SourceConfig.format`, "auto" infers it from the path):
 - hf: a `datasets` `save_to_disk` directory (read offline with load_from_disk), or a
   hub name with `split` (and `hf_config`) when online. Columns: a "translation" dict
   column or one column per language.
-- rationales: JSON Lines records of the rationale generator, one file or a directory
-  of `*.jsonl` shards (read in name order): {"id", "src_lang", "tgt_lang", "source",
-  "reference", "rationale", ...}. The id is kept (it joins rationales to pairs);
-  every other field goes to `Example.meta` (e.g. "rationale_token_ids").
+- rationales: the records of `radis generate` (RaDis rationales, or the Seq-KD /
+  SDFT targets of the baselines), one file or a directory of `*.jsonl` shards (read
+  in name order); the format is radis.data.records. The id is kept (it joins
+  rationales to pairs); every other field goes to `Example.meta` (e.g.
+  "rationale_token_ids"). A seqkd / sdft record trains its `target` as the translation.
 
 Languages: `src_lang`/`tgt_lang` from the config; otherwise from the file name
 ("test.de-en.json" -> de, en; "train.de-en.de" + "train.de-en.en" -> de, en; an HF
@@ -53,9 +54,17 @@ from typing import Any
 from radis.config import SourceConfig
 from radis.data.example import Example
 from radis.data.languages import is_language_code
+from radis.data.records import (
+    MERGED,
+    RATIONALE_STRATEGIES,
+    RecordError,
+    TopkReader,
+    check_record,
+    record_to_example,
+    topk_path,
+)
 
 FORMATS = ("json", "jsonl", "text", "tsv", "hf", "rationales")
-RATIONALE_FIELDS = ("id", "src_lang", "tgt_lang", "source", "reference")
 # "<src>-<tgt>" inside a file name, e.g. "train.de-en.json", "valid.zh-en"
 _PAIR_IN_NAME = re.compile(r"(?:^|[._/])([a-z]{2,3})-([a-z]{2,3})(?=$|[._])")
 
@@ -72,11 +81,12 @@ class SourceStats:
     per_direction: Counter = field(default_factory=Counter)  # "de-en" -> examples
     per_source: dict[str, int] = field(default_factory=dict)  # path -> examples
     empty_rationale: int = 0  # rationale records kept as plain pairs (no / blank rationale)
+    reference_kept: int = 0  # seqkd / sdft records whose generated target was rejected
 
     def to_dict(self) -> dict[str, Any]:
         return {"pairs": self.pairs, "examples": self.examples, "skipped": dict(self.skipped),
                 "per_direction": dict(self.per_direction), "per_source": dict(self.per_source),
-                "empty_rationale": self.empty_rationale}
+                "empty_rationale": self.empty_rationale, "reference_kept": self.reference_kept}
 
 
 # A pair as read from a file: (index in file, line number or None, {lang: text}).
@@ -137,7 +147,7 @@ def detect_format(cfg: SourceConfig) -> str:
     if p.is_dir():
         if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             return "hf"
-        if (p / "rationales.jsonl").is_file() or any(p.glob("*.jsonl")):
+        if (p / MERGED).is_file() or any(p.glob("*.jsonl")):
             return "rationales"
         raise DataError(f"{p}: directory is neither a datasets save_to_disk directory nor a directory of *.jsonl rationale shards")
     if p.name.endswith(".rationales.jsonl"):
@@ -426,58 +436,69 @@ def _pairs_to_examples(
     return examples
 
 
-def _rationale_files(root: Path) -> list[Path]:
-    """The record files of a rationale source: the generator's merged `rationales.jsonl`
+def rationale_files(root: Path) -> list[Path]:
+    """The record files of a generation source: the generator's merged `rationales.jsonl`
     when the directory has one, else every `*.jsonl` shard (not `skipped.jsonl`)."""
     if not root.is_dir():
         return [root]
-    if (root / "rationales.jsonl").is_file():
-        return [root / "rationales.jsonl"]
+    if (root / MERGED).is_file():
+        return [root / MERGED]
     files = sorted(p for p in root.glob("*.jsonl") if p.name != "skipped.jsonl")
     if not files:
-        raise DataError(f"{root}: no rationales.jsonl and no *.jsonl rationale shards in this directory")
+        raise DataError(f"{root}: no {MERGED} and no *.jsonl rationale shards in this directory")
     return files
 
 
-def _topk_for(path: Path) -> Any:
-    """The generator's top-k file beside a record file (`X.jsonl` -> `X.topk.safetensors`)."""
-    side = path.with_name(path.name[: -len(".jsonl")] + ".topk.safetensors") if path.name.endswith(".jsonl") else None
-    if side is None or not side.is_file():
-        return None
-    from radis.rationales.store import TopkReader
+def teacher_topk_problem(cfg: SourceConfig) -> str | None:
+    """Why this source gives no teacher top-k for loss.kd_weight (None: it has one).
 
-    return TopkReader(side)
+    Looks at files only (no tokenising): a plain-pair source, generation records
+    without a top-k file beside them, or records of a strategy without rationales.
+    """
+    try:
+        fmt = detect_format(cfg)
+    except DataError as err:
+        return str(err)
+    if fmt != "rationales":
+        return f"{cfg.path} holds plain pairs ({fmt}), not generation records"
+    files = rationale_files(Path(cfg.path))
+    strategy = None
+    for path in files:
+        for index, lineno, rec in _json_records(path):
+            strategy = check_record(rec, _where(path, index, lineno))
+            break
+        if strategy is not None:
+            break
+    if strategy is not None and strategy not in RATIONALE_STRATEGIES:
+        return f"{cfg.path} holds {strategy} records, which train a target without a rationale"
+    if not any(topk_path(f) is not None for f in files):
+        return (f"{cfg.path} has no top-k file beside its records (generate them with rationale.topk > 0, "
+                "e.g. rationale.topk=20)")
+    return None
 
 
 def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> list[Example]:
-    """Rationale records -> Examples with `rationale` and `meta` (every other field).
+    """Generation records -> Examples (radis.data.records.record_to_example).
 
     Top-k arrays written by the generator beside the records
-    (`rationales.topk.safetensors`) are attached as meta["teacher_topk_ids"] /
-    meta["teacher_topk_logprobs"] ([n_rationale_tokens, k]), which
-    radis.data.segments aligns to the rationale tokens.
+    (`rationales.topk.safetensors`) are attached to rationale records; radis.data.segments
+    aligns them to the rationale tokens.
     """
-    files = _rationale_files(Path(cfg.path))
+    files = rationale_files(Path(cfg.path))
     wanted = set(cfg.directions)
     examples: list[Example] = []
     seen: set[str] = set()
     for path in files:
-        topk = _topk_for(path)
+        side = topk_path(path)
+        topk = TopkReader(side) if side is not None else None
         for index, lineno, rec in _json_records(path):
             if cfg.limit is not None and len(examples) >= cfg.limit:
                 break
             where = _where(path, index, lineno)
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a rationale record (a JSON object), got {str(rec)[:80]}")
-            missing = [k for k in RATIONALE_FIELDS if k not in rec]
-            if missing:
-                raise DataError(f"{where}: rationale record lacks {missing} (needs {list(RATIONALE_FIELDS)})")
-            for k in RATIONALE_FIELDS:
-                if not isinstance(rec[k], str):
-                    raise DataError(f"{where}: {k!r}: expected a string, got {type(rec[k]).__name__}")
-            rationale = rec.get("rationale")
-            if rationale is not None and not isinstance(rationale, str):
-                raise DataError(f"{where}: 'rationale': expected a string or null, got {type(rationale).__name__}")
+            try:
+                check_record(rec, where)
+            except RecordError as err:
+                raise DataError(str(err)) from None
             ex_id = rec["id"]
             if ex_id in seen:  # a resumed generator may have written a record twice
                 stats.skipped["duplicate_id"] += 1
@@ -491,14 +512,12 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> li
                     raise DataError(f"{where}: empty {reason.split('_')[1]} text")
                 stats.skipped[reason] += 1
                 continue
-            if not (rationale or "").strip():
-                stats.empty_rationale += 1  # kept as a pair without rationale
-                rationale = None
             seen.add(ex_id)
-            meta = {k: v for k, v in rec.items() if k not in RATIONALE_FIELDS and k != "rationale"}
-            if topk is not None and ex_id in topk:
-                meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = topk.get(ex_id)
-            examples.append(Example(id=ex_id, src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"],
-                                    source=rec["source"], reference=rec["reference"], rationale=rationale, meta=meta))
+            ex = record_to_example(rec, topk.get(ex_id) if topk is not None and ex_id in topk else None)
+            if ex.meta["strategy"] in RATIONALE_STRATEGIES and ex.rationale is None:
+                stats.empty_rationale += 1  # kept as a pair without rationale
+            if ex.meta.get("target_from") == "reference":
+                stats.reference_kept += 1  # a rejected generated target: the reference trains
+            examples.append(ex)
     stats.pairs += len(examples)
     return examples

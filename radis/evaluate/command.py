@@ -29,22 +29,23 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from radis.cli import add_config_arguments
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import Example
 from radis.evaluate import metrics, retention
-from radis.evaluate.translate import (
-    Translation,
-    dist_info,
-    init_distributed_from_env,
-    pad_token_id,
-    translate,
-)
+from radis.evaluate.translate import Translation, pad_token_id, translate
 from radis.io import write_json_atomic
+from radis.runtime import (
+    add_config_arguments,
+    barrier,
+    default_device,
+    dist_info,
+    join_process_group,
+    leave_process_group,
+)
 
 MODEL_SPEC = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
 
@@ -106,7 +107,7 @@ def deepspeed_checkpoint(path: Path) -> Path | None:
 def export_checkpoint(name: str, checkpoint: Path, out_root: Path) -> Path:
     """Export a DeepSpeed checkpoint with `radis export` (once; rank 0) into out_root/exports/name."""
     out = out_root / "exports" / name
-    rank, world = dist_info()
+    rank, _ = dist_info()
     if rank == 0 and not (out / "config.json").is_file():
         cmd = [sys.executable, "-m", "radis.cli", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
         print(f"[evaluate] {name}: exporting DeepSpeed checkpoint {checkpoint} -> {out}", flush=True)
@@ -114,10 +115,7 @@ def export_checkpoint(name: str, checkpoint: Path, out_root: Path) -> Path:
         done = subprocess.run(cmd, check=False, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
         if done.returncode != 0:
             raise ValueError(f"eval.models: {name}: `radis export` of {checkpoint} failed (exit {done.returncode})")
-    if world > 1:
-        import torch
-
-        torch.distributed.barrier()
+    barrier()
     return out
 
 
@@ -225,15 +223,12 @@ def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE > 1) the ranks share the work; the process group is
     created here when needed and destroyed again at the end.
     """
-    import torch
-
-    own_group = torch.distributed.is_available() and not torch.distributed.is_initialized()
-    rank, world = init_distributed_from_env()
+    created = join_process_group("auto")
+    rank, world = dist_info()
     try:
         return _evaluate(cfg, rank, world, progress)
     finally:
-        if own_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group(created)
 
 
 def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[str, Any]:
@@ -345,7 +340,6 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
 def _load(cfg: RadisConfig, path: str):
     """Tokenizer (the model directory's own, else model.tokenizer), prompt format, model on its device."""
     from radis.data.prompts import ChatFormat
-    from radis.evaluate.translate import default_device
     from radis.models import load_model, load_tokenizer
 
     try:
@@ -357,18 +351,6 @@ def _load(cfg: RadisConfig, path: str):
     fmt = ChatFormat(tokenizer, cfg.data, cfg.model.chat_template)
     model = load_model(path, cfg.model.cache_dir, cfg.model.dtype, cfg.model.attn_implementation)
     return tokenizer, fmt, model.to(default_device()).eval()
-
-
-def plain_chat_format(tokenizer: Any, cfg: RadisConfig):
-    """A ChatFormat whose user turn is just the given text (retention prompts, not translation)."""
-    from radis.data.prompts import ChatFormat
-
-    return ChatFormat(tokenizer, replace(cfg.data, instruction="{source}"), cfg.model.chat_template)
-
-
-def user_prompt_ids(chat: Any, text: str) -> list[int]:
-    """A first user turn holding `text`, up to the assistant header, in the model's chat format."""
-    return chat.prompt_ids(Example(id="retention", src_lang="en", tgt_lang="en", source=text, reference=""))
 
 
 class _Original:
@@ -386,8 +368,7 @@ class _Original:
     def proxies(self, name: str, path: str, tuned, fmt, tokenizer, log) -> dict[str, Any]:
         cfg = self.cfg
         same = Path(path).resolve() == Path(self.path).resolve()
-        chat = plain_chat_format(tokenizer, cfg)
-        encode = lambda text: user_prompt_ids(chat, text)
+        encode = lambda text: fmt.user_prompt_ids_batch([text])[0]
         decode_kw = {"stop_token_ids": fmt.stop_token_ids, "pad_id": pad_token_id(tokenizer),
                          "max_new_tokens": cfg.eval.retention_max_new_tokens, "batch_size": cfg.eval.batch_size}
         if self.model is None:

@@ -10,7 +10,7 @@ hypotheses), y = retention, oriented so that UP means "kept more of the original
               |             o  vanilla: right and down
               +--------------------------> chrF (cut)
 
-One panel per proxy, because the proxies disagree (DESIGN.md): KL(original || tuned)
+One panel per proxy, because the proxies disagree (docs/design.md): KL(original || tuned)
 and the NLL of the original's answers are "lower is better", so their axes are
 inverted; chrF of the new answers to the original answers is "higher is better".
 """

@@ -17,7 +17,7 @@ original on those answers and on its own new greedy answers:
     changed       = share of prompts whose new greedy answer differs from the original's
     chrf_to_original = corpus chrF of the new answers against the original answers
 
-DESIGN.md measured that these disagree (RaDis sharpens the distribution: lower NLL,
+Measured (docs/design.md), these disagree (RaDis sharpens the distribution: lower NLL,
 higher KL), so all of them are reported, never one alone. The answer's stop token is
 not scored: only the answer's own tokens are. Both models must share a tokenizer.
 """
@@ -35,14 +35,10 @@ from typing import Any
 import torch
 from sacrebleu.metrics import CHRF
 
-from radis.evaluate.translate import (
-    decode_batch,
-    dist_info,
-    gather_objects,
-    model_device,
-)
+from radis.evaluate.translate import decode_batch, model_device
+from radis.generation.decode import Request, length_sorted_batches
 from radis.io import write_json_atomic
-from radis.rationales.generate import Request, length_sorted_batches
+from radis.runtime import dist_info, gather_objects
 
 REQUIRED_FIELDS = ("id", "category", "prompt")
 

@@ -3,17 +3,15 @@
     examples (one test set, original order)
         -> rank r keeps examples[r::world]
         -> prompts (the training prompt format) -> length-sorted batches
-        -> greedy: radis.rationales.generate (left-padded, KV cache, finished rows dropped)
-           beam:   transformers `generate(num_beams=...)` on the same left-padded batch
+        -> radis.generation.decode: greedy (left-padded, KV cache, finished rows dropped)
+           or beam search (transformers' `generate(num_beams=...)` on the same batch)
         -> decoded answer ("raw") and the answer cut at the first separator ("hypothesis")
         -> all_gather over ranks -> original order on every rank
 
-Greedy decoding reuses the rationale generator rather than a second decoding loop; beam
-search is left to transformers, which implements it well.
+Translation reuses the generator's decoder rather than a second decoding loop.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -22,12 +20,13 @@ import torch
 
 from radis.data.example import Example
 from radis.evaluate.metrics import cut_at_separator
-from radis.rationales.generate import (
+from radis.generation.decode import (
     DecodingSettings,
     Request,
-    generate,
+    decode,
     length_sorted_batches,
 )
+from radis.runtime import dist_info, gather_objects
 
 
 class PromptFormat(Protocol):
@@ -58,48 +57,8 @@ class Translation:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- ranks
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else single process.
-
-    gloo on CPU, nccl on CUDA; each rank uses the GPU of its LOCAL_RANK.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
-    return dist_info()
-
-
-def gather_objects(local: list[Any]) -> list[list[Any]]:
-    """Every rank's list, indexed by rank (just `[local]` without a process group)."""
-    _rank, world = dist_info()
-    if world == 1:
-        return [local]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, local)
-    return out
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -114,7 +73,6 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-@torch.no_grad()
 def decode_batch(
     model: torch.nn.Module,
     prompts: Sequence[list[int]],
@@ -125,30 +83,12 @@ def decode_batch(
     max_new_tokens: int,
     num_beams: int = 1,
 ) -> list[tuple[list[int], str]]:
-    """Generated token ids (stop token excluded) and stop reason per prompt of one batch."""
-    if num_beams <= 1:
-        requests = [Request(key=k, prompt_ids=list(p)) for k, p in zip(keys, prompts)]
-        gens = generate(model, requests, DecodingSettings(max_new_tokens=max_new_tokens),
-                        stop_token_ids=stop_token_ids, pad_token_id=pad_id)
-        return [(g.token_ids, g.stop_reason) for g in gens]
-    # Beam search: transformers' implementation on a left-padded batch.
-    device = model_device(model)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=num_beams, do_sample=False,
-        max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids), pad_token_id=pad_id,
-    )
-    stops = {int(t) for t in stop_token_ids}
-    results = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        results.append((row[:cut], "eot") if cut is not None else (row, "max_length"))
-    return results
+    """Generated token ids (stop token excluded) and stop reason per prompt of one batch
+    (radis.generation.decode: greedy with the KV-cache loop, or beam search)."""
+    requests = [Request(key=k, prompt_ids=list(p)) for k, p in zip(keys, prompts)]
+    gens = decode(model, requests, DecodingSettings(max_new_tokens=max_new_tokens, num_beams=num_beams),
+                  stop_token_ids=stop_token_ids, pad_token_id=pad_id)
+    return [(g.token_ids, g.stop_reason) for g in gens]
 
 
 def translate(

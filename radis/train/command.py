@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from radis.cli import add_config_arguments
+from radis.runtime import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -87,6 +87,8 @@ def preflight(cfg: RadisConfig) -> None:
                     raise ConfigError(f"data.{split}[{i}].{key}: {value}: no such file or directory")
     if cfg.loss.kd_weight > 0 and cfg.loss.method == "vanilla":
         raise ConfigError("loss.kd_weight > 0 needs loss.method=radis (vanilla data has no rationales)")
+    if cfg.loss.kd_weight > 0:
+        _check_teacher_sources(cfg)
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps: expected >= 1, got {cfg.train.max_steps}")
     if cfg.train.epochs < 1 and cfg.train.max_steps is None:
@@ -114,6 +116,21 @@ def preflight(cfg: RadisConfig) -> None:
         # Starting over would overwrite (or, for the same step, be shadowed by) them.
         raise ConfigError(f"train.output_dir: {out} already holds checkpoints (latest {latest}); "
                           "use train.resume=auto to continue, or another train.output_dir")
+
+
+def _check_teacher_sources(cfg: RadisConfig) -> None:
+    """loss.kd_weight > 0 needs at least one training source with the generator's top-k."""
+    from radis.data.sources import DataError, teacher_topk_problem
+
+    try:
+        problems = [(i, teacher_topk_problem(src)) for i, src in enumerate(cfg.data.train)]
+    except (DataError, ValueError) as err:
+        raise ConfigError(f"data.train: {err}") from None
+    if all(problem is not None for _, problem in problems):
+        listed = "; ".join(f"data.train[{i}]: {problem}" for i, problem in problems)
+        raise ConfigError(f"loss.kd_weight={cfg.loss.kd_weight} distils the generator's recorded top-k into the "
+                          f"rationale tokens, and no training source carries one ({listed}); set loss.kd_weight=0 "
+                          "or train on rationales generated with rationale.topk > 0")
 
 
 def _default_single_process_env() -> None:
@@ -159,14 +176,19 @@ class RadisRecipe:
         import deepspeed
         import torch.distributed as dist
 
+        from radis.runtime import join_process_group
+
         # Bounded: a dead rank makes the others fail a collective within dist_timeout_s
         # instead of waiting forever.
         self.cuda = torch.cuda.is_available()
         _default_single_process_env()
         if self.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
-                                   timeout=timedelta(seconds=self.cfg.train.dist_timeout_s), verbose=False)
+        backend = "nccl" if self.cuda else "gloo"
+        timeout = timedelta(seconds=self.cfg.train.dist_timeout_s)
+        join_process_group(backend, timeout, single=True)
+        # DeepSpeed adopts the group made above (its comm layer wraps the default group).
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
@@ -199,6 +221,14 @@ class RadisRecipe:
             # every rank runs the same number of forwards (empty packs fill the tail), as ZeRO-3 needs
             self.valid_loader = PackedLoader(valid_ds, gradient_accumulation_steps=1, seed=cfg.data.seed,
                                              shuffle=False, tail="empty", **loader_kw)
+        if cfg.loss.kd_weight > 0 and (train_ds.teacher_ids is None or
+                                       (train_ds.teacher_valid is not None and not train_ds.teacher_valid.any())):
+            seg = train_ds.meta.get("stats", {}).get("segments", {})
+            raise ConfigError(
+                f"loss.kd_weight={cfg.loss.kd_weight}: no training example kept its teacher top-k "
+                f"({seg.get('rationale_from_ids', 0)} rationales from recorded ids, {seg.get('with_teacher', 0)} with a "
+                "teacher). Recorded ids and top-k are used only under the generator's tokenizer and separator, for "
+                "`continue` rationales; otherwise the text is tokenised afresh and the teacher dropped.")
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.loader.steps_per_epoch
         self.warmup_steps = resolve_warmup_steps(t.warmup_steps, t.warmup_ratio, self.total_steps)
         return train_ds

@@ -1,4 +1,4 @@
-"""Crash-safe, sharded output of `radis rationales`: part files, resume and merge.
+"""Crash-safe, sharded output of `radis generate`: part files, resume and merge.
 
 Layout of `rationale.output_dir`:
 
@@ -10,10 +10,11 @@ Layout of `rationale.output_dir`:
       .tmp-*                          files being written (removed at the next start)
     rationales.jsonl                  merged, in example order (written at the end)
     rationales.topk.safetensors       merged top-k: "<id>/ids" [n, k] int32,
-                                      "<id>/logprobs" [n, k] float32 (see generate.py)
+                                      "<id>/logprobs" [n, k] float32 (see decode.py)
+    (the record format of both merged files: radis.data.records)
     skipped.jsonl, summary.json       written by the command at the end
 
-Commit protocol of one batch (`RationaleStore.commit`):
+Commit protocol of one batch (`GenerationStore.commit`):
 
     1. top-k  -> parts/.tmp-X, fsync, rename to parts/rR-S.topk.safetensors
     2. records -> parts/.tmp-Y, fsync, rename to parts/rR-S.jsonl      <- commit point
@@ -40,20 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from radis.io import write_bytes_atomic, write_json_atomic, write_jsonl_atomic
+from radis.data.records import FORMAT, MERGED, MERGED_TOPK, load_topk, save_topk_atomic
+from radis.io import write_json_atomic, write_jsonl_atomic
 
-FORMAT = "radis-rationales/1"
 MANIFEST = "manifest.json"
 PARTS = "parts"
-MERGED = "rationales.jsonl"
-MERGED_TOPK = "rationales.topk.safetensors"
 SKIPPED = "skipped.jsonl"
 SUMMARY = "summary.json"
 _PART_RE = re.compile(r"^r(\d{5})-(\d{6})\.(jsonl|topk\.safetensors)$")
 
 
 class OutputMismatchError(RuntimeError):
-    """The output directory holds rationales generated with a different config."""
+    """The output directory holds records generated with a different config."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -68,54 +67,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def save_topk_atomic(path: str | os.PathLike, topk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Save {id: (ids [n, k] int32, logprobs [n, k] float32)} as one safetensors file."""
-    from safetensors.numpy import save
-
-    tensors: dict[str, np.ndarray] = {}
-    for key, (ids, lps) in topk.items():
-        tensors[f"{key}/ids"] = np.ascontiguousarray(ids, dtype=np.int32)
-        tensors[f"{key}/logprobs"] = np.ascontiguousarray(lps, dtype=np.float32)
-    blob = save(tensors, metadata={"format": FORMAT})
-    write_bytes_atomic(path, blob)
-
-
-def load_topk(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read a top-k file back into {id: (ids, logprobs)}."""
-    from safetensors.numpy import load_file
-
-    flat = load_file(str(path))
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name in flat:
-        key, _, kind = name.rpartition("/")
-        if kind == "ids":
-            out[key] = (flat[name], flat[f"{key}/logprobs"])
-    return out
-
-
-class TopkReader:
-    """Lazy access to one example's top-k in a (merged) top-k file.
-
-    >>> reader = TopkReader("outputs/rationales/rationales.topk.safetensors")   # doctest: +SKIP
-    >>> ids, logprobs = reader.get("deen/train:17:de-en")                        # doctest: +SKIP
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.path = str(path)
-        self._file = safe_open(self.path, framework="numpy")
-        self._keys = {name.rpartition("/")[0] for name in self._file.keys()}  # noqa: SIM118 (safe_open is not iterable)
-
-    def __contains__(self, example_id: str) -> bool:
-        return example_id in self._keys
-
-    def get(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
-        if example_id not in self._keys:
-            raise KeyError(f"{self.path}: no top-k for example {example_id!r}")
-        return self._file.get_tensor(f"{example_id}/ids"), self._file.get_tensor(f"{example_id}/logprobs")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -147,7 +98,7 @@ class MergeStats:
     missing: list[str]  # ids of the example set with no record
 
 
-class RationaleStore:
+class GenerationStore:
     """One rank's view of the output directory (see the module docstring)."""
 
     def __init__(self, output_dir: str | os.PathLike, rank: int = 0):
@@ -161,7 +112,7 @@ class RationaleStore:
     def prepare(self, description: dict, overwrite: bool) -> None:
         """Rank 0, before the other ranks look: check or create the manifest.
 
-        A directory holding rationales of another config is refused unless
+        A directory holding records of another config is refused unless
         `overwrite`, which deletes them. Leftover temp files and orphaned top-k files
         of a killed run are removed here, while no rank is writing.
         """
@@ -178,7 +129,7 @@ class RationaleStore:
                     else f"has no {MANIFEST}"
                 )
                 raise OutputMismatchError(
-                    f"rationale.output_dir {self.root}: holds rationales from a different generation config "
+                    f"rationale.output_dir {self.root}: holds records from a different generation config "
                     f"(the stored {MANIFEST} {what}). Set rationale.overwrite=true to delete them and start "
                     "again, or choose another rationale.output_dir."
                 )

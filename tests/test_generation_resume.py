@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_rationales import make_tiny_generator
+from test_generation import make_tiny_generator
 
 from radis.config import load_config
-from radis.rationales.store import MERGED, MERGED_TOPK, PARTS, SUMMARY, load_topk
+from radis.data.records import MERGED, MERGED_TOPK, load_topk
+from radis.generation.store import PARTS, SUMMARY
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 24  # pairs in the data file
@@ -73,10 +74,10 @@ def setup(tmp_path_factory):
 def _reference_run(tmp: Path, gen: Path, data: Path, name: str, **rationale) -> list[dict]:
     """The same generation, uninterrupted, in this process (batch size differs: greedy
     output must not depend on it)."""
-    from radis.rationales.command import generate_rationales
+    from radis.generation.command import generate_records
 
     config = write_config(tmp, gen, data, tmp / name, **{**rationale, "batch_size": 8})
-    generate_rationales(load_config(config), progress=False)
+    generate_records(load_config(config), progress=False)
     return _records(tmp / name / MERGED)
 
 

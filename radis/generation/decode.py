@@ -1,4 +1,9 @@
-"""Batched decoding with the HF model's KV cache: the engine behind `radis rationales`.
+"""Batched decoding with the HF model's KV cache: the project's one decoder.
+
+`radis generate` (rationales and the baselines' targets), the evaluator's translations
+and the retention answers all decode here: `generate` (greedy or sampled, below) or,
+with `num_beams > 1`, `beam_search` (transformers' beam search on the same
+left-padded batch); `decode` chooses between them.
 
 One call decodes a batch of prompts of different lengths. Prompts are LEFT-padded so
 that every row's next token is at the same column, and position ids count only real
@@ -75,8 +80,16 @@ class DecodingSettings:
     top_p: float = 1.0
     seed: int = 0
     topk: int = 0  # record this many top log-probs per generated token (0: off)
+    num_beams: int = 1  # > 1: beam search (deterministic; no sampling, no top-k record)
 
     def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("num_beams > 1 is beam search: it cannot sample (set do_sample=false)")
+        if self.num_beams > 1 and self.topk:
+            raise ValueError("num_beams > 1: the top-k of the chosen tokens is recorded only by greedy/sampled decoding "
+                             "(set topk=0)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and not self.temperature > 0:
@@ -94,6 +107,7 @@ class DecodingSettings:
             "top_p": self.top_p,
             "seed": self.seed,
             "topk": self.topk,
+            "num_beams": self.num_beams,
         }
 
 
@@ -453,3 +467,55 @@ def generate(
             )
         )
     return results
+
+
+@torch.no_grad()
+def beam_search(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    settings: DecodingSettings,
+    *,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> list[Generation]:
+    """Beam search with `settings.num_beams` beams over one left-padded batch (transformers' own).
+
+    Every request of the batch must have the same `min_new_tokens` (transformers applies
+    one value to the batch). The best beam of each row is returned, cut at its first
+    stop token.
+    """
+    if not requests:
+        return []
+    mins = {r.min_new_tokens for r in requests}
+    if len(mins) > 1:
+        raise ValueError(f"beam search: one min_new_tokens per batch, got {sorted(mins)}")
+    device = _model_device(model)
+    ids, mask = _left_pad([r.prompt_ids for r in requests], pad_token_id, device)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, num_beams=settings.num_beams, do_sample=False,
+        max_new_tokens=settings.max_new_tokens, min_new_tokens=mins.pop() or None,
+        eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id,
+    )
+    stops = {int(t) for t in stop_token_ids}
+    results = []
+    for r, row in zip(requests, out[:, ids.shape[1]:].tolist()):
+        cut = next((i for i, t in enumerate(row) if t in stops), None)
+        tokens, reason = (row[:cut], "eot") if cut is not None else (row, "max_length")
+        results.append(Generation(key=r.key, token_ids=tokens, stop_reason=reason, prompt_tokens=len(r.prompt_ids)))
+    return results
+
+
+def decode(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    settings: DecodingSettings,
+    *,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+    prefill_batch_size: int | None = None,
+) -> list[Generation]:
+    """`generate` (greedy / sampled) or, with settings.num_beams > 1, `beam_search`."""
+    if settings.num_beams > 1:
+        return beam_search(model, requests, settings, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+    return generate(model, requests, settings, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                    prefill_batch_size=prefill_batch_size)

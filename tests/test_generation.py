@@ -14,21 +14,15 @@ import pytest
 import torch
 
 from radis.config import load_config
-from radis.rationales.generate import (
+from radis.data.records import MERGED, MERGED_TOPK, TopkReader, load_topk
+from radis.generation.decode import (
     DecodingSettings,
     Request,
     example_seed,
     generate,
     length_sorted_batches,
 )
-from radis.rationales.store import (
-    MERGED,
-    MERGED_TOPK,
-    OutputMismatchError,
-    RationaleStore,
-    TopkReader,
-    load_topk,
-)
+from radis.generation.store import GenerationStore, OutputMismatchError
 
 VOCAB = 96
 
@@ -177,7 +171,7 @@ def test_shared_prefix_prefill_decodes_like_one_at_a_time():
     """Prompts that share a system prompt: the prefix runs once per micro-batch, its
     cache repeated for the rows; outputs equal one at a time (also a prompt that is
     the prefix plus one token, and micro-batches whose prefix is too short to share)."""
-    from radis.rationales.generate import MIN_SHARED_PREFIX, _shared_prefix_length
+    from radis.generation.decode import MIN_SHARED_PREFIX, _shared_prefix_length
 
     model = tiny_llama()
     head = list(range(40, 40 + MIN_SHARED_PREFIX + 3))
@@ -262,11 +256,11 @@ def _topk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_store_commit_resume_merge_and_topk(tmp_path):
     desc = {"generator": "g", "decoding": {"max_new_tokens": 4}}
-    store = RationaleStore(tmp_path, rank=0)
+    store = GenerationStore(tmp_path, rank=0)
     store.prepare(desc, overwrite=False)
     tk = {k: _topk(i + 1, i) for i, k in enumerate(["c", "a", "b", "z"])}
     store.commit([_rec("c"), _rec("a")], {"c": tk["c"], "a": tk["a"]})
-    other = RationaleStore(tmp_path, rank=1)
+    other = GenerationStore(tmp_path, rank=1)
     other.verify(desc)
     other.commit([_rec("b"), _rec("z")], {"b": tk["b"], "z": tk["z"]})  # "z" is not in the example set
     # A killed run leaves a temp file and an orphaned top-k file (its .jsonl never came).
@@ -274,7 +268,7 @@ def test_store_commit_resume_merge_and_topk(tmp_path):
     (tmp_path / "parts" / "r00000-000001.topk.safetensors").write_bytes(b"junk")
     assert store.completed_ids() == {"a", "b", "c", "z"}
 
-    restarted = RationaleStore(tmp_path, rank=0)
+    restarted = GenerationStore(tmp_path, rank=0)
     restarted.prepare(desc, overwrite=False)  # same config: resume, clean the leftovers
     names = sorted(p.name for p in (tmp_path / "parts").iterdir())
     assert names == ["r00000-000000.jsonl", "r00000-000000.topk.safetensors", "r00001-000000.jsonl", "r00001-000000.topk.safetensors"]
@@ -298,26 +292,26 @@ def test_store_commit_resume_merge_and_topk(tmp_path):
 
 
 def test_store_refuses_other_config_unless_overwrite(tmp_path):
-    store = RationaleStore(tmp_path)
+    store = GenerationStore(tmp_path)
     store.prepare({"decoding": {"max_new_tokens": 4}, "strategy": "continue"}, overwrite=False)
     store.commit([_rec("a")])
     new = {"decoding": {"max_new_tokens": 8}, "strategy": "continue"}
     with pytest.raises(OutputMismatchError, match=r"decoding\.max_new_tokens: 4 -> 8.*rationale\.overwrite=true"):
-        RationaleStore(tmp_path).prepare(new, overwrite=False)
+        GenerationStore(tmp_path).prepare(new, overwrite=False)
     with pytest.raises(OutputMismatchError, match="rank 1"):
-        RationaleStore(tmp_path, rank=1).verify(new)
-    RationaleStore(tmp_path).prepare(new, overwrite=True)
-    assert RationaleStore(tmp_path).completed_ids() == set()
-    RationaleStore(tmp_path, rank=1).verify(new)
+        GenerationStore(tmp_path, rank=1).verify(new)
+    GenerationStore(tmp_path).prepare(new, overwrite=True)
+    assert GenerationStore(tmp_path).completed_ids() == set()
+    GenerationStore(tmp_path, rank=1).verify(new)
     # Outputs without a manifest are not ours to extend either.
     (tmp_path / "manifest.json").unlink()
-    RationaleStore(tmp_path).commit([_rec("b")])
+    GenerationStore(tmp_path).commit([_rec("b")])
     with pytest.raises(OutputMismatchError, match="has no manifest.json"):
-        RationaleStore(tmp_path).prepare(new, overwrite=False)
+        GenerationStore(tmp_path).prepare(new, overwrite=False)
 
 
 def test_store_reports_a_damaged_part(tmp_path):
-    store = RationaleStore(tmp_path)
+    store = GenerationStore(tmp_path)
     store.prepare({}, overwrite=False)
     path = store.commit([_rec("a"), _rec("b")])
     path.write_text(path.read_text()[:-5])
@@ -365,13 +359,13 @@ def test_command_records_topk_skips_resume_and_mismatch(tiny_generator, tmp_path
     from transformers import AutoTokenizer
 
     from radis.data.prompts import ChatFormat
-    from radis.rationales.command import build_requests, generate_rationales
-    from radis.rationales.store import SKIPPED, SUMMARY
+    from radis.generation.command import build_requests, generate_records
+    from radis.generation.store import SKIPPED, SUMMARY
 
     out = tmp_path / "out"
     cfg = _cfg(tiny_generator, out, "rationale.topk=4")
     examples = _examples()
-    summary = generate_rationales(cfg, examples=examples, progress=False)
+    summary = generate_records(cfg, examples=examples, progress=False)
     good = [ex for ex in examples if ex.id not in ("t:empty", "t:long")]
     recs = _lines(out / MERGED)
     assert [r["id"] for r in recs] == [ex.id for ex in good]  # example order, not length order
@@ -402,12 +396,12 @@ def test_command_records_topk_skips_resume_and_mismatch(tiny_generator, tmp_path
     assert requests[good[0].id].prompt_ids[-len(tail):] == tail
 
     before = (out / MERGED).read_bytes()
-    again = generate_rationales(cfg, examples=examples, progress=False)
+    again = generate_records(cfg, examples=examples, progress=False)
     assert again["this_run"]["generated"] == 0 and (out / MERGED).read_bytes() == before
 
     with pytest.raises(OutputMismatchError, match=r"max_new_tokens: 6 -> 5"):
-        generate_rationales(_cfg(tiny_generator, out, "rationale.topk=4", "rationale.max_new_tokens=5"), examples=examples, progress=False)
-    redo = generate_rationales(_cfg(tiny_generator, out, "rationale.max_new_tokens=5", "rationale.overwrite=true"),
+        generate_records(_cfg(tiny_generator, out, "rationale.topk=4", "rationale.max_new_tokens=5"), examples=examples, progress=False)
+    redo = generate_records(_cfg(tiny_generator, out, "rationale.max_new_tokens=5", "rationale.overwrite=true"),
                                examples=examples, progress=False)
     assert redo["this_run"]["generated"] == 6 and redo["max_rationale_tokens"] <= 5
     assert not (out / MERGED_TOPK).exists()
@@ -417,15 +411,15 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from radis.data.prompts import ChatFormat, ChatFormatError
-    from radis.rationales.command import (
-        RationaleInputError,
+    from radis.generation.command import (
+        GenerationInputError,
         build_requests,
-        generate_rationales,
+        generate_records,
     )
 
     cfg = _cfg(tiny_generator, tmp_path / "ask", "rationale.strategy=ask", "rationale.ask_prompt=Why?")
     examples = _examples()[:2]
-    summary = generate_rationales(cfg, examples=examples, progress=False)
+    summary = generate_records(cfg, examples=examples, progress=False)
     assert summary["count"] == 2 and {r["strategy"] for r in _lines(tmp_path / "ask" / MERGED)} == {"ask"}
     fmt = ChatFormat(AutoTokenizer.from_pretrained(tiny_generator), cfg.data, "auto")
     req = build_requests(fmt, examples[:1], cfg)[0]
@@ -448,11 +442,11 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     assert "radis rationales: error: rationale.output_dir" in err and "strategy: 'ask' -> 'continue'" in err
 
     strict = _cfg(tiny_generator, tmp_path / "strict", "data.on_empty=error")
-    with pytest.raises(RationaleInputError, match=r"'t:empty': empty reference"):
-        generate_rationales(strict, examples=_examples(), progress=False)
+    with pytest.raises(GenerationInputError, match=r"'t:empty': empty reference"):
+        generate_records(strict, examples=_examples(), progress=False)
     no_prefill = _cfg(tiny_generator, tmp_path / "np", "rationale.prefill_batch_size=0")
-    with pytest.raises(RationaleInputError, match=r"rationale.prefill_batch_size must be >= 1, got 0"):
-        generate_rationales(no_prefill, examples=_examples(), progress=False)
+    with pytest.raises(GenerationInputError, match=r"rationale.prefill_batch_size must be >= 1, got 0"):
+        generate_records(no_prefill, examples=_examples(), progress=False)
 
     # A tokenizer without a chat template and no built-in fallback for it.
     bare = tmp_path / "bare"
@@ -465,7 +459,7 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     # tokens); "model" insists on the tokenizer's own template, which is gone.
     no_template = _cfg(bare, tmp_path / "bare_out", "model.chat_template=model")
     with pytest.raises(ChatFormatError, match="no chat template"):
-        generate_rationales(no_template, examples=examples, progress=False)
+        generate_records(no_template, examples=examples, progress=False)
 
 
 @pytest.fixture
@@ -484,8 +478,8 @@ def test_real_smollm2_on_three_pairs(shared_data, tmp_path, one_thread):
     from radis.config import SourceConfig
     from radis.data.prompts import ChatFormat
     from radis.data.sources import read_source
+    from radis.generation.command import build_requests, generate_records
     from radis.models import load_model, load_tokenizer
-    from radis.rationales.command import build_requests, generate_rationales
 
     pairs = read_source(SourceConfig(path=str(shared_data / "alma" / "deen" / "valid.de-en.json"), limit=12))
     by_length = {len(ex.source) + len(ex.reference): ex for ex in pairs}
@@ -496,7 +490,7 @@ def test_real_smollm2_on_three_pairs(shared_data, tmp_path, one_thread):
         "rationale.prefill_batch_size=1",  # three prefills merged into one decode batch
     ])
     model = load_model("smollm2").eval()
-    summary = generate_rationales(cfg, examples=examples, model=model, progress=False)
+    summary = generate_records(cfg, examples=examples, model=model, progress=False)
     assert summary["count"] == 3 and summary["share_empty"] == 0.0
     recs = _lines(tmp_path / MERGED)
     for rec in recs:

@@ -1,0 +1,252 @@
+"""The record format of self-generated training data: written by `radis generate`, read by training.
+
+One module for both sides, so that the generator (radis.generation, above the data
+package) and the data path (radis.data.sources, segments, inspect) agree on every field
+without the data package importing from a higher one.
+
+Files of a generation output directory (`rationale.output_dir`):
+
+    rationales.jsonl              one record per line, in example order
+    rationales.topk.safetensors   optional top-k of the generator per generated token:
+                                  "<id>/ids" [n, k] int32, "<id>/logprobs" [n, k] float32
+
+The names say "rationales" for every strategy: the format began with RaDis rationales
+and is the same for the baselines' targets.
+
+A record (one JSON object) always has
+
+    id, src_lang, tgt_lang, direction, source   the pair, as read from data.train
+    reference                                   the human reference translation, always
+    strategy        "continue" | "ask"            a RaDis rationale after the reference
+                    "seqkd" | "sdft"              a generated target that replaces the reference
+    generator       the model that generated (model.name_or_path or rationale.generator)
+    decoding        the decoding settings; stop_reason "eot" | "max_length"
+    prompt_tokens, tokenizer_fingerprint, topk (k recorded, 0 = none), config_hash
+
+Rationale strategies (`continue`, `ask`) add
+
+    rationale               decoded continuation (may be empty: the pair trains without one)
+    rationale_token_ids     the generated ids, reused by training under the same tokenizer
+    rationale_tokens, separator
+
+Target strategies (`seqkd`, `sdft`) add
+
+    target                  the training target: the generated answer, or the reference
+                            when the answer was rejected
+    target_from             "generated" | "reference"
+    rejected                null, or why the answer was rejected ("empty", "max_length",
+                            "meta_talk", "low_chrf"; radis.generation.strategies)
+    generated               the decoded answer, kept also when rejected
+    generated_token_ids, generated_tokens
+    chrf                    sentence chrF of the answer against the reference
+
+How training uses a record (`record_to_example`): a rationale record trains reference
+(MT span) + separator + rationale (RD span); a target record trains `target` as the MT
+span and has no RD span. Both keep every other field in `Example.meta`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radis.data.example import Example
+
+FORMAT = "radis-rationales/2"
+MERGED = "rationales.jsonl"
+MERGED_TOPK = "rationales.topk.safetensors"
+
+RATIONALE_STRATEGIES = ("continue", "ask")
+TARGET_STRATEGIES = ("seqkd", "sdft")
+STRATEGIES = RATIONALE_STRATEGIES + TARGET_STRATEGIES
+# Fields every record must have as strings (records of format 1 had no "strategy":
+# they are `continue` rationales).
+REQUIRED_FIELDS = ("id", "src_lang", "tgt_lang", "source", "reference")
+# Written by the generator, never read back as training text.
+_TEXT_FIELDS = ("rationale", "target")
+
+
+class RecordError(ValueError):
+    """A record that does not have the fields its strategy needs (the message names it)."""
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def base_record(example: Example, *, strategy: str, generator: str, decoding: dict[str, Any], stop_reason: str,
+                prompt_tokens: int, fingerprint: str, topk: int, config_hash: str) -> dict[str, Any]:
+    """The fields every record has (see the module docstring); the strategy adds its own."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    rec: dict[str, Any] = {
+        "id": example.id,
+        "src_lang": example.src_lang,
+        "tgt_lang": example.tgt_lang,
+        "direction": example.direction,
+        "source": example.source,
+        "reference": example.reference,
+        "strategy": strategy,
+        "generator": generator,
+        "decoding": decoding,
+        "stop_reason": stop_reason,
+        "prompt_tokens": prompt_tokens,
+        "tokenizer_fingerprint": fingerprint,
+        "topk": topk,
+        "config_hash": config_hash,
+    }
+    if example.meta:
+        meta = {k: v for k, v in example.meta.items() if _is_json(v)}
+        if meta:
+            rec["meta"] = meta
+    return rec
+
+
+def _is_json(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False  # e.g. arrays: they stay out of the record
+    return True
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def record_strategy(rec: dict[str, Any], where: str) -> str:
+    strategy = rec.get("strategy", "continue")
+    if strategy not in STRATEGIES:
+        raise RecordError(f"{where}: 'strategy': expected one of {list(STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
+def check_record(rec: Any, where: str) -> str:
+    """Raise RecordError naming `where` unless `rec` is a usable record; returns its strategy."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: expected a generation record (a JSON object), got {str(rec)[:80]}")
+    missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if missing:
+        raise RecordError(f"{where}: rationale record lacks {missing} (needs {list(REQUIRED_FIELDS)})")
+    for k in REQUIRED_FIELDS:
+        if not isinstance(rec[k], str):
+            raise RecordError(f"{where}: {k!r}: expected a string, got {type(rec[k]).__name__}")
+    strategy = record_strategy(rec, where)
+    if strategy in RATIONALE_STRATEGIES:
+        rationale = rec.get("rationale")
+        if rationale is not None and not isinstance(rationale, str):
+            raise RecordError(f"{where}: 'rationale': expected a string or null, got {type(rationale).__name__}")
+    else:
+        target = rec.get("target")
+        if not isinstance(target, str):
+            raise RecordError(f"{where}: a {strategy} record needs 'target' (a string), got {type(target).__name__}")
+    return strategy
+
+
+def record_to_example(rec: dict[str, Any], teacher: tuple[np.ndarray, np.ndarray] | None = None) -> Example:
+    """The Example training uses for a checked record (see the module docstring).
+
+    `teacher` (the record's top-k arrays) is attached to a rationale record as
+    meta["teacher_topk_ids"] / ["teacher_topk_logprobs"] ([n_rationale_tokens, k]),
+    which radis.data.segments aligns to the rationale tokens.
+    """
+    strategy = rec.get("strategy", "continue")
+    meta = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS and k not in _TEXT_FIELDS}
+    meta["strategy"] = strategy
+    if strategy in TARGET_STRATEGIES:
+        meta["human_reference"] = rec["reference"]
+        return Example(id=rec["id"], src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"], source=rec["source"],
+                       reference=rec["target"], rationale=None, meta=meta)
+    rationale = rec.get("rationale")
+    if not (rationale or "").strip():
+        rationale = None
+    if teacher is not None and rationale is not None:
+        meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = teacher
+    return Example(id=rec["id"], src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"], source=rec["source"],
+                   reference=rec["reference"], rationale=rationale, meta=meta)
+
+
+def training_target(example: Example) -> str:
+    """What an example trains on and where it came from, in words (radis inspect-data)."""
+    meta = example.meta or {}
+    strategy = meta.get("strategy")
+    generator = meta.get("generator", "?")
+    if strategy is None:
+        return "target: the human reference"
+    if strategy in TARGET_STRATEGIES:
+        decoding = meta.get("decoding") or {}
+        how = f"beam {decoding['num_beams']}" if decoding.get("num_beams", 1) > 1 else (
+            "sampled" if decoding.get("do_sample") else "greedy")
+        if meta.get("target_from") == "reference":
+            return (f"target: the human reference ({strategy} answer of {generator} rejected: "
+                    f"{meta.get('rejected')})")
+        return f"target: {strategy} answer of {generator} ({how}), replacing the human reference"
+    if example.rationale:
+        return f"target: the human reference + a {strategy} rationale by {generator}"
+    return f"target: the human reference (the {strategy} rationale of {generator} is empty)"
+
+
+# --------------------------------------------------------------------------- top-k files
+
+
+def save_topk_atomic(path: str | os.PathLike, topk: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Save {id: (ids [n, k] int32, logprobs [n, k] float32)} as one safetensors file."""
+    from safetensors.numpy import save
+
+    from radis.io import write_bytes_atomic
+
+    tensors: dict[str, np.ndarray] = {}
+    for key, (ids, lps) in topk.items():
+        tensors[f"{key}/ids"] = np.ascontiguousarray(ids, dtype=np.int32)
+        tensors[f"{key}/logprobs"] = np.ascontiguousarray(lps, dtype=np.float32)
+    write_bytes_atomic(path, save(tensors, metadata={"format": FORMAT}))
+
+
+def load_topk(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a top-k file back into {id: (ids, logprobs)}."""
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(path))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in flat:
+        key, _, kind = name.rpartition("/")
+        if kind == "ids":
+            out[key] = (flat[name], flat[f"{key}/logprobs"])
+    return out
+
+
+class TopkReader:
+    """Lazy access to one example's top-k in a (merged) top-k file.
+
+    >>> reader = TopkReader("outputs/rationales/rationales.topk.safetensors")   # doctest: +SKIP
+    >>> ids, logprobs = reader.get("deen/train:17:de-en")                        # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        self._file = safe_open(self.path, framework="numpy")
+        self._keys = {name.rpartition("/")[0] for name in self._file.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if example_id not in self._keys:
+            raise KeyError(f"{self.path}: no top-k for example {example_id!r}")
+        return self._file.get_tensor(f"{example_id}/ids"), self._file.get_tensor(f"{example_id}/logprobs")
+
+
+def topk_path(records_file: Path) -> Path | None:
+    """The top-k file beside a record file (`X.jsonl` -> `X.topk.safetensors`), if it exists."""
+    name = records_file.name
+    if not name.endswith(".jsonl"):
+        return None
+    side = records_file.with_name(name[: -len(".jsonl")] + ".topk.safetensors")
+    return side if side.is_file() else None

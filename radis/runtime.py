@@ -1,0 +1,161 @@
+"""What every `radis` command needs from where it runs: its arguments, its rank, its group.
+
+    add_config_arguments(parser)      --config FILE and trailing key=value overrides
+    Ranks.from_env()                  RANK / WORLD_SIZE / LOCAL_RANK as torchrun or deepspeed set them
+    join_process_group(...)           the default torch.distributed group (only when WORLD_SIZE > 1)
+    dist_info(), barrier(), gather_objects()
+
+The commands (build-data, inspect-data, generate, train, evaluate, compare) sit above
+this module and import it; it imports nothing of radis and nothing heavy at module
+level, so `radis --help` stays fast.
+
+Backends: "auto" is nccl when CUDA is present (each rank on the GPU of its LOCAL_RANK),
+else gloo. Generation asks for gloo even on GPU machines: it exchanges only Python
+objects and barriers, never a GPU tensor. Training lets DeepSpeed wrap the group made
+here (`deepspeed.init_distributed` adopts an initialised default group).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Backend = Literal["auto", "gloo", "nccl"]
+
+
+class RankEnvironmentError(ValueError):
+    """RANK / WORLD_SIZE / LOCAL_RANK are missing pieces or not integers."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The `--config FILE` option and trailing `key=value` overrides shared by subcommands."""
+    parser.add_argument("--config", "-c", required=required, help="YAML configuration file (see README: Configuration)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override a config value, e.g. train.lr=1e-5 data.max_tokens=4096"
+    )
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks of a launch (0 of 1 without a launcher)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        def read(name: str, default: int) -> int:
+            text = os.environ.get(name)
+            if text is None or text == "":
+                return default
+            try:
+                return int(text)
+            except ValueError:
+                raise RankEnvironmentError(f"environment variable {name}={text!r}: expected an integer") from None
+
+        r = cls(read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0))
+        if r.world_size < 1 or not 0 <= r.rank < r.world_size:
+            raise RankEnvironmentError(f"RANK={r.rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={r.world_size})")
+        return r
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_backend(backend: Backend) -> str:
+    import torch
+
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend: expected auto, gloo or nccl, got {backend!r}")
+    return backend
+
+
+def join_process_group(backend: Backend = "auto", timeout: datetime.timedelta | None = None, *,
+                       single: bool = False) -> bool:
+    """Join the default process group when launched with WORLD_SIZE > 1 and none exists yet.
+
+    Returns whether this call created it (the caller then destroys it with
+    `leave_process_group`). `timeout` bounds every collective (a dead rank makes the
+    others fail within it instead of waiting forever); None keeps torch's default.
+    With nccl, the rank's GPU is selected first. `single=True` makes a group of one
+    rank too (DeepSpeed needs one; MASTER_ADDR / MASTER_PORT must then be set).
+    """
+    import torch
+
+    ranks = Ranks.from_env()
+    if (ranks.world_size == 1 and not single) or not torch.distributed.is_available() \
+            or torch.distributed.is_initialized():
+        return False
+    name = resolve_backend(backend)
+    if name == "nccl":
+        torch.cuda.set_device(ranks.local_rank)
+    kwargs: dict[str, Any] = {"backend": name, "rank": ranks.rank, "world_size": ranks.world_size}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    torch.distributed.init_process_group(**kwargs)
+    return True
+
+
+def leave_process_group(created: bool) -> None:
+    """Destroy the default group if `join_process_group` created it (and it still exists)."""
+    import torch
+
+    if created and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def new_group(timeout: datetime.timedelta, backend: str = "gloo") -> Any:
+    """A second group over all ranks with its own timeout (None without a process group).
+
+    Generation uses one for its final barrier: a rank may finish hours before the
+    slowest one, far beyond the join timeout of the default group.
+    """
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return torch.distributed.new_group(backend=backend, timeout=timeout)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier(group: Any = None) -> None:
+    """A barrier over the group (a no-op without a process group)."""
+    import torch
+
+    if dist_info()[1] > 1:
+        torch.distributed.barrier(group=group)
+
+
+def gather_objects(local: Any, group: Any = None) -> list[Any]:
+    """Every rank's `local` (picklable), indexed by rank (just `[local]` without a group)."""
+    import torch
+
+    world = dist_info()[1]
+    if world == 1:
+        return [local]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, local, group=group)
+    return out
+
+
+def default_device() -> Any:
+    """cuda:LOCAL_RANK where CUDA exists, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", Ranks.from_env().local_rank)
+    return torch.device("cpu")
