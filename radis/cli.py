@@ -7,6 +7,7 @@
     radis train         --config X.yaml [key=value ...]   RaDis / vanilla on DeepSpeed
     radis export        --checkpoint DIR --out DIR        consolidated HF model directory
     radis evaluate      --config X.yaml [key=value ...]   BLEU/chrF/COMET + retention
+    radis compare       --config X.yaml --arms A,B,...    every arm of the paper's comparison, end to end
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `run(args) -> int`; modules are imported only when their subcommand runs, so
@@ -28,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("radis.train.command", "train with RaDis or vanilla fine-tuning on DeepSpeed"),
     "export": ("radis.train.export", "export a checkpoint as a consolidated Hugging Face model directory"),
     "evaluate": ("radis.evaluate.command", "translation quality and general-ability retention"),
+    "compare": ("radis.compare", "the paper's comparison: generate, train, export and evaluate every arm"),
 }
 
 

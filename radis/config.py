@@ -5,7 +5,7 @@ A run is described by a YAML file plus `key=value` overrides on the command line
     radis train --config recipes/smollm2_cpu.yaml train.lr=2e-5 loss.method=vanilla
 
 The YAML mirrors the dataclasses below section by section (`model`, `data`,
-`rationale`, `loss`, `train`, `eval`). Loading is strict: an unknown key, a value of
+`rationale`, `loss`, `train`, `eval`, `compare`). Loading is strict: an unknown key, a value of
 the wrong type or a value outside its allowed set raises `ConfigError` naming the
 dotted key and the file (or `<override>` for a command-line value).
 
@@ -217,6 +217,20 @@ class EvalConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`radis compare`: the arms of the paper's comparison (radis.compare lists them)."""
+
+    # e.g. [vanilla, radis, radis_kd, seqkd, sdft]; the original model is always evaluated too
+    arms: list[str] = field(default_factory=lambda: ["vanilla", "radis"])
+    output_dir: str = "outputs/compare"
+    # radis_kd: the token-level KD weight and the top-k recorded for it
+    kd_weight: float = 0.5
+    topk: int = 20
+    # radis_other: the LLM that writes the rationales instead of the model itself
+    other_generator: str | None = None
+
+
+@dataclass
 class RadisConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,6 +238,7 @@ class RadisConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # The YAML this config came from (None for defaults); relative data paths in it
     # are resolved against the current working directory, like the CLI's.
     source_file: str | None = None

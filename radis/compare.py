@@ -1,0 +1,348 @@
+"""`radis compare`: the paper's comparison in one command, every arm from generation to scores.
+
+    radis compare --config recipes/compare_smollm2_cpu.yaml --arms vanilla,radis,radis_kd,seqkd,sdft
+    radis compare --config X.yaml --dry-run            print every stage's command, run nothing
+    python -m radis.demo [--arms ...]                   the same runner on the shipped demo sample
+
+The arms (`compare.arms`, or `--arms`), all trained by the same machinery (packing,
+fused loss, ZeRO-3 trainer) on the same pairs of `data.train`:
+
+    vanilla       the pairs as they are, loss.method=vanilla (the paper's fine-tuning baseline)
+    radis         reference + `continue` rationale written by the model itself (RaDis)
+    radis_kd      the same rationales with the model's top-k recorded (compare.topk), and the
+                  token-level KL to them mixed into the rationale loss (compare.kd_weight)
+    radis_ask     reference + `ask` rationale (a follow-up turn asks for the explanation)
+    radis_other   `continue` rationales written by another LLM (compare.other_generator):
+                  the paper's self- vs other-generated ablation
+    seqkd         the model's own translation replaces the reference (Seq-KD)
+    sdft          the model's own answer, with the reference shown to it, replaces it (SDFT)
+
+Stages, each a `radis` command in its own process (the generations, trainings and the
+evaluation on N ranks: the GPUs, or 2 CPU ranks over gloo):
+
+    generate-<set>   radis generate   one per set of generated data the arms need
+    train-<arm>      radis train      every arm but the original model
+    export-<arm>     radis export     DeepSpeed checkpoint -> HF directory
+    evaluate         radis evaluate   the original model and every arm: BLEU / chrF raw and
+                                      cut, COMET where installed, retention proxies, plot
+
+Resumable: a finished stage is recorded in <out>/stages.json (atomically) with its command
+and a hash of the config file, and skipped by the next run only if both are unchanged; a
+failed stage stops the run with its exit status and the next run continues there (training
+itself resumes from its last checkpoint). `--redo STAGE` runs a stage again. At the end one
+table with the original model and every arm is printed and written to <out>/comparison.md.
+Trailing key=value overrides reach every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radis.io import write_json_atomic, write_text_atomic
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained model of the comparison: which generated data it trains on, and how."""
+
+    name: str
+    data: str | None  # key of GENERATIONS, or None: the pairs of data.train as they are
+    method: str  # loss.method
+    kd: bool = False  # loss.kd_weight = compare.kd_weight (else 0)
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One `radis generate` run (shared by the arms that train on its records)."""
+
+    name: str
+    strategy: str
+    other_generator: bool = False  # written by compare.other_generator instead of the model
+
+
+GENERATIONS = {g.name: g for g in (
+    Generation("rationales", "continue"),
+    Generation("rationales-ask", "ask"),
+    Generation("rationales-other", "continue", other_generator=True),
+    Generation("seqkd", "seqkd"),
+    Generation("sdft", "sdft"),
+)}
+
+ARMS = {a.name: a for a in (
+    Arm("vanilla", None, "vanilla", help="the pairs, MT loss only"),
+    Arm("radis", "rationales", "radis", help="reference + self-generated rationale"),
+    Arm("radis_kd", "rationales", "radis", kd=True, help="radis + token-level KL to the recorded top-k"),
+    Arm("radis_ask", "rationales-ask", "radis", help="reference + rationale asked for in a follow-up turn"),
+    Arm("radis_other", "rationales-other", "radis", help="reference + rationale of another LLM"),
+    Arm("seqkd", "seqkd", "vanilla", help="the model's own translation as the target"),
+    Arm("sdft", "sdft", "vanilla", help="the model's answer with the reference shown, as the target"),
+)}
+
+
+class CompareError(ValueError):
+    """The comparison cannot be set up (unknown arm, missing setting); the message says which."""
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]  # `radis` subcommand and its arguments
+    distributed: bool  # launched with torchrun on N ranks
+    output: Path  # exists when the stage has finished
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    arms: list[str]
+    out: Path
+    models: list[tuple[str, str]] = field(default_factory=list)  # (name, path) evaluated
+
+
+def parse_arms(text: str | Sequence[str]) -> list[str]:
+    """'vanilla,radis' or ['vanilla', 'radis'] -> checked, de-duplicated, in the given order."""
+    items = [a.strip() for a in (text.split(",") if isinstance(text, str) else text) if a.strip()]
+    unknown = [a for a in items if a not in ARMS]
+    if unknown:
+        raise CompareError(f"unknown arm(s) {unknown}; the arms are: {', '.join(ARMS)}")
+    if not items:
+        raise CompareError(f"no arms given; the arms are: {', '.join(ARMS)}")
+    return list(dict.fromkeys(items))
+
+
+def _json(value: Any) -> str:
+    """A value for a key=value override: JSON is YAML, and quotes any path safely."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def build_plan(config: Path, out: Path, arms: Sequence[str], overrides: Sequence[str] = ()) -> Plan:
+    """The stages of a comparison of `arms` (see the module docstring), in running order."""
+    from radis.config import load_config
+
+    cfg = load_config(config, list(overrides))
+    arms = parse_arms(arms)
+    common = ["--config", str(config), *overrides]
+    stages: list[Stage] = []
+    needed = list(dict.fromkeys(ARMS[a].data for a in arms if ARMS[a].data))
+    gen_dirs: dict[str, Path] = {}
+    for name in needed:
+        gen = GENERATIONS[name]
+        out_dir = out / "generate" / name
+        gen_dirs[name] = out_dir
+        # top-k is recorded only for the rationales a KD arm distils from
+        topk = cfg.compare.topk if any(ARMS[a].kd and ARMS[a].data == name for a in arms) else 0
+        if gen.other_generator and not cfg.compare.other_generator:
+            raise CompareError("arm radis_other needs compare.other_generator (the LLM that writes the rationales)")
+        generator = cfg.compare.other_generator if gen.other_generator else None
+        stages.append(Stage(f"generate-{name}", ["generate", *common, "--no-progress",
+                                                 f"rationale.strategy={gen.strategy}", f"rationale.output_dir={_json(str(out_dir))}",
+                                                 f"rationale.topk={topk}", f"rationale.generator={_json(generator)}"],
+                            True, out_dir / "rationales.jsonl"))
+    for a in arms:
+        arm = ARMS[a]
+        data = [] if arm.data is None else [f"data.train={_json([{'path': str(gen_dirs[arm.data])}])}"]
+        kd = cfg.compare.kd_weight if arm.kd else 0.0
+        stages.append(Stage(f"train-{a}", ["train", *common, f"loss.method={arm.method}", f"loss.kd_weight={kd}",
+                                           f"train.output_dir={_json(str(out / a))}", *data],
+                            True, out / a / "checkpoints" / "latest"))
+    for a in arms:
+        stages.append(Stage(f"export-{a}", ["export", "--checkpoint", str(out / a / "checkpoints"),
+                                            "--out", str(out / a / "hf"), "--overwrite"], False, out / a / "hf" / "config.json"))
+    models = [("original", cfg.model.name_or_path)] + [(a, str(out / a / "hf")) for a in arms]
+    stages.append(Stage("evaluate", ["evaluate", *common, f"eval.models={_json([f'{n}={p}' for n, p in models])}",
+                                     f"eval.output_dir={_json(str(out / 'eval'))}"], True, out / "eval" / "summary.json"))
+    return Plan(stages=stages, arms=arms, out=out, models=models)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def default_nproc() -> int:
+    """GPUs when there are any, else 2 CPU ranks (ZeRO-3 over gloo)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return 2
+
+
+def command_line(stage: Stage, nproc: int) -> list[str]:
+    if stage.distributed and nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "--module", "radis.cli", *stage.argv]
+    return [sys.executable, "-m", "radis.cli", *stage.argv]
+
+
+def stage_env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the stages need nothing from the network
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # N ranks on the CPU cores: one rank per core share, or they oversubscribe.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
+    return env
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _load_state(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CompareError(f"{path}: not valid JSON ({err}); delete it to run every stage again") from None
+    if not isinstance(state, dict):
+        raise CompareError(f"{path}: expected a JSON object of stages; delete it to run every stage again")
+    return state
+
+
+def run_plan(plan: Plan, config: Path, *, nproc: int, redo: Sequence[str] = (), log=print) -> int:
+    """Run the stages not yet done; returns the exit status (0 when every stage finished)."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    state_path = plan.out / "stages.json"
+    state = _load_state(state_path)
+    env = stage_env(nproc)
+    config_hash = _file_hash(config)
+    log(f"radis compare: {len(plan.stages)} stages into {plan.out} on {nproc} rank(s); arms: {', '.join(plan.arms)}")
+    for s in plan.stages:
+        cmd = command_line(s, nproc)
+        done = state.get(s.name, {})
+        if s.name in redo:
+            done = {}
+            if s.name.startswith("export-"):
+                shutil.rmtree(s.output.parent, ignore_errors=True)
+        same = done.get("argv") == s.argv and done.get("config_hash") == config_hash
+        if done.get("done") and same and s.output.exists():
+            log(f"[{s.name}] done earlier ({done['seconds']:.0f} s), skipped")
+            continue
+        if done.get("done") and not same:
+            log(f"[{s.name}] its command or config changed since it ran: running it again")
+        log(f"[{s.name}] {shlex.join(cmd)}")
+        t0 = time.time()
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+        seconds = time.time() - t0
+        if rc != 0 or not s.output.exists():
+            why = f"exit status {rc}" if rc != 0 else f"finished without writing {s.output}"
+            print(f"radis compare: stage {s.name} failed ({why}) after {seconds:.0f} s; re-run to resume here",
+                  file=sys.stderr, flush=True)
+            return rc or 1
+        state[s.name] = {"done": True, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "argv": s.argv, "config_hash": config_hash}
+        write_json_atomic(state_path, state)
+        log(f"[{s.name}] finished in {seconds:.0f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """One Markdown table: every model's averaged translation scores and retention proxies."""
+    head = ["model", "BLEU raw", "BLEU cut", "chrF raw", "chrF cut", "COMET", "KL(orig‖m)", "NLL m", "NLL orig",
+            "changed", "chrF→orig"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        k = r.get("retention") or {}
+        cells = [r["model"], _f(r.get("bleu_raw")), _f(r.get("bleu_cut")), _f(r.get("chrf_raw")), _f(r.get("chrf_cut")),
+                 _f(r.get("comet_cut"), 4), _f(k.get("kl"), 3), _f(k.get("nll_tuned"), 3), _f(k.get("nll_original"), 3),
+                 f"{k['changed'] * 100:.0f}%" if k.get("changed") is not None else "-", _f(k.get("chrf_to_original"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(plan: Plan, log=print) -> str:
+    """The comparison table (also after a fully skipped re-run) and the stage times."""
+    from radis.evaluate.command import format_table
+
+    summary = json.loads((plan.out / "eval" / "summary.json").read_text(encoding="utf-8"))
+    rows = summary["models"]
+    state = _load_state(plan.out / "stages.json")
+    table = comparison_table(rows)
+    text = (f"# radis compare: {', '.join(plan.arms)}\n\n{table}\n\n"
+            + "\n".join(f"- {sig}" for sig in summary.get("signatures", {}).values()))
+    write_text_atomic(plan.out / "comparison.md", text + "\n")
+    log("\n" + format_table(rows))
+    log("\n" + table)
+    total = sum(v.get("seconds", 0.0) for v in state.values())
+    log("\nstage times: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in state.items()) + f"; total {total:.0f} s")
+    png = plan.out / "eval" / "quality_vs_retention.png"
+    if png.is_file():
+        log(f"plot: {png}")
+    log(f"table: {plan.out / 'comparison.md'}")
+    return table
+
+
+def compare(config: Path, out: Path, arms: Sequence[str], *, nproc: int | None = None, redo: Sequence[str] = (),
+            dry_run: bool = False, overrides: Sequence[str] = ()) -> int:
+    """Plan and run a comparison (the CLI and the demo call this); returns the exit status."""
+    config, out = Path(config).resolve(), Path(out).resolve()
+    if not config.is_file():
+        print(f"radis compare: --config {config}: no such file", file=sys.stderr)
+        return 2
+    try:
+        plan = build_plan(config, out, arms, overrides)
+    except CompareError as err:
+        print(f"radis compare: {err}", file=sys.stderr)
+        return 2
+    unknown = set(redo) - {s.name for s in plan.stages}
+    if unknown:
+        print(f"radis compare: --redo {sorted(unknown)}: unknown stage; stages: {[s.name for s in plan.stages]}",
+              file=sys.stderr)
+        return 2
+    nproc = nproc or default_nproc()
+    if dry_run:
+        for s in plan.stages:
+            print(f"[{s.name}] {shlex.join(command_line(s, nproc))}")
+        return 0
+    try:
+        rc = run_plan(plan, config, nproc=nproc, redo=redo, log=lambda m: print(m, flush=True))
+    except CompareError as err:
+        print(f"radis compare: {err}", file=sys.stderr)
+        return 2
+    if rc == 0:
+        report(plan)
+    return rc
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from radis.runtime import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--arms", default=None,
+                        help=f"comma-separated arms (default: compare.arms); one of: {', '.join(ARMS)}")
+    parser.add_argument("--out", default=None, help="output directory of every stage (default: compare.output_dir)")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks of generate/train/evaluate (default: GPUs or 2)")
+    parser.add_argument("--redo", action="append", default=[], metavar="STAGE", help="run STAGE again (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from radis.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return compare(Path(args.config), Path(args.out or cfg.compare.output_dir), args.arms or cfg.compare.arms,
+                   nproc=args.nproc, redo=args.redo, dry_run=args.dry_run, overrides=args.overrides)
