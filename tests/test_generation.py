@@ -168,9 +168,10 @@ def test_merged_prefill_caches_decode_like_one_at_a_time(prefill):
 
 
 def test_shared_prefix_prefill_decodes_like_one_at_a_time():
-    """Prompts that share a system prompt: the prefix runs once per micro-batch, its
-    cache repeated for the rows; outputs equal one at a time (also a prompt that is
-    the prefix plus one token, and micro-batches whose prefix is too short to share)."""
+    """Prompts that share a system prompt: the prefix runs once (for all micro-batches when
+    every prompt has it, else per micro-batch), its cache repeated for the rows; outputs
+    equal one at a time (also a prompt that is the prefix plus one token, micro-batches
+    whose prefix is too short to share, and one whose prompts share a longer prefix)."""
     from radis.generation.decode import MIN_SHARED_PREFIX, _shared_prefix_length
 
     model = tiny_llama()
@@ -183,6 +184,17 @@ def test_shared_prefix_prefill_decodes_like_one_at_a_time():
     for prefill in (3, None):
         merged = generate(model, reqs, settings, stop_token_ids=STOPS, pad_token_id=0, prefill_batch_size=prefill)
         for req, got in zip(reqs, merged):
+            alone = generate(model, [req], settings, stop_token_ids=STOPS, pad_token_id=0)[0]
+            assert got.token_ids == alone.token_ids and got.stop_reason == alone.stop_reason, (prefill, req.key)
+            np.testing.assert_allclose(got.topk_logprobs, alone.topk_logprobs, atol=1e-5)
+    # Every prompt shares the head: it runs once for all micro-batches; two long prompts
+    # share a longer run, which their micro-batch computes instead.
+    longer = head + list(range(60, 70))
+    common = [Request(r.key, head + r.prompt_ids, min_new_tokens=2) for r in random_requests(5, seed=8)]
+    common += [Request("long-a", longer + [3] * 30 + [4]), Request("long-b", longer + [3] * 30 + [5])]
+    for prefill in (2, 3):
+        merged = generate(model, common, settings, stop_token_ids=STOPS, pad_token_id=0, prefill_batch_size=prefill)
+        for req, got in zip(common, merged):
             alone = generate(model, [req], settings, stop_token_ids=STOPS, pad_token_id=0)[0]
             assert got.token_ids == alone.token_ids and got.stop_reason == alone.stop_reason, (prefill, req.key)
             np.testing.assert_allclose(got.topk_logprobs, alone.topk_logprobs, atol=1e-5)

@@ -27,9 +27,10 @@ zero keys/values under a zero mask, then all are stacked along the batch:
     micro-batch B  (prompts of 3)     K [ 0 0 k k k ]       mask [ 0 0 1 1 1 ]
 
 Masked columns get no attention weight, and position ids are carried per row, so a
-merged row still computes what it would compute alone. Within a micro-batch, a
-leading run of tokens common to all prompts (the system prompt, the instruction
-head) is computed once and its cache repeated for every row (`_prefill_micro_batch`).
+merged row still computes what it would compute alone. A leading run of tokens common
+to all prompts of the decode batch (the system prompt, the instruction head) is
+computed once for all micro-batches and its cache repeated for every row; a
+micro-batch whose prompts share a longer run computes that one (`_prefill_micro_batch`).
 
 After the prefill each step feeds one token per row: the mask grows by a column of
 ones and each row's position id is its last one + 1. Rows that have stopped are
@@ -57,11 +58,12 @@ as the teacher for token-level distillation; a sampling warper would distort it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -262,7 +264,15 @@ def _shared_prefix_length(prompts: Sequence[list[int]]) -> int:
     return length
 
 
-def _prefill_micro_batch(model: torch.nn.Module, prompts: Sequence[list[int]], pad_token_id: int):
+def _prefix_cache(model: torch.nn.Module, prefix: list[int]):
+    """The KV cache of `prefix` (one row), computed once and copied for every micro-batch."""
+    device = _model_device(model)
+    return _returned_cache(model(input_ids=torch.tensor([prefix], dtype=torch.long, device=device), use_cache=True,
+                                 logits_to_keep=1))
+
+
+def _prefill_micro_batch(model: torch.nn.Module, prompts: Sequence[list[int]], pad_token_id: int,
+                         common: tuple[int, Any] | None = None):
     """One forward over a micro-batch of prompts; returns (model output, mask [b, T],
     position ids [b, T]). A long enough shared prefix runs once, its cache is repeated
     for every row and the rest is left-padded after it:
@@ -270,16 +280,22 @@ def _prefill_micro_batch(model: torch.nn.Module, prompts: Sequence[list[int]], p
         input   [ s s s s | pad  a0 a1 ]    mask [ 1 1 1 1 | 0 1 1 ]
                 [ s s s s |  b0  b1 b2 ]         [ 1 1 1 1 | 1 1 1 ]
                   prefix     suffixes            positions continue after the prefix
+
+    `common` = (length, cache) of a prefix that every prompt of the whole decode batch
+    shares, computed once by the caller; a micro-batch whose own shared prefix is longer
+    computes that one instead.
     """
     device = _model_device(model)
     shared = _shared_prefix_length(prompts) if len(prompts) > 1 else 0
-    if shared < MIN_SHARED_PREFIX:
+    if common is not None and common[0] >= shared:
+        shared, cache = common[0], copy.deepcopy(common[1])
+    elif shared >= MIN_SHARED_PREFIX:
+        cache = _prefix_cache(model, prompts[0][:shared])
+    else:
         input_ids, mask = _left_pad(prompts, pad_token_id, device)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out, mask, positions
-    prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
-    cache = _returned_cache(model(input_ids=prefix, use_cache=True, logits_to_keep=1))
     cache.batch_repeat_interleave(len(prompts))
     input_ids, suffix_mask = _left_pad([p[shared:] for p in prompts], pad_token_id, device)
     mask = torch.cat([suffix_mask.new_ones((len(prompts), shared)), suffix_mask], dim=1)
@@ -316,9 +332,16 @@ def _prefill(
     value_bufs: list[torch.Tensor] = []
     logits, masks, next_pos, active = [], [], [], []
     width = 0
+    # The system prompt and instruction head that every prompt starts with run once for
+    # all micro-batches (when there are several).
+    common = None
+    if n > size:
+        shared = _shared_prefix_length([r.prompt_ids for r in requests])
+        if shared >= MIN_SHARED_PREFIX:
+            common = (shared, _prefix_cache(model, requests[0].prompt_ids[:shared]))
     for lo in range(0, n, size):
         rows = order[lo : lo + size]
-        out, mask, positions = _prefill_micro_batch(model, [requests[i].prompt_ids for i in rows], pad_token_id)
+        out, mask, positions = _prefill_micro_batch(model, [requests[i].prompt_ids for i in rows], pad_token_id, common)
         cache = _returned_cache(out)
         if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
             # Sliding-window or quantised layers keep more state than keys and values:
@@ -328,16 +351,20 @@ def _prefill(
             raise ValueError(f"this model's {type(cache).__name__} (not plain DynamicLayer layers) cannot be merged: "
                              f"set the prefill batch size ({size}) to at least the decode batch ({n})")
         if not key_bufs:
-            # Longest prompts first: the first micro-batch is the widest.
+            # Longest prompts first: the first micro-batch is the widest. Uninitialised:
+            # each micro-batch fills its columns and zeroes the masked ones on their left
+            # (masked, but 0 x garbage could be NaN); later columns are written before use.
             width = mask.shape[1]
             for layer in cache.layers:
                 _, heads, _, dim = layer.keys.shape
-                key_bufs.append(layer.keys.new_zeros((n, heads, width + max_new_tokens, dim)))
-                value_bufs.append(layer.values.new_zeros((n, heads, width + max_new_tokens, layer.values.shape[-1])))
+                key_bufs.append(layer.keys.new_empty((n, heads, width + max_new_tokens, dim)))
+                value_bufs.append(layer.values.new_empty((n, heads, width + max_new_tokens, layer.values.shape[-1])))
         t = mask.shape[1]  # = the micro-batch's longest prompt, shared prefix or not
         if t > width:
             raise RuntimeError(f"prefill micro-batch of width {t} after one of width {width}: not length-sorted")
         for key_buf, value_buf, layer in zip(key_bufs, value_bufs, cache.layers):
+            key_buf[lo : lo + len(rows), :, : width - t] = 0
+            value_buf[lo : lo + len(rows), :, : width - t] = 0
             key_buf[lo : lo + len(rows), :, width - t : width] = layer.keys
             value_buf[lo : lo + len(rows), :, width - t : width] = layer.values
         logits.append(out.logits[:, -1, :].float())
@@ -379,7 +406,6 @@ def generate(
     device = _model_device(model)
     n = len(requests)
     stop_ids = torch.tensor(sorted({int(t) for t in stop_token_ids}), dtype=torch.long, device=device)
-    stop_set = set(stop_ids.tolist())
     generators: list[torch.Generator | None] = [None] * n
     if settings.do_sample:
         generators = []
@@ -388,8 +414,10 @@ def generate(
             g.manual_seed(example_seed(settings.seed, r.key))
             generators.append(g)
 
-    logits, cache, mask, next_pos, active = _prefill(model, requests, pad_token_id, prefill_batch_size, settings.max_new_tokens)
+    logits, cache, mask, next_pos, active = _prefill(model, requests, pad_token_id, prefill_batch_size,
+                                                     settings.max_new_tokens)
     cache_kw = _cache_keyword(model)
+    stop_set = set(stop_ids.tolist())
 
     tokens: list[list[int]] = [[] for _ in range(n)]
     top_ids: list[list[torch.Tensor]] = [[] for _ in range(n)]
