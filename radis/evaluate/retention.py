@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from sacrebleu.metrics import CHRF
 
+from radis.evaluate.subsets import category_balanced
 from radis.evaluate.translate import decode_batch, model_device
 from radis.generation.decode import Request, length_sorted_batches
 from radis.io import write_json_atomic
@@ -85,21 +86,7 @@ def load_retention_prompts(path: str | os.PathLike | None = None, limit: int | N
         prompts.append(RetentionPrompt(rec["id"], rec["category"], rec["prompt"]))
     if not prompts:
         raise ValueError(f"retention prompts {p}: no prompts in the file")
-    if limit is None or limit >= len(prompts):
-        return prompts
-    if limit < 1:
-        raise ValueError(f"retention prompt limit must be >= 1, got {limit}")
-    by_cat: dict[str, list[RetentionPrompt]] = {}
-    for pr in prompts:
-        by_cat.setdefault(pr.category, []).append(pr)
-    chosen: list[RetentionPrompt] = []
-    depth = 0
-    while len(chosen) < limit:
-        for items in by_cat.values():
-            if depth < len(items) and len(chosen) < limit:
-                chosen.append(items[depth])
-        depth += 1
-    return chosen
+    return category_balanced(prompts, limit, "retention prompt")
 
 
 @dataclass
