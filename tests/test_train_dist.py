@@ -193,6 +193,10 @@ def test_export_loads_and_generates(run_a, work, tmp_path):
     assert main(["export", "--checkpoint", str(out / "checkpoints"), "--out", str(hf)]) == 0
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
         assert (hf / name).is_file(), name
+    # how it was trained, for radis evaluate's cut at the separator
+    info = json.loads((hf / "radis_training.json").read_text())
+    assert info["method"] == "radis" and info["trained_with_rationales"] and info["rd_target_tokens"] > 0
+    assert info["separator"] == "\n\n"
     model = AutoModelForCausalLM.from_pretrained(hf)
     tok = AutoTokenizer.from_pretrained(hf)
     trained = consolidated_state_dict(out / "checkpoints", "global_step10")

@@ -7,8 +7,8 @@
 dict (DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`, no process group and no
 accelerator needed); a ZeRO-0 checkpoint holds the full module already. The model is
 rebuilt from the `hf/` config saved in the checkpoint, the weights loaded strictly, and
-written with `save_pretrained` (safetensors), next to the tokenizer and generation
-config. The output directory appears complete or not at all (written to a temporary
+written with `save_pretrained` (safetensors), next to the tokenizer, the generation
+config and `radis_training.json` (how it was trained: radis.training_info). The output directory appears complete or not at all (written to a temporary
 sibling, then renamed).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from radis.models import DTYPES
 from radis.train.checkpoint import HF_SUBDIR, LATEST
+from radis.training_info import FILENAME as TRAINING_INFO
 
 _DTYPES = DTYPES
 
@@ -148,6 +149,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tag
             GenerationConfig.from_pretrained(str(hf_dir)).save_pretrained(str(tmp))
         except OSError:  # the model had no generation_config.json: save_pretrained wrote a default
             pass
+        if (hf_dir / TRAINING_INFO).is_file():  # how it was trained (radis evaluate reads it)
+            shutil.copy2(hf_dir / TRAINING_INFO, tmp / TRAINING_INFO)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -210,6 +210,9 @@ class RadisRecipe:
         train_ds, valid_ds = self._build_data()
         # padding never has a loss and is masked out; the data builder chose the id
         pad_id = int(train_ds.meta.get("pad_token_id", 0))
+        # {"mt", "rd"} target tokens of the training data: radis_training.json says whether
+        # rationales were trained (radis evaluate cuts only such a model's output)
+        self.target_tokens = dict(train_ds.meta.get("stats", {}).get("packing", {}).get("targets", {}))
         loader_kw = {"rank": self.rank, "world_size": self.world, "packs_per_micro_batch": cfg.data.packs_per_micro_batch,
                      "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype,
                      # the [B, 1, T, T] sdpa mask is built where it is used, not copied there per step
@@ -550,7 +553,10 @@ class RadisRecipe:
         return tag
 
     def _write_hf_files(self, directory: Path) -> None:
+        from radis.training_info import training_info, write_training_info
+
         directory.mkdir(parents=True, exist_ok=True)
+        write_training_info(directory, training_info(self.cfg, self.target_tokens))
         self.hf_config.save_pretrained(str(directory))
         if self.generation_config is not None:
             self.generation_config.save_pretrained(str(directory))
