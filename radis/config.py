@@ -203,8 +203,13 @@ class EvalConfig:
     batch_size: int = 16
     num_beams: int = 1
     max_new_tokens: int = 256
-    # Cut hypotheses at the first `data.separator` (a RaDis model appends a rationale).
-    cut_at_separator: bool = True
+    # Which outputs are scored cut at the first separator (a RaDis model appends a
+    # rationale): "auto" only models trained with rationales (their radis_training.json
+    # says so; cutting any other model would cut a preamble off its translation),
+    # "always" / true, "never" / false. Raw and cut scores are reported either way.
+    cut_at_separator: bool | Literal["auto", "always", "never"] = "auto"
+    # Per eval.models name, e.g. {original: false, my_radis_model: true}; wins over the rule above.
+    cut_models: dict[str, bool] = field(default_factory=dict)
     comet_model: str | None = None
     # General-ability retention set (JSONL of {"id", "category", "prompt"}); None: shipped set.
     retention_prompts: str | None = None
@@ -213,6 +218,23 @@ class EvalConfig:
     retention: bool = True
     # Keep a category-balanced subset of this many retention prompts (the CPU demo uses ~30).
     retention_limit: int | None = None
+    # General ability with EleutherAI's lm-evaluation-harness (radis.evaluate.general): task
+    # or group names, e.g. [gsm8k, arc_challenge, mmlu, truthfulqa_mc2, hellaswag, ifeval];
+    # radis's own offline tasks are radis_knowledge (multiple choice) and radis_arithmetic.
+    general_tasks: list[str] = field(default_factory=list)
+    general_limit: int | None = None  # documents per task (None: all)
+    general_num_fewshot: int | None = None  # None: each task's own default
+    # auto: generative tasks in the chat template, log-likelihood tasks as plain text
+    general_chat_template: Literal["auto", "always", "never"] = "auto"
+    general_task_paths: list[str] = field(default_factory=list)  # more lm-eval task directories
+    # A task whose data would need a download while offline: an error, or skipped with the reason.
+    general_missing: Literal["error", "skip"] = "error"
+    # Safety (radis.evaluate.safety): refusal rate on the shipped harmful requests
+    # (+ safety_prompts, e.g. a local copy of AdvBench's harmful_behaviors.csv).
+    safety: bool = True
+    safety_prompts: str | None = None
+    safety_limit: int | None = None  # category-balanced subset of the shipped requests
+    safety_max_new_tokens: int = 96
     output_dir: str = "outputs/eval"
 
 

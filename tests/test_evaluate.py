@@ -133,6 +133,8 @@ def _config(tmp_path: Path, base: Path, models: list[str], tests: list[dict], **
         "eval.max_new_tokens=6",
         "eval.retention_max_new_tokens=6",
         "eval.retention_limit=7",
+        "eval.safety_limit=5",
+        "eval.safety_max_new_tokens=6",
         "eval.batch_size=4",
     ] + [f"eval.{k}={v}" for k, v in eval_overrides.items()])
     from radis.config import SourceConfig
@@ -161,12 +163,15 @@ def test_translate_end_to_end_writes_scores_retention_and_plot(tiny_models, tmp_
     assert set(rows) == {"original", "tuned"}
     translations = json.loads((out / "tuned" / "translations.json").read_text(encoding="utf-8"))
     assert [t["reference"] for t in translations][:2] == ["Good morning.", "The train is late."]
-    for t in translations:  # cut = raw up to the first separator
-        assert t["hypothesis"] == cut_at_separator(t["raw"], cfg.data.separator) and t["new_tokens"] <= 6
+    for t in translations:  # cut = raw up to the first separator; not trained with rationales: scored raw
+        assert t["cut"] == cut_at_separator(t["raw"], cfg.data.separator) and t["new_tokens"] <= 6
+        assert t["hypothesis"] == t["raw"]
     # Scores are sacreBLEU's on exactly the written hypotheses.
     result = json.loads((out / "tuned" / "results.json").read_text(encoding="utf-8"))
+    assert result["cut"]["applied"] is False and "no radis_training.json" in result["cut"]["reason"]
+    assert rows["tuned"]["chrf"] == rows["tuned"]["chrf_raw"]
     cut = result["directions"]["de-en"]["cut"]
-    hyps, refs = [t["hypothesis"] for t in translations], [t["reference"] for t in translations]
+    hyps, refs = [t["cut"] for t in translations], [t["reference"] for t in translations]
     assert cut["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score, abs=1e-3)
     assert cut["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score, abs=1e-3)
     assert rows["tuned"]["chrf_cut"] == pytest.approx(cut["chrf"], abs=1e-3)
@@ -178,6 +183,10 @@ def test_translate_end_to_end_writes_scores_retention_and_plot(tiny_models, tmp_
     assert (out / "quality_vs_retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cached = list((out / "retention").glob("original.*.json"))
     assert len(cached) == 1
+    # Safety: the refusal rate on 5 harmful requests, the original's drop is 0.
+    assert rows["original"]["safety"]["refusal_drop"] == 0.0 and rows["tuned"]["safety"]["prompts"] == 5
+    answers = json.loads((out / "tuned" / "safety_answers.json").read_text(encoding="utf-8"))
+    assert len(answers) == 5 and all("refusal" in a and "prompt" in a for a in answers)
     # A second run finds everything up to date and returns the same summary.
     assert evaluate(cfg)["models"] == summary["models"]
 
@@ -238,19 +247,26 @@ def test_a_path_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
         command.parse_model_specs(load_config(None, ["eval.models=[a=x, a=y]"]))
 
 
-def test_plot_writes_a_png(tmp_path):
-    from radis.evaluate.plot import plot_quality_vs_retention
+def test_plot_writes_a_png_with_a_legend_and_a_panel_per_measure(tmp_path):
+    from radis.evaluate.plot import panels, plot_quality_vs_general
 
-    points = [
-        {"name": "original", "chrf": 18.8, "retention": {"kl": 0.0, "nll_tuned": 0.89, "chrf_to_original": 100.0}},
-        {"name": "vanilla", "chrf": 22.7, "retention": {"kl": 0.068, "nll_tuned": 0.92, "chrf_to_original": 39.3}},
-        {"name": "radis", "chrf": 24.1, "retention": {"kl": 0.113, "nll_tuned": 0.78, "chrf_to_original": 48.3}},
+    rows = [
+        {"model": "original", "chrf": 18.8, "retention": {"kl": 0.0, "nll_tuned": 0.89, "chrf_to_original": 100.0},
+         "safety": {"refusal_rate": 0.9}, "general": {"radis_knowledge": 0.6, "radis_arithmetic": 0.2}},
+        {"model": "vanilla", "chrf": 21.9, "retention": {"kl": 0.068, "nll_tuned": 0.92, "chrf_to_original": 39.3},
+         "safety": {"refusal_rate": 0.5}, "general": {"radis_knowledge": 0.5, "radis_arithmetic": None}},
+        # scores as close as the ones whose text labels printed over each other before
+        {"model": "radis", "chrf": 22.0, "retention": {"kl": 0.113, "nll_tuned": 0.78, "chrf_to_original": 48.3},
+         "safety": {"refusal_rate": 0.8}, "general": {"radis_knowledge": 0.55}},
     ]
-    png = plot_quality_vs_retention(points, tmp_path / "fig" / "q.png")
+    todo = panels(rows)
+    assert [p[0] for p in todo] == ["kl", "nll_tuned", "chrf_to_original", "refusal rate", "radis_knowledge",
+                                    "radis_arithmetic"]
+    assert [m for m, _, _ in todo[-1][3]] == ["original"]  # a missing score leaves the point out
+    png = plot_quality_vs_general(rows, tmp_path / "fig" / "q.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert not list(png.parent.glob(".*tmp*"))  # the temporary file was renamed away
-    with pytest.raises(ValueError, match="no model has both"):
-        plot_quality_vs_retention([{"name": "x", "chrf": None, "retention": None}], tmp_path / "none.png")
+    assert plot_quality_vs_general([{"model": "x", "chrf": None, "retention": None}], tmp_path / "none.png") is None
 
 
 def test_retention_proxies_of_two_loads_of_the_same_weights_are_zero(tiny_models):
@@ -299,7 +315,8 @@ def test_two_ranks_give_the_same_results_as_one(tiny_models, tmp_path):
     cfg_file.write_text(
         f"model: {{name_or_path: '{base}'}}\n"
         f"eval:\n  models: ['original={base}', 'tuned={tuned}']\n  max_new_tokens: 5\n  retention_max_new_tokens: 5\n"
-        f"  retention_limit: 5\n  batch_size: 2\n  test: [{{path: '{test_file}', src_lang: de, tgt_lang: en}}]\n",
+        f"  retention_limit: 5\n  safety_limit: 5\n  safety_max_new_tokens: 5\n  batch_size: 2\n"
+        f"  test: [{{path: '{test_file}', src_lang: de, tgt_lang: en}}]\n",
         encoding="utf-8")
     from radis.evaluate.command import evaluate
 
@@ -318,6 +335,7 @@ def test_two_ranks_give_the_same_results_as_one(tiny_models, tmp_path):
         assert two["chrf_cut"] == pytest.approx(one["chrf_cut"])
         for key in ("kl", "nll_tuned", "nll_original", "changed", "chrf_to_original"):
             assert two["retention"][key] == pytest.approx(one["retention"][key], rel=1e-4, abs=1e-6)
+        assert two["safety"] == one["safety"]
 
 
 def test_beam_search_translates_and_stops_cleanly(tiny_models):

@@ -1,4 +1,4 @@
-"""`radis evaluate`: translation quality and general-ability retention of one or more models.
+"""`radis evaluate`: translation quality and general ability of one or more models.
 
     radis evaluate --config recipes/demo_smollm2.yaml
     radis evaluate --config X.yaml 'eval.models=[original=smollm2, radis=outputs/radis/hf]'
@@ -6,18 +6,32 @@
 
 For every model in `eval.models` ("name=path" or a path; empty: `model.name_or_path`):
 an HF model directory is used as is, a DeepSpeed checkpoint directory is first exported
-with `radis export`. Every test set of `eval.test` is translated (greedy, or beam search
-with eval.num_beams > 1) and scored with sacreBLEU BLEU and chrF on the raw output and
-on the output cut at `data.separator`, plus COMET where available. Then, unless
-eval.retention=false, the retention proxies against `model.name_or_path`.
+with `radis export`. Per model, four parts:
+
+    translation  every test set of `eval.test`, greedy (or beam search with eval.num_beams
+                 > 1), scored with sacreBLEU BLEU and chrF (+ COMET where installed) on the
+                 raw output and on the output cut at the separator. Which of the two is
+                 the model's scored number is `cut_decision`: only models trained with
+                 rationales are cut (a preamble model would lose its translation).
+    retention    the offline proxies against the original model (eval.retention)
+    safety       the refusal rate on harmful requests and its drop from the original's
+                 (eval.safety; radis.evaluate.safety)
+    general      lm-evaluation-harness tasks (eval.general_tasks; radis.evaluate.general)
+
+Each part has its own key in results.json: a re-run redoes only the parts whose inputs
+changed (adding a general task does not translate again). Everything that can fail
+without a model (test sets, model paths, lm-eval tasks and their offline data, prompt
+files) is checked before the first model loads.
 
 Writes under eval.output_dir (atomically):
 
-    <name>/translations.json   every hypothesis (raw and cut) with source and reference
-    <name>/results.json        scores per direction and averaged, retention proxies
-    retention/original.<key>.json   the original model's cached greedy answers
-    summary.json               one row per model
-    quality_vs_retention.png   chrF (cut) against each retention proxy
+    <name>/translations.json    every hypothesis (raw, cut, scored) with source and reference
+    <name>/results.json         every part: scores per direction and averaged, the cut
+                                decision, retention proxies, safety, lm-eval results
+    <name>/retention_answers.json, <name>/safety_answers.json   the answers behind them
+    retention/original.<key>.json, safety/original.<key>.json   the original's cached answers
+    summary.json                one row per model (radis.evaluate.report)
+    quality_vs_retention.png    scored chrF against each measure of general ability
 """
 from __future__ import annotations
 
@@ -29,13 +43,14 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import Example
-from radis.evaluate import metrics, retention
+from radis.evaluate import metrics, report, retention
+from radis.evaluate.general import GeneralSuite
 from radis.evaluate.translate import Translation, pad_token_id, translate
 from radis.io import write_json_atomic
 from radis.runtime import (
@@ -193,7 +208,7 @@ def score_direction(items: list[Translation], tgt_lang: str, comet: metrics.Come
         out.update(raw=None, cut=None, note="no references: translated only, not scored")
         return out
     refs = [t.reference for t in scored]
-    for kind, hyps in (("raw", [t.raw for t in scored]), ("cut", [t.hypothesis for t in scored])):
+    for kind, hyps in (("raw", [t.raw for t in scored]), ("cut", [t.cut for t in scored])):
         s = metrics.score_corpus(hyps, refs, tgt_lang)
         if comet is not None:
             s.comet, s.comet_model = comet.score([t.source for t in scored], hyps, refs), comet.name
@@ -205,16 +220,67 @@ def average(per_direction: dict[str, dict[str, Any]], kind: str) -> dict[str, An
     return metrics.average_scores({d: r[kind] for d, r in per_direction.items() if r.get(kind) is not None})
 
 
+def cut_decision(cfg: RadisConfig, name: str, path: str) -> tuple[bool, str, str]:
+    """(cut?, why, separator) for one model: is its output scored cut at the separator?
+
+    Cutting is right only for a model that writes a rationale after its translation,
+    i.e. one trained with rationales; any other model may answer "Here is the
+    translation:\n\n<translation>" and would be cut down to its preamble. Rules, first
+    match wins: eval.cut_models[name]; eval.cut_at_separator always / never (true /
+    false); "auto": the model directory's radis_training.json (radis.training_info) says
+    whether it was trained with rationales, and a model without one (the original, any
+    model not trained by radis) is not cut. The separator is the one the model was
+    trained with, else data.separator.
+    """
+    from radis.training_info import read_training_info
+
+    info = read_training_info(path)
+    separator = info.get("separator", cfg.data.separator) if info else cfg.data.separator
+    if name in cfg.eval.cut_models:
+        return bool(cfg.eval.cut_models[name]), f"eval.cut_models.{name}", separator
+    rule = cfg.eval.cut_at_separator
+    rule = {True: "always", False: "never"}.get(rule, rule) if isinstance(rule, bool) else rule
+    if rule in ("always", "never"):
+        return rule == "always", f"eval.cut_at_separator={rule}", separator
+    if info is None:
+        return False, "no radis_training.json: not trained with rationales", separator
+    if info.get("trained_with_rationales"):
+        return True, f"trained with rationales ({info.get('rd_target_tokens', 0)} rationale tokens)", separator
+    return False, f"trained without rationales (loss.method={info.get('method')})", separator
+
+
 # --------------------------------------------------------------------------- main
 
 
-def _run_key(cfg: RadisConfig, ref_fingerprint: str, test_sets: list[dict[str, Any]]) -> str:
-    blob = json.dumps({"model": ref_fingerprint, "tests": test_sets, "eval": asdict(cfg.eval),
-                       "data": {"separator": cfg.data.separator, "instruction": cfg.data.instruction,
-                                "system_prompt": cfg.data.system_prompt},
-                       "original": cfg.model.name_or_path, "template": cfg.model.chat_template},
-                      sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+def _key(**parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], cut: tuple[bool, str, str],
+              suite: GeneralSuite | None, safety_fp: str | None) -> dict[str, str | None]:
+    """A key per part of a model's results: a part whose inputs did not change since the
+    last run (same key in results.json) is reused, so adding a general task does not
+    translate again. None: the part is off."""
+    e, d = cfg.eval, cfg.data
+    prompt = {"instruction": d.instruction, "system": d.system_prompt, "template": cfg.model.chat_template,
+              "dtype": cfg.model.dtype}
+    keys: dict[str, str | None] = {
+        "translation": _key(model=model_fp, tests=test_sets, max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
+                            comet=e.comet_model, cut=cut, **prompt) if e.test else None,
+        "retention": _key(model=model_fp, original=cfg.model.name_or_path, prompts=e.retention_prompts,
+                          limit=e.retention_limit, max_new_tokens=e.retention_max_new_tokens, **prompt)
+        if e.retention else None,
+        "safety": _key(model=model_fp, original=cfg.model.name_or_path, prompts=safety_fp,
+                       max_new_tokens=e.safety_max_new_tokens, **prompt) if safety_fp else None,
+        "general": None,
+    }
+    if suite is not None:
+        import lm_eval
+
+        keys["general"] = _key(model=model_fp, tasks=suite.tasks, limit=suite.limit, fewshot=suite.num_fewshot,
+                               chat=suite.chat_template, system=d.system_prompt, skipped=suite.skipped,
+                               lm_eval=getattr(lm_eval, "__version__", "?"), dtype=cfg.model.dtype)
+    return keys
 
 
 def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
@@ -232,8 +298,6 @@ def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
 
 
 def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[str, Any]:
-    import torch
-
     from radis.models import ModelNotFoundError, resolve_model_path
 
     out_root = Path(cfg.eval.output_dir)
@@ -252,8 +316,8 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
         if not info["has_references"]:
             log(f"{src.path}: no references: translating only, no scores for it")
     examples = [ex for exs in by_direction.values() for ex in exs]
-    if not examples and not cfg.eval.retention:
-        raise ValueError("eval.test is empty and eval.retention is false: nothing to evaluate")
+    if not examples and not (cfg.eval.retention or cfg.eval.safety or cfg.eval.general_tasks):
+        raise ValueError("eval.test is empty and retention, safety and general tasks are off: nothing to evaluate")
 
     models = []
     for name, ref in parse_model_specs(cfg):
@@ -266,6 +330,11 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
         except ModelNotFoundError as err:
             raise ValueError(f"eval.models: {name}: {err}") from None
 
+    # Everything that can fail without a model fails here, before the first model loads.
+    suite = GeneralSuite.from_config(cfg)
+    for task, why in (suite.skipped if suite else {}).items():
+        log(f"general task {task} skipped: {why}")
+    safety_prompts = _safety_prompts(cfg) if cfg.eval.safety else None
     comet = None
     reason = metrics.comet_unavailable_reason(cfg.eval.comet_model)
     if reason is None and examples and rank == 0:  # only rank 0 scores
@@ -273,68 +342,159 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
     elif reason:
         log(reason)
 
-    original = _Original(cfg) if cfg.eval.retention else None
-    summary_rows = []
-    for name, path in models:
-        key = _run_key(cfg, retention.model_fingerprint(path), test_info)
-        results_path = out_root / name / "results.json"
-        if results_path.is_file():
-            previous = json.loads(results_path.read_text(encoding="utf-8"))
-            if previous.get("key") == key:
-                log(f"{name}: up to date ({results_path}), skipped")
-                summary_rows.append(previous["summary"])
-                continue
-        t0 = time.time()
+    ctx = _Context(cfg=cfg, out_root=out_root, log=log, rank=rank, world=world, progress=progress,
+                   by_direction=by_direction, examples=examples, test_info=test_info, comet=comet, suite=suite,
+                   safety_prompts=safety_prompts,
+                   original=_Original(cfg, safety_prompts) if (cfg.eval.retention or safety_prompts) else None)
+    rows = [_evaluate_model(ctx, name, path) for name, path in models]
+
+    summary = {"models": rows, "signatures": report.signatures(out_root, [n for n, _ in models]) if rank == 0 else {}}
+    if rank == 0:
+        write_json_atomic(out_root / "summary.json", summary)
+        print(report.format_table(rows), flush=True)
+        for sig in summary["signatures"].values():
+            print(f"  {sig}")
+        if any(r.get("chrf") is not None for r in rows):
+            from radis.evaluate.plot import plot_quality_vs_general
+
+            png = plot_quality_vs_general(rows, out_root / "quality_vs_retention.png",
+                                          title="translation quality vs general ability")
+            if png is not None:
+                print(f"plot: {png}")
+        print(f"results: {out_root / 'summary.json'}")
+    return summary
+
+
+@dataclass
+class _Context:
+    """What every model's evaluation shares (read once in _evaluate)."""
+
+    cfg: RadisConfig
+    out_root: Path
+    log: Any
+    rank: int
+    world: int
+    progress: bool
+    by_direction: dict[str, list[Example]]
+    examples: list[Example]
+    test_info: list[dict[str, Any]]
+    comet: Any
+    suite: GeneralSuite | None
+    safety_prompts: list[Any] | None
+    original: _Original | None
+
+
+def _safety_prompts(cfg: RadisConfig) -> list[Any]:
+    """The shipped harmful requests (eval.safety_limit of them) plus eval.safety_prompts."""
+    from radis.evaluate import safety
+
+    prompts = safety.load_harmful_prompts(None, cfg.eval.safety_limit)
+    if cfg.eval.safety_prompts:
+        prompts += safety.load_harmful_prompts(os.path.expanduser(cfg.eval.safety_prompts))
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"eval.safety_prompts: {cfg.eval.safety_prompts}: ids that the shipped prompts use already")
+    return prompts
+
+
+def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
+    """One model: the parts whose key changed (translation, retention, safety, general),
+    results.json rewritten after each, the others taken from the previous run."""
+    import torch
+
+    cfg, log = ctx.cfg, ctx.log
+    model_fp = retention.model_fingerprint(path)
+    cut = cut_decision(cfg, name, path)
+    safety_fp = None if ctx.safety_prompts is None else _key(prompts=[(p.id, p.prompt) for p in ctx.safety_prompts])
+    keys = part_keys(cfg, model_fp, ctx.test_info, cut, ctx.suite, safety_fp)
+    results_path = ctx.out_root / name / "results.json"
+    previous = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    done = {part for part, key in keys.items() if key is None or previous.get("parts", {}).get(part) == key}
+    result: dict[str, Any] = {
+        "model": name, "path": path, "parts": {}, "test_sets": ctx.test_info, "directions": {},
+        "average": {"raw": {}, "cut": {}}, "cut": {"applied": cut[0], "reason": cut[1], "separator": cut[2]},
+        "retention": None, "safety": None, "general": None,
+    }
+    for part in done:  # reused as they were
+        if keys[part] is not None:
+            result["parts"][part] = keys[part]
+            result.update(_PART_FIELDS[part](previous))
+
+    def save() -> None:
+        if ctx.rank == 0:
+            result["summary"] = report.summary_row(name, result)
+            write_json_atomic(results_path, result)
+
+    if done == set(keys):
+        log(f"{name}: up to date ({results_path}), skipped")
+        return result.get("summary") or report.summary_row(name, result)
+    log(f"{name}: " + ", ".join(f"{p} {'reused' if p in done else 'to run'}" for p, k in keys.items() if k))
+    t0 = time.time()
+    if {"translation", "retention", "safety"} - done:
         try:
             tokenizer, fmt, model = _load(cfg, path)
         except (OSError, ValueError) as err:  # e.g. config.json without weights, unknown template
             raise ValueError(f"eval.models: {name}: cannot load {path}: {err}") from None
-        pad = pad_token_id(tokenizer)
-        result: dict[str, Any] = {"model": name, "path": path, "key": key, "test_sets": test_info, "directions": {}}
-        translations: list[Translation] = []
-        if examples:
-            log(f"{name}: translating {len(examples)} sentences ({', '.join(by_direction)}) on {world} rank(s)")
-            translations = translate(
-                model, fmt, examples, pad_id=pad, batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                separator=cfg.data.separator, cut=cfg.eval.cut_at_separator, progress=progress,
-            )
-        result["translate_s"] = round(time.time() - t0, 1)
-        if rank == 0 and examples:
-            for direction in by_direction:
-                items = [t for t in translations if t.direction == direction]
-                result["directions"][direction] = score_direction(items, direction.split("-", 1)[1], comet)
-            write_json_atomic(out_root / name / "translations.json", [t.to_dict() for t in translations])
-        t1 = time.time()
-        result["retention"] = original.proxies(name, path, model, fmt, tokenizer, log) if original else None
-        result["retention_s"] = round(time.time() - t1, 1)
-        if rank == 0:
-            result["average"] = {"raw": average(result["directions"], "raw"), "cut": average(result["directions"], "cut")}
-            result["summary"] = _summary_row(name, result)
-            result["directions"] = {d: {k: (v.to_dict() if isinstance(v, metrics.Scores) else v) for k, v in r.items()}
-                                    for d, r in result["directions"].items()}
-            write_json_atomic(results_path, result)
-            summary_rows.append(result["summary"])
-            log(f"{name}: done in {time.time() - t0:.0f} s")
+        if "translation" not in done:
+            _translation_part(ctx, result, name, model, fmt, tokenizer, cut)
+            result["parts"]["translation"] = keys["translation"]
+            save()
+        if "retention" not in done:
+            t1 = time.time()
+            result["retention"] = ctx.original.proxies(name, path, model, fmt, tokenizer, log)
+            result["retention_s"] = round(time.time() - t1, 1)
+            result["parts"]["retention"] = keys["retention"]
+            save()
+        if "safety" not in done:
+            t1 = time.time()
+            result["safety"] = ctx.original.safety(name, path, model, fmt, tokenizer, log)
+            result["safety_s"] = round(time.time() - t1, 1)
+            result["parts"]["safety"] = keys["safety"]
+            save()
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if "general" not in done:
+        t1 = time.time()
+        result["general"] = ctx.suite.evaluate(path, dtype=cfg.model.dtype, log=lambda m: log(f"{name}: {m}"))
+        result["general_s"] = round(time.time() - t1, 1)
+        result["parts"]["general"] = keys["general"]
+        save()
+    log(f"{name}: done in {time.time() - t0:.0f} s")
+    return report.summary_row(name, result)
 
-    summary = {"models": summary_rows, "signatures": _signatures(out_root, [n for n, _ in models]) if rank == 0 else {}}
-    if rank == 0:
-        write_json_atomic(out_root / "summary.json", summary)
-        print(format_table(summary_rows), flush=True)
-        for sig in summary["signatures"].values():
-            print(f"  {sig}")
-        points = [{"name": r["model"], "chrf": r.get("chrf_cut"), "retention": r.get("retention")} for r in summary_rows]
-        if any(p["chrf"] is not None and p["retention"] for p in points):
-            from radis.evaluate.plot import plot_quality_vs_retention
 
-            png = plot_quality_vs_retention(points, out_root / "quality_vs_retention.png",
-                                            title="translation quality vs retention of general ability")
-            print(f"plot: {png}")
-        print(f"results: {out_root / 'summary.json'}")
-    return summary
+# Fields of results.json that belong to each part (copied when the part is reused).
+_PART_FIELDS = {
+    "translation": lambda r: {k: r[k] for k in ("directions", "average", "translate_s") if k in r},
+    "retention": lambda r: {k: r[k] for k in ("retention", "retention_s") if k in r},
+    "safety": lambda r: {k: r[k] for k in ("safety", "safety_s") if k in r},
+    "general": lambda r: {k: r[k] for k in ("general", "general_s") if k in r},
+}
+
+
+def _translation_part(ctx: _Context, result: dict[str, Any], name: str, model, fmt, tokenizer,
+                      cut: tuple[bool, str, str]) -> None:
+    t0 = time.time()
+    translations: list[Translation] = []
+    if ctx.examples:
+        ctx.log(f"{name}: translating {len(ctx.examples)} sentences ({', '.join(ctx.by_direction)}) on {ctx.world} "
+                f"rank(s); scored {'cut' if cut[0] else 'raw'} ({cut[1]})")
+        translations = translate(
+            model, fmt, ctx.examples, pad_id=pad_token_id(tokenizer), batch_size=ctx.cfg.eval.batch_size,
+            max_new_tokens=ctx.cfg.eval.max_new_tokens, num_beams=ctx.cfg.eval.num_beams,
+            separator=cut[2], cut=cut[0], progress=ctx.progress,
+        )
+    result["translate_s"] = round(time.time() - t0, 1)
+    if ctx.rank == 0 and ctx.examples:
+        directions = {}
+        for direction in ctx.by_direction:
+            items = [t for t in translations if t.direction == direction]
+            directions[direction] = score_direction(items, direction.split("-", 1)[1], ctx.comet)
+        result["average"] = {"raw": average(directions, "raw"), "cut": average(directions, "cut")}
+        result["directions"] = {d: {k: (v.to_dict() if isinstance(v, metrics.Scores) else v) for k, v in r.items()}
+                                for d, r in directions.items()}
+        write_json_atomic(ctx.out_root / name / "translations.json", [t.to_dict() for t in translations])
 
 
 def _load(cfg: RadisConfig, path: str):
@@ -354,103 +514,89 @@ def _load(cfg: RadisConfig, path: str):
 
 
 class _Original:
-    """The original model (model.name_or_path), its cached greedy answers, and the comparison."""
+    """The original model (model.name_or_path): its cached greedy answers to the retention
+    prompts and its refusal rate, against which every model is compared."""
 
-    def __init__(self, cfg: RadisConfig):
+    def __init__(self, cfg: RadisConfig, safety_prompts: list[Any] | None = None):
         from radis.models import resolve_model_path
 
         self.cfg = cfg
         self.path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-        self.prompts = retention.load_retention_prompts(cfg.eval.retention_prompts, cfg.eval.retention_limit)
+        self.prompts = retention.load_retention_prompts(cfg.eval.retention_prompts, cfg.eval.retention_limit) \
+            if cfg.eval.retention else []
+        self.safety_prompts = safety_prompts or []
         self.model = None
         self.answers: retention.Answers | None = None
+        self.safety_score: Any = None
+
+    def _same(self, path: str) -> bool:
+        return Path(path).resolve() == Path(self.path).resolve()
+
+    def _model(self, path: str, tuned):
+        """The original's weights: the tuned model itself when it is the original."""
+        if self._same(path):
+            self.model = tuned  # keep the already loaded weights for the other models
+        elif self.model is None:
+            self.model = _load(self.cfg, self.path)[2]
+        return self.model
+
+    def _greedy(self, model, prompts, fmt, tokenizer, max_new_tokens: int) -> retention.Answers:
+        return retention.greedy_answers(
+            model, prompts, lambda text: fmt.user_prompt_ids_batch([text])[0], fmt.decode_answer,
+            stop_token_ids=fmt.stop_token_ids, pad_id=pad_token_id(tokenizer), max_new_tokens=max_new_tokens,
+            batch_size=self.cfg.eval.batch_size)
+
+    def _cached_answers(self, kind: str, prompts, fmt, tokenizer, max_new_tokens: int, original, log) -> retention.Answers:
+        """The original's greedy answers to `prompts`, cached in eval.output_dir/<kind>/."""
+        cfg = self.cfg
+        settings = {"template": cfg.model.chat_template, "system": cfg.data.system_prompt,
+                    "max_new_tokens": max_new_tokens}
+        key = retention.answers_cache_key(retention.model_fingerprint(self.path), prompts, settings)
+        cache = Path(cfg.eval.output_dir) / kind / f"original.{key}.json"
+        answers = retention.load_cached_answers(cache)
+        if answers is None:
+            log(f"original model: greedy answers to {len(prompts)} {kind} prompts (cached in {cache})")
+            answers = self._greedy(original, prompts, fmt, tokenizer, max_new_tokens)
+            if dist_info()[0] == 0:
+                retention.save_cached_answers(cache, answers, {"model": self.path, **settings})
+        return answers
 
     def proxies(self, name: str, path: str, tuned, fmt, tokenizer, log) -> dict[str, Any]:
         cfg = self.cfg
-        same = Path(path).resolve() == Path(self.path).resolve()
-        encode = lambda text: fmt.user_prompt_ids_batch([text])[0]
-        decode_kw = {"stop_token_ids": fmt.stop_token_ids, "pad_id": pad_token_id(tokenizer),
-                         "max_new_tokens": cfg.eval.retention_max_new_tokens, "batch_size": cfg.eval.batch_size}
-        if self.model is None:
-            self.model = tuned if same else _load(cfg, self.path)[2]
-        original = tuned if same else self.model
+        original = self._model(path, tuned)
         if self.answers is None:
-            settings = {"template": cfg.model.chat_template, "system": cfg.data.system_prompt,
-                        "max_new_tokens": cfg.eval.retention_max_new_tokens}
-            key = retention.answers_cache_key(retention.model_fingerprint(self.path), self.prompts, settings)
-            cache = Path(cfg.eval.output_dir) / "retention" / f"original.{key}.json"
-            self.answers = retention.load_cached_answers(cache)
-            if self.answers is None:
-                log(f"original model: greedy answers to {len(self.prompts)} retention prompts (cached in {cache})")
-                self.answers = retention.greedy_answers(original, self.prompts, encode, fmt.decode_answer, **decode_kw)
-                if dist_info()[0] == 0:
-                    retention.save_cached_answers(cache, self.answers, {"model": self.path, **settings})
+            self.answers = self._cached_answers("retention", self.prompts, fmt, tokenizer,
+                                                cfg.eval.retention_max_new_tokens, original, log)
         log(f"{name}: retention proxies on {len(self.prompts)} prompts")
-        new = self.answers if same else retention.greedy_answers(tuned, self.prompts, encode, fmt.decode_answer, **decode_kw)
+        new = self.answers if self._same(path) else self._greedy(tuned, self.prompts, fmt, tokenizer,
+                                                                 cfg.eval.retention_max_new_tokens)
         sums = retention.teacher_forced_sums(original, tuned, self.answers, pad_id=pad_token_id(tokenizer))
         if dist_info()[0] == 0:
             write_json_atomic(Path(cfg.eval.output_dir) / name / "retention_answers.json", [
                 {"id": i, "original": o, "new": n} for i, o, n in zip(self.answers.ids, self.answers.texts, new.texts)])
-        out = retention.retention_proxies(sums, retention.compare_answers(self.answers, new))
-        if same:
-            self.model = tuned  # keep the already loaded weights for the other models
-        return out
+        return retention.retention_proxies(sums, retention.compare_answers(self.answers, new))
 
+    def safety(self, name: str, path: str, tuned, fmt, tokenizer, log) -> dict[str, Any]:
+        """Refusal rate of `tuned` on the harmful requests, and its drop from the original's."""
+        from radis.evaluate import safety
 
-def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
-    raw, cut = result["average"]["raw"], result["average"]["cut"]
-    return {
-        "model": name,
-        "bleu_raw": raw.get("bleu"), "bleu_cut": cut.get("bleu"),
-        "chrf_raw": raw.get("chrf"), "chrf_cut": cut.get("chrf"),
-        "comet_cut": cut.get("comet"),
-        "directions": {d: {"n": r["n"], "bleu_raw": _get(r, "raw", "bleu"), "bleu_cut": _get(r, "cut", "bleu"),
-                           "chrf_raw": _get(r, "raw", "chrf"), "chrf_cut": _get(r, "cut", "chrf"),
-                           "comet_cut": _get(r, "cut", "comet")}
-                       for d, r in result["directions"].items()},
-        "retention": result.get("retention"),
-    }
-
-
-def _get(r: dict[str, Any], kind: str, metric: str) -> float | None:
-    s = r.get(kind)
-    return None if s is None else getattr(s, metric)
-
-
-def _signatures(out_root: Path, names: list[str]) -> dict[str, str]:
-    sigs: dict[str, str] = {}
-    for name in names:
-        p = out_root / name / "results.json"
-        if not p.is_file():
-            continue
-        for r in json.loads(p.read_text(encoding="utf-8"))["directions"].values():
-            for kind in ("cut", "raw"):
-                if r.get(kind):
-                    sigs[f"BLEU {r['bleu_tokenizer']}"] = "BLEU " + r[kind]["bleu_signature"]
-                    sigs["chrF"] = "chrF " + r[kind]["chrf_signature"]
-    return sigs
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Translation scores per model and direction, then the retention proxies."""
-    lines = [f"{'model':<14}{'direction':<10}{'n':>5}{'BLEU raw':>10}{'BLEU cut':>10}{'chrF raw':>10}{'chrF cut':>10}{'COMET':>8}"]
-    for r in rows:
-        for d, s in r["directions"].items():
-            lines.append(f"{r['model']:<14}{d:<10}{s['n']:>5}{_fmt(s['bleu_raw']):>10}{_fmt(s['bleu_cut']):>10}"
-                         f"{_fmt(s['chrf_raw']):>10}{_fmt(s['chrf_cut']):>10}{_fmt(s['comet_cut']):>8}")
-        if len(r["directions"]) > 1:
-            lines.append(f"{r['model']:<14}{'average':<10}{'':>5}{_fmt(r['bleu_raw']):>10}{_fmt(r['bleu_cut']):>10}"
-                         f"{_fmt(r['chrf_raw']):>10}{_fmt(r['chrf_cut']):>10}{_fmt(r['comet_cut']):>8}")
-    if any(r.get("retention") for r in rows):
-        lines.append("")
-        lines.append(f"{'model':<14}{'KL(orig||m)':>12}{'NLL m':>8}{'NLL orig':>10}{'changed':>9}{'chrF->orig':>12}")
-        for r in rows:
-            k = r.get("retention")
-            if k:
-                lines.append(f"{r['model']:<14}{_fmt(k['kl'], 3):>12}{_fmt(k['nll_tuned'], 3):>8}"
-                             f"{_fmt(k['nll_original'], 3):>10}{k['changed'] * 100:>8.0f}%{_fmt(k['chrf_to_original'], 1):>12}")
-    return "\n".join(lines)
+        cfg = self.cfg
+        if self.safety_score is None:
+            original = self._model(path, tuned)
+            answers = self._cached_answers("safety", self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens,
+                                           original, log)
+            self.safety_score = safety.score_answers(self.safety_prompts, answers.texts)
+        log(f"{name}: refusals on {len(self.safety_prompts)} harmful requests")
+        if self._same(path):
+            score = self.safety_score
+            texts = self._cached_answers("safety", self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens,
+                                         tuned, log).texts
+        else:
+            texts = self._greedy(tuned, self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens).texts
+            score = safety.score_answers(self.safety_prompts, texts)
+        if dist_info()[0] == 0:
+            write_json_atomic(Path(cfg.eval.output_dir) / name / "safety_answers.json", [
+                {"id": p.id, "category": p.category, "prompt": p.prompt, "answer": a, "refusal": safety.is_refusal(a),
+                 "phrase": safety.refusal_phrase(a)} for p, a in zip(self.safety_prompts, texts)])
+        return {**score.to_dict(), "original_refusal_rate": self.safety_score.refusal_rate,
+                "refusal_drop": safety.refusal_drop(self.safety_score.refusal_rate, score.refusal_rate)}

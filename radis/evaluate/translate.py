@@ -48,7 +48,8 @@ class Translation:
     source: str
     reference: str | None
     raw: str  # the decoded answer as generated (a RaDis model appends a rationale)
-    hypothesis: str  # `raw` cut at the first separator when cutting is on
+    cut: str  # `raw` cut at the first separator
+    hypothesis: str  # the scored output: `cut` for a model scored cut, else `raw`
     prompt_tokens: int
     new_tokens: int
     stop_reason: str
@@ -132,7 +133,7 @@ def translate(
             has_ref = ex.meta.get("has_reference", True)
             local.append((i, Translation(
                 id=ex.id, direction=ex.direction, source=ex.source, reference=ex.reference if has_ref else None,
-                raw=raw, hypothesis=cut_at_separator(raw, separator) if cut else raw,
+                raw=raw, cut=cut_at_separator(raw, separator), hypothesis=cut_at_separator(raw, separator) if cut else raw,
                 prompt_tokens=len(req.prompt_ids), new_tokens=len(ids), stop_reason=reason,
             )))
         if progress and rank == 0:
