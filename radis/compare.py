@@ -27,7 +27,8 @@ evaluation on N ranks: the GPUs, or 2 CPU ranks over gloo):
                                       cut, COMET where installed, retention proxies, plot
 
 Resumable: a finished stage is recorded in <out>/stages.json (atomically) with its command
-and a hash of the config file, and skipped by the next run only if both are unchanged; a
+and a hash of the config sections it reads (STAGE_SECTIONS: a new eval setting re-runs the
+evaluation, not the trainings), and skipped by the next run only if both are unchanged; a
 failed stage stops the run with its exit status and the next run continues there (training
 itself resumes from its last checkpoint). `--redo STAGE` runs a stage again. At the end one
 table with the original model and every arm is printed and written to <out>/comparison.md.
@@ -197,8 +198,37 @@ def stage_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+# The config sections each kind of stage reads: a stage runs again when its command or
+# these sections of its resolved config change (an eval setting retrains nothing).
+STAGE_SECTIONS = {
+    "generate": ("model", "data", "rationale"),
+    "train": ("model", "data", "loss", "train"),
+    "export": (),
+    "evaluate": ("model", "data", "eval"),
+}
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def stage_config_hash(stage: Stage) -> str:
+    """Hash of the config sections `stage` depends on, resolved from its own arguments."""
+    from radis.config import load_config
+
+    argv = stage.argv
+    if "--config" not in argv:
+        return ""
+    i = argv.index("--config")
+    cfg = load_config(argv[i + 1], [a for a in argv[i + 2:] if _is_override(a)]).to_dict()
+    sections = {k: cfg[k] for k in STAGE_SECTIONS[argv[0]]}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_identity(stage: Stage) -> dict[str, Any]:
+    """What decides whether a finished stage is still done: its command without the
+    key=value overrides (those are in the config hash, by the sections the stage reads)."""
+    return {"command": [a for a in stage.argv if not _is_override(a)], "config_hash": stage_config_hash(stage)}
 
 
 def _load_state(path: Path) -> dict[str, dict]:
@@ -213,22 +243,22 @@ def _load_state(path: Path) -> dict[str, dict]:
     return state
 
 
-def run_plan(plan: Plan, config: Path, *, nproc: int, redo: Sequence[str] = (), log=print) -> int:
+def run_plan(plan: Plan, *, nproc: int, redo: Sequence[str] = (), log=print) -> int:
     """Run the stages not yet done; returns the exit status (0 when every stage finished)."""
     plan.out.mkdir(parents=True, exist_ok=True)
     state_path = plan.out / "stages.json"
     state = _load_state(state_path)
     env = stage_env(nproc)
-    config_hash = _file_hash(config)
     log(f"radis compare: {len(plan.stages)} stages into {plan.out} on {nproc} rank(s); arms: {', '.join(plan.arms)}")
     for s in plan.stages:
         cmd = command_line(s, nproc)
+        identity = stage_identity(s)
         done = state.get(s.name, {})
         if s.name in redo:
             done = {}
             if s.name.startswith("export-"):
                 shutil.rmtree(s.output.parent, ignore_errors=True)
-        same = done.get("argv") == s.argv and done.get("config_hash") == config_hash
+        same = {k: done.get(k) for k in identity} == identity
         if done.get("done") and same and s.output.exists():
             log(f"[{s.name}] done earlier ({done['seconds']:.0f} s), skipped")
             continue
@@ -244,7 +274,7 @@ def run_plan(plan: Plan, config: Path, *, nproc: int, redo: Sequence[str] = (), 
                   file=sys.stderr, flush=True)
             return rc or 1
         state[s.name] = {"done": True, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                         "argv": s.argv, "config_hash": config_hash}
+                         "argv": s.argv, **identity}
         write_json_atomic(state_path, state)
         log(f"[{s.name}] finished in {seconds:.0f} s")
     return 0
@@ -273,7 +303,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 def report(plan: Plan, log=print) -> str:
     """The comparison table (also after a fully skipped re-run) and the stage times."""
-    from radis.evaluate.command import format_table
+    from radis.evaluate.report import format_table
 
     summary = json.loads((plan.out / "eval" / "summary.json").read_text(encoding="utf-8"))
     rows = summary["models"]
@@ -316,7 +346,7 @@ def compare(config: Path, out: Path, arms: Sequence[str], *, nproc: int | None =
             print(f"[{s.name}] {shlex.join(command_line(s, nproc))}")
         return 0
     try:
-        rc = run_plan(plan, config, nproc=nproc, redo=redo, log=lambda m: print(m, flush=True))
+        rc = run_plan(plan, nproc=nproc, redo=redo, log=lambda m: print(m, flush=True))
     except CompareError as err:
         print(f"radis compare: {err}", file=sys.stderr)
         return 2

@@ -80,12 +80,11 @@ def _fake_finished(plan, tmp_path):
 
 
 def test_finished_stages_are_skipped_and_the_table_printed(tmp_path, capsys):
-    from radis.compare import _file_hash
+    from radis.compare import stage_identity
 
     plan = build_plan(DEFAULT_CONFIG.resolve(), tmp_path, ["vanilla", "radis"], demo_overrides(DEFAULT_CONFIG))
     _fake_finished(plan, tmp_path)
-    h = _file_hash(DEFAULT_CONFIG)
-    state = {s.name: {"done": True, "seconds": 1.0, "argv": s.argv, "config_hash": h} for s in plan.stages}
+    state = {s.name: {"done": True, "seconds": 1.0, "argv": s.argv, **stage_identity(s)} for s in plan.stages}
     (tmp_path / "stages.json").write_text(json.dumps(state), encoding="utf-8")
     assert main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -95,12 +94,27 @@ def test_finished_stages_are_skipped_and_the_table_printed(tmp_path, capsys):
     assert "| radis | 2.50 | 5.70 | 20.00 | 24.10 | - | 0.113 | 0.780 | 0.890 | 90% | 48.3 |" in table
 
     # a stage whose command changed runs again (here it fails at once: its checkpoint is a stub)
-    state["export-radis"]["argv"] = ["export", "--checkpoint", "elsewhere"]
+    state["export-radis"]["command"] = ["export", "--checkpoint", "elsewhere"]
     (tmp_path / "stages.json").write_text(json.dumps(state), encoding="utf-8")
     assert main(["--out", str(tmp_path), "--nproc", "1"]) != 0
     captured = capsys.readouterr()
     assert "[export-radis] its command or config changed since it ran: running it again" in captured.out
     assert "stage export-radis failed" in captured.err
+
+
+def test_a_stage_reruns_only_when_a_section_it_reads_changes(tmp_path):
+    from radis.compare import stage_identity
+
+    base = build_plan(DEFAULT_CONFIG, tmp_path, ["vanilla", "radis"], demo_overrides(DEFAULT_CONFIG))
+    evalchange = build_plan(DEFAULT_CONFIG, tmp_path, ["vanilla", "radis"],
+                            [*demo_overrides(DEFAULT_CONFIG), "eval.max_new_tokens=99"])
+    losschange = build_plan(DEFAULT_CONFIG, tmp_path, ["vanilla", "radis"],
+                            [*demo_overrides(DEFAULT_CONFIG), "train.lr=0.5"])
+    h = {name: {s.name: stage_identity(s) for s in p.stages} for name, p in
+         (("base", base), ("eval", evalchange), ("train", losschange))}
+    assert h["eval"]["evaluate"] != h["base"]["evaluate"] and h["eval"]["train-radis"] == h["base"]["train-radis"]
+    assert h["train"]["train-radis"] != h["base"]["train-radis"] and h["train"]["evaluate"] == h["base"]["evaluate"]
+    assert h["train"]["generate-rationales"] == h["base"]["generate-rationales"]
 
 
 def test_dry_run_and_bad_arguments(tmp_path, capsys):
