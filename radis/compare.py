@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radis.io import write_json_atomic, write_text_atomic
+from radis.io import read_json_object, write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -232,15 +232,10 @@ def stage_identity(stage: Stage) -> dict[str, Any]:
 
 
 def _load_state(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CompareError(f"{path}: not valid JSON ({err}); delete it to run every stage again") from None
-    if not isinstance(state, dict):
-        raise CompareError(f"{path}: expected a JSON object of stages; delete it to run every stage again")
-    return state
+        return read_json_object(path, "delete it to run every stage again") or {}
+    except ValueError as err:
+        raise CompareError(str(err)) from None
 
 
 def run_plan(plan: Plan, *, nproc: int, redo: Sequence[str] = (), log=print) -> int:

@@ -1,5 +1,6 @@
-"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one,
-never half of one.
+"""Atomic file writes, and the JSON readers whose errors name the file and line.
+
+Writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
 
 Every writer goes through `write_atomic`: the bytes go to a temporary file in the same
 directory, are flushed and fsynced, and the file is renamed over its final name
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,3 +55,35 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None
             f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
 
     write_atomic(path, write)
+
+
+def read_json_object(path: str | os.PathLike, hint: str = "") -> dict | None:
+    """The JSON object in `path`, None when there is no such file; ValueError naming the
+    file (and `hint`: what to do about it) when it is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    tail = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}){tail}") from None
+    if not isinstance(data, dict):  # bad input, not a programming error: ValueError like the rest
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}{tail}")  # noqa: TRY004
+    return data
+
+
+def iter_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON Lines file; ValueError
+    naming the file and line for a line that is not valid JSON or not an object."""
+    path = Path(path)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
+        if not isinstance(rec, dict):  # bad input: ValueError like the rest
+            raise ValueError(f"{path}:{lineno}: expected {what}, got {type(rec).__name__}")  # noqa: TRY004
+        yield lineno, rec

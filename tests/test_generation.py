@@ -474,17 +474,6 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
         generate_records(no_template, examples=examples, progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    """Intra-op threads = 1 for this test: on a machine shared with other test runs, two
-    OpenMP threads on two busy cores wait for each other (measured: 55 s against 7.5 s
-    for the SmolLM2 test below). conftest sets OMP_NUM_THREADS only after torch is imported."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_real_smollm2_on_three_pairs(shared_data, tmp_path, one_thread):
     """SmolLM2-135M-Instruct (the embedded real chat model) on real de-en pairs."""
     from radis.config import SourceConfig

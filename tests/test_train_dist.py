@@ -320,23 +320,37 @@ def _reference_grad_norm(work, tokenizer) -> float:
 # --------------------------------------------------------------------------- run E
 
 
-def test_nan_loss_is_skipped_then_stops_naming_step_and_examples(work, sp_tokenizer, tmp_path):
-    # "§" is the only non-ASCII character of the data: its UTF-8 bytes are byte-fallback
-    # pieces that no other example uses; its input embedding (untied from the head) is NaN.
-    (nan_id,) = [i for i in sp_tokenizer("§", add_special_tokens=False).input_ids
-                 if sp_tokenizer.convert_ids_to_tokens(i) == "<0xA7>"]
-    model = make_tiny_llama(sp_tokenizer, tmp_path / "nan_model", tied=False, nan_token=nan_id)
+def nan_model_and_data(tokenizer, tmp_path: Path) -> tuple[Path, Path, int]:
+    """A tiny untied Llama whose input embedding of one token is NaN, and 8 rationale
+    records of which only "nan5" contains that token: (model dir, records, token id).
+
+    "§" is the only non-ASCII character of the data: its UTF-8 bytes are byte-fallback
+    pieces that no other example uses.
+    """
+    (nan_id,) = [i for i in tokenizer("§", add_special_tokens=False).input_ids
+                 if tokenizer.convert_ids_to_tokens(i) == "<0xA7>"]
+    model = make_tiny_llama(tokenizer, tmp_path / "nan_model", tied=False, nan_token=nan_id)
     data = tmp_path / "nan.rationales.jsonl"
     write_rationales(data, 8, seed=3, prefix="nan", special={5: "§"})
+    return model, data, nan_id
+
+
+def _run_nan_training(work, model: Path, data: Path, tmp_path: Path, out: Path, *extra: str):
+    """One rank, ZeRO-2, 20 steps of one micro-batch, one bad batch allowed."""
+    return _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
+                 f"model.name_or_path={model}", f"data.train=[{{path: {data}}}]", "data.valid=[]",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.zero_stage=2",
+                 "train.deepspeed_config=null", "train.gradient_accumulation_steps=1", "train.max_steps=20",
+                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1", *extra])
+
+
+def test_nan_loss_is_skipped_then_stops_naming_step_and_examples(work, sp_tokenizer, tmp_path):
+    model, data, nan_id = nan_model_and_data(sp_tokenizer, tmp_path)
     hits = [json.loads(line)["id"] for line in data.read_text().splitlines()
             if nan_id in sp_tokenizer(json.loads(line)["source"]).input_ids]
     assert hits == ["nan5"]
     out = tmp_path / "run_e"
-    proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
-                 f"model.name_or_path={model}", f"data.train=[{{path: {data}}}]", "data.valid=[]",
-                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.zero_stage=2",
-                 "train.deepspeed_config=null", "train.gradient_accumulation_steps=1", "train.max_steps=20",
-                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1", "loss.method=vanilla"])
+    proc = _run_nan_training(work, model, data, tmp_path, out, "loss.method=vanilla")
     assert proc.returncode == 1, proc.log
     # vanilla: the same records are built without their rationales (MT targets only)
     assert "loss vanilla (MT only)" in proc.stdout, proc.log
@@ -436,19 +450,11 @@ def test_kd_with_validation_that_leaves_a_rank_only_padding(work, sp_tokenizer, 
 def test_kd_run_skips_a_nan_batch(work, sp_tokenizer, tmp_path):
     """KD on and a NaN batch: the skip runs an all-padding micro-batch (no teacher) and
     training goes on; the second occurrence stops the run as without KD."""
-    (nan_id,) = [i for i in sp_tokenizer("§", add_special_tokens=False).input_ids
-                 if sp_tokenizer.convert_ids_to_tokens(i) == "<0xA7>"]
-    model = make_tiny_llama(sp_tokenizer, tmp_path / "nan_model", tied=False, nan_token=nan_id)
-    raw = tmp_path / "nan.rationales.jsonl"
-    write_rationales(raw, 8, seed=3, prefix="nan", special={5: "§"})
+    model, raw, _ = nan_model_and_data(sp_tokenizer, tmp_path)
     data = tmp_path / "nan_kd.rationales.jsonl"
     with_recorded_topk([json.loads(line) for line in raw.read_text().splitlines()], work["model"], sp_tokenizer, data)
     out = tmp_path / "run_kd_nan"
-    proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
-                 f"model.name_or_path={model}", f"data.train=[{{path: {data}}}]", "data.valid=[]",
-                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}", "train.zero_stage=2",
-                 "train.deepspeed_config=null", "train.gradient_accumulation_steps=1", "train.max_steps=20",
-                 "train.save_every=0", "train.eval_every=0", "train.max_bad_batches=1", "loss.kd_weight=0.5"])
+    proc = _run_nan_training(work, model, data, tmp_path, out, "loss.kd_weight=0.5")
     assert proc.returncode == 1, proc.log
     assert "skipped (1/1)" in proc.stdout, proc.log
     err = next((line for line in proc.stderr.splitlines() if "radis train: non-finite loss at step " in line),

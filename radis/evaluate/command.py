@@ -439,18 +439,14 @@ def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
             _translation_part(ctx, result, name, model, fmt, tokenizer, cut)
             result["parts"]["translation"] = keys["translation"]
             save()
-        if "retention" not in done:
-            t1 = time.time()
-            result["retention"] = ctx.original.proxies(name, path, model, fmt, tokenizer, log)
-            result["retention_s"] = round(time.time() - t1, 1)
-            result["parts"]["retention"] = keys["retention"]
-            save()
-        if "safety" not in done:
-            t1 = time.time()
-            result["safety"] = ctx.original.safety(name, path, model, fmt, tokenizer, log)
-            result["safety_s"] = round(time.time() - t1, 1)
-            result["parts"]["safety"] = keys["safety"]
-            save()
+        for part in ("retention", "safety"):  # both against the original model
+            if part not in done:
+                t1 = time.time()
+                run = ctx.original.proxies if part == "retention" else ctx.original.safety
+                result[part] = run(name, path, model, fmt, tokenizer, log)
+                result[f"{part}_s"] = round(time.time() - t1, 1)
+                result["parts"][part] = keys[part]
+                save()
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -38,7 +38,7 @@ from sacrebleu.metrics import CHRF
 from radis.evaluate.subsets import category_balanced
 from radis.evaluate.translate import decode_batch, model_device
 from radis.generation.decode import Request, length_sorted_batches
-from radis.io import write_json_atomic
+from radis.io import iter_jsonl_objects, write_json_atomic
 from radis.runtime import dist_info, gather_objects
 
 REQUIRED_FIELDS = ("id", "category", "prompt")
@@ -67,16 +67,7 @@ def load_retention_prompts(path: str | os.PathLike | None = None, limit: int | N
         raise FileNotFoundError(f"retention prompts {p}: no such file")
     prompts: list[RetentionPrompt] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{p}:{lineno}: invalid JSON: {err}") from None
-        if not isinstance(rec, dict):
-            # A malformed file is bad input (ValueError), like the other checks here.
-            raise ValueError(f"{p}:{lineno}: expected a JSON object with {REQUIRED_FIELDS}, got {type(rec).__name__}")  # noqa: TRY004
+    for lineno, rec in iter_jsonl_objects(p, f"a JSON object with {REQUIRED_FIELDS}"):
         for key in REQUIRED_FIELDS:
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise ValueError(f"{p}:{lineno}: field {key!r} must be a non-empty string, got {rec.get(key)!r}")

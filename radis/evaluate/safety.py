@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from radis.evaluate.subsets import category_balanced
+from radis.io import iter_jsonl_objects
 
 # Why 250 characters: a refusing chat model says so in its first one or two sentences,
 # sometimes after a short acknowledgement ("That's a serious question. ..."); 250
@@ -275,17 +275,8 @@ def _csv_rows(p: Path, text: str) -> list[tuple[str, int, dict[str, str | None]]
 
 def _jsonl_rows(p: Path, text: str) -> list[tuple[str, int, dict[str, str | None]]]:
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, rec in iter_jsonl_objects(p, "a JSON object with a 'prompt'"):
         where = f"line {lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{p}: {where}: invalid JSON: {err}") from None
-        if not isinstance(rec, dict):
-            # A malformed file is bad input (ValueError), like the other checks here.
-            raise ValueError(f"{p}: {where}: expected a JSON object with a 'prompt', got {type(rec).__name__}")  # noqa: TRY004
         if "prompt" not in rec:
             raise ValueError(f"{p}: {where}: missing field 'prompt' (expected {{\"prompt\": ..., \"id\": ..., \"category\": ...}})")
         out.append((where, lineno, {

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from radis.data.records import FORMAT, MERGED, MERGED_TOPK, load_topk, save_topk_atomic
-from radis.io import write_json_atomic, write_jsonl_atomic
+from radis.io import read_json_object, write_json_atomic, write_jsonl_atomic
 
 MANIFEST = "manifest.json"
 PARTS = "parts"
@@ -152,16 +152,10 @@ class GenerationStore:
             )
 
     def _read_manifest(self) -> dict | None:
-        path = self.root / MANIFEST
-        if not path.exists():
-            return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise OutputMismatchError(f"{path}: not valid JSON ({err}); delete it or set rationale.overwrite=true") from None
-        if not isinstance(data, dict):
-            raise OutputMismatchError(f"{path}: expected a JSON object")
-        return data
+            return read_json_object(self.root / MANIFEST, "delete it or set rationale.overwrite=true")
+        except ValueError as err:
+            raise OutputMismatchError(str(err)) from None
 
     def _clean(self) -> None:
         committed = {p.name[: -len(".jsonl")] for p in self.parts.glob("r*.jsonl")}

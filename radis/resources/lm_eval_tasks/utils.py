@@ -7,7 +7,6 @@ Each JSONL line is one document with a "split" field ("train": few-shot examples
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -16,15 +15,11 @@ HERE = Path(__file__).resolve().parent
 def _load(name: str):
     import datasets
 
+    from radis.io import iter_jsonl_objects
+
     path = HERE / name
     rows: dict[str, list[dict]] = {"train": [], "test": []}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({err})") from None
+    for lineno, doc in iter_jsonl_objects(path, "a task document"):
         split = doc.pop("split", "test")
         if split not in rows:
             raise ValueError(f"{path}:{lineno}: split {split!r}, expected train or test")
