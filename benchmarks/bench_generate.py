@@ -154,7 +154,7 @@ def compare(label, model, requests, fmt, pad_id, args, batch_sizes, hf_batch_siz
     for (method, bs, pbs, _), out, t in zip(methods, outs, times):
         rows.append(row(method, bs, pbs, out, statistics.median(t)) | {"all_seconds": [round(x, 2) for x in t]})
     for order in ("file order", "length-sorted"):
-        hf = [r for r in rows if r["method"].endswith(order)]
+        hf = [r for r in rows if r["method"].startswith("HF generate, left") and r["method"].endswith(order)]
         ours = [r for r in rows if r["method"].startswith("radis")]
         if hf and ours:
             best_hf, best_ours = max(hf, key=lambda r: r["tokens_per_s"]), max(ours, key=lambda r: r["tokens_per_s"])

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     name = argv[0]
     module_name, help_text = SUBCOMMANDS[name]
+    from radis.runtime import quiet_known_warnings
+
+    quiet_known_warnings()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

@@ -66,6 +66,34 @@ class Ranks:
         return self.rank == 0
 
 
+class _DropMessages:
+    """A logging filter that drops records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        self.prefixes = prefixes
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the known, harmless messages that would bury a run's progress and errors.
+
+    - torch.distributed's FutureWarnings for the collectives DeepSpeed still calls
+      (`all_gather_into_tensor`, `reduce_scatter_tensor`, ...): one per call, tens of
+      thousands in a short CPU run;
+    - DeepSpeed's "Setting accelerator to CPU ..." on every rank of a CPU run.
+
+    Called by `radis.cli.main` before a subcommand imports anything heavy; every other
+    warning and log line is left alone.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+
+
 def resolve_backend(backend: Backend) -> str:
     import torch
 

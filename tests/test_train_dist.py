@@ -155,6 +155,11 @@ def _numerics(records: list[dict]) -> list[dict]:
 def test_single_node_launcher_trains_validates_and_checkpoints(run_a):
     out, proc = run_a
     assert "+ deepspeed --num_gpus 2" in proc.stderr  # the script prints what it runs
+    # Output a person can read: no flood of torch.distributed deprecation warnings (one per
+    # collective DeepSpeed calls) nor DeepSpeed's CPU chatter on every rank.
+    both = proc.stdout + proc.stderr
+    assert "is deprecated. Please use" not in both and "Setting accelerator to CPU" not in both
+    assert len(both.splitlines()) < 150, len(both.splitlines())
     assert "2 rank(s), 10 optimizer steps" in proc.stdout
     train = read_metrics(out / "metrics.jsonl", "train")
     assert [r["step"] for r in train] == list(range(1, 11))
