@@ -360,15 +360,18 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
     if o in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, key, origin)
             except ConfigError as err:
-                errors.append(str(err))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{origin}: {key}: {value!r} does not match {tp}")
+                errors.append(err)
+        if len(errors) == 1:  # X | None: X's own message ("expected an integer, got 'two'")
+            raise errors[0]
+        raise ConfigError(f"{origin}: {key}: {value!r} matches none of: " + "; ".join(
+            str(e).removeprefix(f"{origin}: {key}: ") for e in errors))
     if o is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value

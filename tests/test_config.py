@@ -83,3 +83,15 @@ def test_bad_overrides(override, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_wrong_type_for_an_optional_field_is_a_config_error(tmp_path):
+    """`X | None` fields (train.max_steps, a source's limit) and unions name the key and
+    what was expected; they used to end in "TypeError: exceptions must derive from BaseException"."""
+    with pytest.raises(ConfigError, match=r"<override>: train.max_steps: expected an integer, got 'two'"):
+        load_config(None, ["train.max_steps=two"])
+    path = write(tmp_path, "data:\n  train:\n    - {path: a.jsonl, limit: eight}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: data.train\[0\].limit: expected an integer, got 'eight'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"eval.cut_at_separator: 'sometimes' matches none of: expected true/false"):
+        load_config(None, ["eval.cut_at_separator=sometimes"])
