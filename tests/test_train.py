@@ -93,6 +93,30 @@ def test_latest_prune_and_partial_removal(tmp_path):
     assert not list(tmp_path.glob(".latest.tmp*"))
 
 
+def test_resume_point_is_the_newest_complete_checkpoint_and_says_why(tmp_path):
+    """latest may name a deleted tag, lag behind a newer complete one, or be missing: the
+    newest complete checkpoint is resumed with a note, never a silent start at step 0."""
+    assert ckpt.resume_point(tmp_path) == (None, None)
+    for s in (2, 4):
+        _fake_tag(tmp_path, ckpt.tag_for_step(s))
+    (tmp_path / ".tmp-global_step6").mkdir()  # incomplete: never chosen
+    tag, note = ckpt.resume_point(tmp_path)
+    assert tag == "global_step4" and "no `latest` file" in note
+    ckpt.write_text_atomic(tmp_path / "latest", "global_step4")
+    assert ckpt.resume_point(tmp_path) == ("global_step4", None)
+    ckpt.write_text_atomic(tmp_path / "latest", "global_step2")  # killed after the rename of step 4
+    tag, note = ckpt.resume_point(tmp_path)
+    assert tag == "global_step4" and "global_step4 is newer and complete" in note
+    ckpt.write_text_atomic(tmp_path / "latest", "global_step9")  # names a missing directory
+    tag, note = ckpt.resume_point(tmp_path)
+    assert tag == "global_step4" and "'global_step9', which does not exist" in note
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ckpt.write_text_atomic(empty / "latest", "global_step9")
+    with pytest.raises(ckpt.CheckpointStateError, match="no complete checkpoint to resume from; delete"):
+        ckpt.resume_point(empty)
+
+
 def test_rng_state_round_trip():
     import random
 
@@ -192,6 +216,11 @@ def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, caps
     cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
                   f"train: {{output_dir: {tmp_path / 'out'}, resume: never}}\n"),
                   "already holds checkpoints (latest global_step4); use train.resume=auto"))
+    (tmp_path / "lost" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "lost" / "checkpoints" / "latest").write_text("global_step2")
+    cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
+                  f"train: {{output_dir: {tmp_path / 'lost'}}}\n"),
+                  "names 'global_step2', which does not exist, and there is no complete checkpoint"))
     for body, expected in cases:
         assert main(["train", "--config", _config(tmp_path, body)]) == 2
         err = capsys.readouterr().err

@@ -263,6 +263,26 @@ def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, work):
     assert c == a  # every per-step loss, grad norm, lr and validation loss, bit for bit
 
 
+def test_latest_naming_a_lost_checkpoint_resumes_from_the_newest_complete_one(run_a, work, tmp_path):
+    """`latest` names a tag that is gone: the run says so, resumes from the newest complete
+    checkpoint (here the last step: nothing left to train) and deletes nothing."""
+    import shutil
+
+    out_a, _ = run_a
+    out = tmp_path / "lost_latest"
+    shutil.copytree(out_a / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / "latest").write_text("global_step99")
+    proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "radis.cli", "train",
+                 "--config", str(work["config"]), f"train.output_dir={out}"])
+    assert proc.returncode == 0, proc.log
+    assert "'global_step99', which does not exist; resuming from the newest complete checkpoint global_step10" \
+        in proc.stdout, proc.log
+    assert "resumed at step 10 from global_step10" in proc.stdout
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["global_step10", "global_step5"]
+    assert (ckpts / "latest").read_text() == "global_step10"
+
+
 # --------------------------------------------------------------------------- runs D
 
 

@@ -61,6 +61,42 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
     return tag
 
 
+class CheckpointStateError(RuntimeError):
+    """The checkpoints directory is in a state that no resume rule covers (the message says what to do)."""
+
+
+def resume_point(ckpt_dir: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(tag to resume from, a note to print or None); (None, None) for a fresh start.
+
+    The newest COMPLETE checkpoint wins (a tag directory exists only once every rank's
+    files are in it), whatever `latest` says, and a disagreement is said out loud:
+
+    - `latest` names a checkpoint that exists, and no newer one exists: that one;
+    - a newer complete checkpoint exists (killed after the rename, before `latest` moved):
+      the newer one, with a note;
+    - `latest` names a missing checkpoint (deleted, or a copy that lost it): the newest
+      complete one, with a note; none at all: CheckpointStateError, never a silent
+      start at step 0 that would then prune the directory;
+    - no `latest` but complete checkpoints: the newest, with a note.
+    """
+    root = Path(ckpt_dir)
+    tags = list_tags(root)
+    newest = tags[-1] if tags else None
+    named = (root / LATEST).read_text(encoding="utf-8").strip() if (root / LATEST).is_file() else None
+    if named is None:
+        return newest, (f"{root}: no `{LATEST}` file; resuming from the newest complete checkpoint {newest}"
+                        if newest else None)
+    if named in tags:
+        if newest != named:
+            return newest, f"{root}: `{LATEST}` names {named}, but {newest} is newer and complete; resuming from it"
+        return named, None
+    if newest is None:
+        raise CheckpointStateError(
+            f"{root}: `{LATEST}` names {named!r}, which does not exist, and there is no complete checkpoint to "
+            f"resume from; delete {root / LATEST} to start afresh, or restore {root / named}")
+    return newest, f"{root}: `{LATEST}` names {named!r}, which does not exist; resuming from the newest complete checkpoint {newest}"
+
+
 def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
     """Complete step tags in `ckpt_dir`, oldest first."""
     root = Path(ckpt_dir)

@@ -111,7 +111,10 @@ def preflight(cfg: RadisConfig) -> None:
     out = Path(os.path.expanduser(cfg.train.output_dir))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
-    latest = ckpt.latest_tag(out / "checkpoints")
+    try:
+        latest, _ = ckpt.resume_point(out / "checkpoints")
+    except ckpt.CheckpointStateError as err:
+        raise ConfigError(f"train.output_dir: {err}") from None
     if t.resume == "never" and latest is not None:
         # Starting over would overwrite (or, for the same step, be shadowed by) them.
         raise ConfigError(f"train.output_dir: {out} already holds checkpoints (latest {latest}); "
@@ -296,7 +299,12 @@ class RadisRecipe:
             ckpt.write_text_atomic(self.out_dir / "config.yaml", dump_config(cfg))
             ckpt.write_text_atomic(self.out_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
         dist.barrier()
-        resume_tag = ckpt.latest_tag(self.ckpt_dir) if t.resume == "auto" else None
+        resume_tag, note = ckpt.resume_point(self.ckpt_dir) if t.resume == "auto" else (None, None)
+        if note:
+            self._print(f"warning: {note}")
+            if self.is_main:  # `latest` names what this run continues from again
+                ckpt.write_text_atomic(self.ckpt_dir / ckpt.LATEST, resume_tag)
+            dist.barrier()
         if resume_tag is not None:
             self.resume(resume_tag)
         self.metrics = MetricsWriter(self.out_dir, active=self.is_main, resume_step=self.step)
