@@ -524,6 +524,7 @@ class _Original:
         self.model = None
         self.answers: retention.Answers | None = None
         self.safety_score: Any = None
+        self.safety_texts: list[str] = []
 
     def _same(self, path: str) -> bool:
         return Path(path).resolve() == Path(self.path).resolve()
@@ -578,15 +579,15 @@ class _Original:
 
         cfg = self.cfg
         if self.safety_score is None:
+            # Once per evaluation, kept in memory: reading the cache file again later would
+            # race with rank 0 writing it, and the ranks would take different paths.
             original = self._model(path, tuned)
-            answers = self._cached_answers("safety", self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens,
-                                           original, log)
-            self.safety_score = safety.score_answers(self.safety_prompts, answers.texts)
+            self.safety_texts = self._cached_answers("safety", self.safety_prompts, fmt, tokenizer,
+                                                     cfg.eval.safety_max_new_tokens, original, log).texts
+            self.safety_score = safety.score_answers(self.safety_prompts, self.safety_texts)
         log(f"{name}: refusals on {len(self.safety_prompts)} harmful requests")
         if self._same(path):
-            score = self.safety_score
-            texts = self._cached_answers("safety", self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens,
-                                         tuned, log).texts
+            score, texts = self.safety_score, self.safety_texts
         else:
             texts = self._greedy(tuned, self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens).texts
             score = safety.score_answers(self.safety_prompts, texts)
