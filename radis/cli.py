@@ -75,11 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.parse_args(argv[1:])
     args.command_name = name  # the name it was called by (`radis rationales` is `radis generate`)
     from radis.config import ConfigError
+    from radis.data.languages import UnknownLanguageError
+    from radis.errors import InputError
+    from radis.models import ModelNotFoundError
 
+    # Bad input is the user's to fix: its message (naming the key, file or line) and exit
+    # status 2, on every rank, no traceback. Anything else is a bug and keeps its traceback.
     try:
         return int(module.run(args) or 0)
     except ConfigError as err:
         print(f"radis {name}: config error: {err}", file=sys.stderr)
+        return 2
+    except (InputError, ModelNotFoundError, UnknownLanguageError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"radis {name}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from radis.errors import InputError
 from radis.io import read_json_object, write_json_atomic, write_text_atomic
 
 
@@ -92,7 +93,7 @@ ARMS = {a.name: a for a in (
 )}
 
 
-class CompareError(ValueError):
+class CompareError(InputError):
     """The comparison cannot be set up (unknown arm, missing setting); the message says which."""
 
 

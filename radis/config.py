@@ -25,8 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
+from radis.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value is unknown, mistyped or out of range."""
 
 
@@ -289,9 +291,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise ConfigError(f"config file {origin}: not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {origin}: invalid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {origin}: not UTF-8 text ({err})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -301,7 +305,108 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for item in overrides:
         apply_override(cfg, item)
     cfg.source_file = str(path) if path is not None else None
+    check_values(cfg, origin + (" + overrides" if overrides else ""))
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (the
+    plain loader keeps the last one silently: a duplicated section loses settings)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key] + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+# The value ranges of numeric (and a few string) fields: (dotted key, test, what is expected).
+# A key of a list of sources ("data.train[].limit") is checked in every entry.
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("data.max_tokens", lambda v: v >= 8, ">= 8"),
+    ("data.pack_window", lambda v: v >= 1, ">= 1"),
+    ("data.packs_per_micro_batch", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.separator", lambda v: v != "", "a non-empty string (it joins reference and rationale, and evaluation "
+                                           "cuts there; e.g. \\n\\n)"),
+    ("data.train[].limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("data.valid[].limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.test[].limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("rationale.min_rationale_tokens", lambda v: v >= 0, ">= 0"),
+    ("rationale.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("rationale.temperature", lambda v: v > 0, "> 0"),
+    ("rationale.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rationale.num_beams", lambda v: v >= 1, ">= 1"),
+    ("rationale.batch_size", lambda v: v >= 1, ">= 1"),
+    ("rationale.prefill_batch_size", lambda v: v >= 1, ">= 1"),
+    ("rationale.topk", lambda v: v >= 0, ">= 0"),
+    ("rationale.max_source_tokens", lambda v: v >= 1, ">= 1"),
+    ("rationale.sdft_min_chrf", lambda v: 0 <= v <= 100, "a chrF in [0, 100]"),
+    ("loss.w_mt", lambda v: v >= 0, ">= 0"),
+    ("loss.w_rd", lambda v: v >= 0, ">= 0"),
+    ("loss.kd_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("loss.chunk_size", lambda v: v >= 1, ">= 1"),
+    ("train.lr", lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_eps", lambda v: v > 0, "> 0"),
+    ("train.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1) (a share of the steps)"),
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("train.gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
+    ("train.max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("train.save_every", lambda v: v >= 0, ">= 0"),
+    ("train.keep_last", lambda v: v >= 0, ">= 0"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0"),
+    ("train.max_bad_batches", lambda v: v >= 0, ">= 0"),
+    ("train.dist_timeout_s", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.num_beams", lambda v: v >= 1, ">= 1 (1: greedy)"),
+    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.retention_max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.retention_limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.general_limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.general_num_fewshot", lambda v: v is None or v >= 0, ">= 0 or null"),
+    ("eval.safety_limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.safety_max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("compare.kd_weight", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("compare.topk", lambda v: v >= 1, ">= 1"),
+)
+
+
+def check_values(cfg: RadisConfig, origin: str = "<config>") -> None:
+    """Raise ConfigError naming the key when a value is outside its range (_RANGES), or a
+    source names the same language on both sides."""
+    for key, ok, expected in _RANGES:
+        section, _, name = key.partition(".")
+        if name.startswith(("train[]", "valid[]", "test[]")):
+            listed, _, attr = name.partition("[].")
+            for i, src in enumerate(getattr(getattr(cfg, section), listed)):
+                value = getattr(src, attr)
+                if not ok(value):
+                    raise ConfigError(f"{origin}: {section}.{listed}[{i}].{attr}: expected {expected}, got {value!r}")
+            continue
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{origin}: {key}: expected {expected}, got {value!r}")
+    for section, listed in (("data", "train"), ("data", "valid"), ("eval", "test")):
+        for i, src in enumerate(getattr(getattr(cfg, section), listed)):
+            if src.src_lang and src.src_lang == src.tgt_lang:
+                raise ConfigError(f"{origin}: {section}.{listed}[{i}]: src_lang and tgt_lang are both {src.src_lang!r}; "
+                                  "a translation pair needs two languages")
 
 
 def apply_override(cfg: RadisConfig, item: str) -> None:

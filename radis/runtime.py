@@ -6,7 +6,7 @@
     dist_info(), barrier(), gather_objects()
 
 The commands (build-data, inspect-data, generate, train, evaluate, compare) sit above
-this module and import it; it imports nothing of radis and nothing heavy at module
+this module and import it; it imports only radis.errors and nothing heavy at module
 level, so `radis --help` stays fast.
 
 Backends: "auto" is nccl when CUDA is present (each rank on the GPU of its LOCAL_RANK),
@@ -22,10 +22,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from radis.errors import InputError
+
 Backend = Literal["auto", "gloo", "nccl"]
 
 
-class RankEnvironmentError(ValueError):
+class RankEnvironmentError(InputError):
     """RANK / WORLD_SIZE / LOCAL_RANK are missing pieces or not integers."""
 
 

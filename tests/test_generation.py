@@ -456,7 +456,12 @@ def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     strict = _cfg(tiny_generator, tmp_path / "strict", "data.on_empty=error")
     with pytest.raises(GenerationInputError, match=r"'t:empty': empty reference"):
         generate_records(strict, examples=_examples(), progress=False)
-    no_prefill = _cfg(tiny_generator, tmp_path / "np", "rationale.prefill_batch_size=0")
+    from radis.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rationale.prefill_batch_size: expected >= 1, got 0"):
+        _cfg(tiny_generator, tmp_path / "np", "rationale.prefill_batch_size=0")
+    no_prefill = _cfg(tiny_generator, tmp_path / "np")
+    no_prefill.rationale.prefill_batch_size = 0  # set by API use, past load_config's checks
     with pytest.raises(GenerationInputError, match=r"rationale.prefill_batch_size must be >= 1, got 0"):
         generate_records(no_prefill, examples=_examples(), progress=False)
 

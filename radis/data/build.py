@@ -46,6 +46,7 @@ import numpy as np
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import SPAN_NAMES
 from radis.data.packing import PackedDataset
+from radis.errors import InputError
 
 FORMAT_VERSION = 1
 SHARD_PACKS = 4096  # packs per shard file
@@ -53,7 +54,7 @@ SEGMENT_CHUNK = 2048  # examples tokenised per build_segments call (progress gra
 SPLITS = ("train", "valid")
 
 
-class DataBuildError(ValueError):
+class DataBuildError(InputError):
     """The data of a split cannot be built or a cache entry cannot be read."""
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 from radis.config import DataConfig
 from radis.data.languages import language_name
+from radis.errors import InputError
 
 TEMPLATES = ("llama2", "mistral", "chatml")
 
@@ -71,7 +72,7 @@ _CONT_SENTINEL = "\n"
 Part = int | tuple[str, str]
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(InputError):
     """The tokenizer and the requested chat template do not fit together."""
 
 

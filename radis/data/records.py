@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from radis.data.example import Example
+from radis.errors import InputError
 
 FORMAT = "radis-rationales/2"
 MERGED = "rationales.jsonl"
@@ -68,7 +69,7 @@ REQUIRED_FIELDS = ("id", "src_lang", "tgt_lang", "source", "reference")
 _TEXT_FIELDS = ("rationale", "target")
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A record that does not have the fields its strategy needs (the message names it)."""
 
 

@@ -63,13 +63,14 @@ from radis.data.records import (
     record_to_example,
     topk_path,
 )
+from radis.errors import InputError
 
 FORMATS = ("json", "jsonl", "text", "tsv", "hf", "rationales")
 # "<src>-<tgt>" inside a file name, e.g. "train.de-en.json", "valid.zh-en"
 _PAIR_IN_NAME = re.compile(r"(?:^|[._/])([a-z]{2,3})-([a-z]{2,3})(?=$|[._])")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data: names the file, the line or record, and what was expected."""
 
 

@@ -40,10 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from radis.errors import InputError
+
 GENERATIVE = "generate_until"
 
 
-class GeneralTaskError(ValueError):
+class GeneralTaskError(InputError):
     """A requested lm-eval task cannot run (unknown, or its data cannot be had offline)."""
 
 

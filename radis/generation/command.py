@@ -42,6 +42,7 @@ from typing import Any
 from radis.config import RadisConfig
 from radis.data.example import Example
 from radis.data.records import MERGED, base_record
+from radis.errors import InputError
 from radis.generation.decode import (
     DecodingSettings,
     Generation,
@@ -78,7 +79,7 @@ JOIN_TIMEOUT = datetime.timedelta(minutes=10)
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
 
-class GenerationInputError(ValueError):
+class GenerationInputError(InputError):
     """Bad input for generation (data, model, template or strategy settings)."""
 
 

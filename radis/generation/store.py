@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from radis.data.records import FORMAT, MERGED, MERGED_TOPK, load_topk, save_topk_atomic
+from radis.errors import InputError
 from radis.io import read_json_object, write_json_atomic, write_jsonl_atomic
 
 MANIFEST = "manifest.json"
@@ -51,7 +52,7 @@ SUMMARY = "summary.json"
 _PART_RE = re.compile(r"^r(\d{5})-(\d{6})\.(jsonl|topk\.safetensors)$")
 
 
-class OutputMismatchError(RuntimeError):
+class OutputMismatchError(InputError):
     """The output directory holds records generated with a different config."""
 
 

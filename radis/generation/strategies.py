@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 
 from radis.config import RadisConfig
 from radis.data.example import Example
+from radis.errors import InputError
 from radis.generation.decode import Generation, Request
 
 # Phrases of an answer that discusses the reference or the request instead of answering
@@ -58,7 +59,7 @@ META_PHRASES = (
 )
 
 
-class StrategyError(ValueError):
+class StrategyError(InputError):
     """A strategy's settings do not fit together (the message names the config field)."""
 
 

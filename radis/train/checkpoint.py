@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from radis.errors import InputError
 from radis.io import write_text_atomic
 
 LATEST = "latest"
@@ -61,7 +62,7 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
     return tag
 
 
-class CheckpointStateError(RuntimeError):
+class CheckpointStateError(InputError):
     """The checkpoints directory is in a state that no resume rule covers (the message says what to do)."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from radis.errors import InputError
 from radis.models import DTYPES
 from radis.train.checkpoint import HF_SUBDIR, LATEST
 from radis.training_info import FILENAME as TRAINING_INFO
@@ -29,7 +30,7 @@ from radis.training_info import FILENAME as TRAINING_INFO
 _DTYPES = DTYPES
 
 
-class ExportError(RuntimeError):
+class ExportError(InputError):
     """The checkpoint cannot be exported (missing files, keys that do not match the model)."""
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from radis.config import ConfigError, RadisConfig, dump_config
+from radis.config import ConfigError, RadisConfig, check_values, dump_config
 from radis.train import checkpoint as ckpt
 from radis.train.metrics import (
     MetricsWriter,
@@ -89,17 +89,7 @@ def preflight(cfg: RadisConfig) -> None:
         raise ConfigError("loss.kd_weight > 0 needs loss.method=radis (vanilla data has no rationales)")
     if cfg.loss.kd_weight > 0:
         _check_teacher_sources(cfg)
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError(f"train.max_steps: expected >= 1, got {cfg.train.max_steps}")
-    if cfg.train.epochs < 1 and cfg.train.max_steps is None:
-        raise ConfigError(f"train.epochs: expected >= 1, got {cfg.train.epochs}")
-    for key in ("keep_last", "save_every", "eval_every", "max_bad_batches"):
-        if getattr(cfg.train, key) < 0:
-            raise ConfigError(f"train.{key}: expected >= 0, got {getattr(cfg.train, key)}")
-    if cfg.train.log_every < 1:
-        raise ConfigError(f"train.log_every: expected >= 1, got {cfg.train.log_every}")
-    if cfg.train.dist_timeout_s < 1:
-        raise ConfigError(f"train.dist_timeout_s: expected >= 1, got {cfg.train.dist_timeout_s}")
+    check_values(cfg, "train config")  # value ranges (load_config checks them too; API callers may not)
     # The DeepSpeed JSON: readable and consistent with the config (what needs the model
     # or the data -- hidden size, step counts -- is checked again in setup).
     t = cfg.train
