@@ -291,7 +291,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise ConfigError(f"config file {origin}: not found")
         try:
-            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {origin}: invalid YAML: {err}") from None
         except UnicodeDecodeError as err:
@@ -336,8 +336,8 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("data.pack_window", lambda v: v >= 1, ">= 1"),
     ("data.packs_per_micro_batch", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
-    ("data.separator", lambda v: v != "", "a non-empty string (it joins reference and rationale, and evaluation "
-                                           "cuts there; e.g. \\n\\n)"),
+    ("data.separator", lambda v: v != "",
+     "a non-empty string (it joins reference and rationale, and evaluation cuts there; e.g. \\n\\n)"),
     ("data.train[].limit", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.valid[].limit", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("eval.test[].limit", lambda v: v is None or v >= 1, ">= 1 or null"),
