@@ -9,6 +9,7 @@ A model reference (`model.name_or_path`) is one of
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -18,12 +19,33 @@ from pathlib import Path
 
 import torch
 
+from radis.errors import InputError
+
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelNotFoundError(FileNotFoundError):
     """A model reference that is neither a directory, a GGUF file nor a known alias."""
+
+
+class ModelLoadError(InputError):
+    """A model directory whose files cannot be loaded (missing tokenizer or weights, a
+    truncated safetensors file, a config that does not parse); the message names it."""
+
+
+@contextlib.contextmanager
+def loading(path: str, what: str):
+    """Turn the errors of a `from_pretrained` that meets broken or missing files into a
+    ModelLoadError naming `path` (a bug elsewhere keeps its own exception type)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise ModelLoadError(f"{path}: cannot load the {what}: {type(err).__name__}: {err}") from None
+    except Exception as err:  # safetensors' SafetensorError and torch's unpickling errors are plain Exceptions
+        if type(err).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "HeaderTooSmall"):
+            raise ModelLoadError(f"{path}: cannot load the {what}: {type(err).__name__}: {err}") from None
+        raise
 
 
 def smollm2_gguf_path() -> Path:
@@ -133,8 +155,9 @@ def load_tokenizer(name_or_path: str, cache_dir: str = "~/.cache/radis"):
     """Load a tokenizer from a model reference (see `resolve_model_path`)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, cache_dir))
-    return tok
+    path = resolve_model_path(name_or_path, cache_dir)
+    with loading(path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(path)
 
 
 def load_model(
@@ -147,6 +170,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path, cache_dir)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=default_dtype(dtype), attn_implementation=default_attn_implementation(attn_implementation)
-    )
+    with loading(path, "model"):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=default_dtype(dtype), attn_implementation=default_attn_implementation(attn_implementation)
+        )

@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,8 +83,11 @@ def cache_key_inputs(cfg: RadisConfig, split: str, fingerprint: str, template: s
     files = []
     for src in sources:
         for f in source_files(src):
-            st = f.stat()
-            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+            try:
+                st = f.stat()
+                files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+            except (OSError, RuntimeError) as err:  # RuntimeError: a symbolic link loop (Path.resolve)
+                raise DataBuildError(f"{f}: cannot read ({err})") from None
     return {
         "format_version": FORMAT_VERSION,
         "split": split,
@@ -309,8 +313,8 @@ def read_packed(entry: Path) -> PackedDataset:
         try:
             with np.load(path, allow_pickle=False) as z:
                 shard = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as err:
-            raise DataBuildError(f"{path}: unreadable shard ({err}); delete {entry} to rebuild") from None
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # a truncated or damaged shard
+            raise DataBuildError(f"{path}: unreadable shard ({type(err).__name__}: {err}); delete {entry} to rebuild") from None
         # Offsets are shard-local: shift them, and drop the leading 0 of all but the first.
         parts.setdefault("seq_offsets", []).append(shard.pop("seq_offsets")[(1 if i else 0):] + tok_base)
         parts.setdefault("pack_offsets", []).append(shard.pop("pack_offsets")[(1 if i else 0):] + seg_base)

@@ -50,6 +50,7 @@ import numpy as np
 
 from radis.data.example import IGNORE, MT, RD, SPAN_NAMES, Example, Segment
 from radis.data.prompts import ChatFormat
+from radis.data.records import RecordError
 
 
 @dataclass
@@ -106,7 +107,7 @@ def build_segments(
     for i, ex in enumerate(examples):
         if not with_rationale or not ex.rationale:
             continue
-        recorded = _recorded_rationale(ex, fmt.fingerprint, separator)
+        recorded = _recorded_rationale(ex, fmt.fingerprint, separator, len(fmt.tokenizer))
         if recorded is None:
             to_tokenise.append(i)
         else:
@@ -148,9 +149,14 @@ def build_segments(
 
 
 def _recorded_rationale(
-    ex: Example, fingerprint: str, separator: str
+    ex: Example, fingerprint: str, separator: str, vocab: int
 ) -> tuple[list[int], tuple[np.ndarray, np.ndarray] | None] | None:
-    """(rationale ids, teacher arrays or None) from example.meta, if usable here."""
+    """(rationale ids, teacher arrays or None) from example.meta, if usable here.
+
+    Recorded data is checked, not trusted: ids outside the tokenizer's vocabulary, a
+    ragged or mis-shaped top-k, NaN or +inf log-probs (-inf is padding) are a RecordError
+    naming the example, not an index error at training step 1.
+    """
     meta: dict[str, Any] = ex.meta or {}
     ids = meta.get("rationale_token_ids")
     if ids is None or meta.get("tokenizer_fingerprint") != fingerprint:
@@ -163,18 +169,30 @@ def _recorded_rationale(
     # were conditioned on another context, so the text is tokenised afresh, no teacher.
     if meta.get("strategy", "continue") != "continue":
         return None
-    ids = [int(t) for t in ids]
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RecordError(f"example {ex.id}: rationale_token_ids: expected a list of integers")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise RecordError(f"example {ex.id}: rationale_token_ids has ids outside the tokenizer's vocabulary "
+                          f"[0, {vocab}): {bad[:5]}")
     teacher = None
     if meta.get("teacher_topk_ids") is not None and meta.get("teacher_topk_logprobs") is not None:
-        tids = np.asarray(meta["teacher_topk_ids"], dtype=np.int32)
-        tlp = np.asarray(meta["teacher_topk_logprobs"], dtype=np.float32)
+        try:
+            tids = np.asarray(meta["teacher_topk_ids"], dtype=np.int32)
+            tlp = np.asarray(meta["teacher_topk_logprobs"], dtype=np.float32)
+        except (ValueError, TypeError) as err:  # ragged lists, strings
+            raise RecordError(f"example {ex.id}: teacher top-k is not a rectangular numeric array ({err})") from None
         if tids.ndim != 2 or tids.shape != tlp.shape or tids.shape[0] != len(ids):
-            raise ValueError(
+            raise RecordError(
                 f"example {ex.id}: teacher_topk_ids {tids.shape} / teacher_topk_logprobs {tlp.shape} "
                 f"must both be [n_rationale_tokens={len(ids)}, k]"
             )
+        if np.isnan(tlp).any() or np.isposinf(tlp).any():
+            raise RecordError(f"example {ex.id}: teacher_topk_logprobs has NaN or +inf (only -inf, for padding, is allowed)")
+        if ((tids < 0) | (tids >= vocab)).any():
+            raise RecordError(f"example {ex.id}: teacher_topk_ids has ids outside the vocabulary [0, {vocab})")
         teacher = (tids, tlp)
-    return ids, teacher
+    return [int(t) for t in ids], teacher
 
 
 def _place_teacher(

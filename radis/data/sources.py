@@ -44,7 +44,9 @@ Empty source or target: `on_empty="skip"` counts it (SourceStats.skipped, by rea
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -173,13 +175,24 @@ def detect_format(cfg: SourceConfig) -> str:
 
 
 def read_text_file(path: Path) -> str:
-    """UTF-8 text of a file; a decoding error names the byte offset and line."""
+    """UTF-8 text of a regular file; a decoding error names the byte offset and line.
+
+    Not a regular file (a FIFO, a socket, a device: reading could block forever), a
+    directory, a symbolic-link loop and a missing file are DataErrors naming the path.
+    """
     try:
-        data = path.read_bytes()
+        st = os.stat(path)  # follows links: a loop raises ELOOP here
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err} (a symbolic link loop?)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: is a directory, expected a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device; reading it could block forever)")
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file to UTF-8")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -191,8 +204,11 @@ def read_text_file(path: Path) -> str:
     return text.removeprefix("\ufeff")  # a BOM is not data
 
 
-def _lines(text: str) -> list[str]:
-    """Split on "\\n" only; a final newline does not make an extra empty line."""
+def _lines(text: str, path: Path) -> list[str]:
+    """Split on "\\n" only; a final newline does not make an extra empty line. A file whose
+    lines end in a lone CR (classic Mac OS) would be one line: a DataError instead."""
+    if "\n" not in text and "\r" in text.rstrip("\r"):  # a CR between lines, and never an LF
+        raise DataError(f"{path}: its lines end in CR only (classic Mac OS line endings); convert them to LF")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -208,19 +224,33 @@ def _json_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
         for i, rec in enumerate(data):
             yield i, None, rec
         return
     index = 0
-    for lineno, line in enumerate(_lines(text), start=1):
+    for lineno, line in enumerate(_lines(text, path), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
         yield index, lineno, rec
         index += 1
+
+
+def json_records(path: Path) -> list[Any]:
+    """Every record of a JSON array or JSON Lines file; errors name the file and line."""
+    return [rec for _, _, rec in _json_records(path)]
+
+
+def text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; errors name the file (and line, for bad bytes)."""
+    return _lines(read_text_file(path), path)
 
 
 def _where(path: Path, index: int, lineno: int | None) -> str:
@@ -228,8 +258,10 @@ def _where(path: Path, index: int, lineno: int | None) -> str:
 
 
 def _first_record_is_rationale(path: Path) -> bool:
+    if not path.is_file():  # a FIFO or device: read_text_file says what it is
+        return False
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
+        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is not data
     first = head.lstrip()[:1]
     if first != b"{":
         return False
@@ -255,8 +287,8 @@ def _read_text_pair(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | N
     src_path, tgt_path = Path(cfg.path), Path(cfg.target_path or "")
     if not cfg.target_path:
         raise DataError(f"{src_path}: a line-aligned text source needs target_path (the target-side file)")
-    src_lines = _lines(read_text_file(src_path))
-    tgt_lines = _lines(read_text_file(tgt_path))
+    src_lines = _lines(read_text_file(src_path), src_path)
+    tgt_lines = _lines(read_text_file(tgt_path), tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(
             f"line-aligned pair does not align: {src_path} has {len(src_lines)} lines, "
@@ -277,7 +309,7 @@ def _read_text_pair(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | N
 
 
 def _read_tsv(path: Path, cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | None]:
-    lines = _lines(read_text_file(path))
+    lines = _lines(read_text_file(path), path)
     langs = _langs_from_name(path.name)
     start = 0
     if lines:

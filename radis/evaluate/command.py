@@ -49,6 +49,7 @@ from typing import Any
 
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import Example
+from radis.data.sources import json_records, text_lines
 from radis.evaluate import metrics, report, retention
 from radis.evaluate.general import GeneralSuite
 from radis.evaluate.translate import Translation, pad_token_id, translate
@@ -139,17 +140,10 @@ def _looks_sources_only(src: SourceConfig, path: Path) -> bool:
     if src.target_path is None and (src.format == "text" or (src.format == "auto" and path.suffix == ".txt")):
         return True
     if src.format in ("json", "jsonl", "auto") and path.suffix in (".json", ".jsonl") and src.tgt_lang:
-        records = _json_records(path)
+        records = json_records(path)
         pairs = [r.get("translation", r) for r in records if isinstance(r, dict)]
         return bool(pairs) and all(isinstance(p, dict) and src.tgt_lang not in p for p in pairs)
     return False
-
-
-def _json_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_test_set(src: SourceConfig, on_empty: str, index: int) -> tuple[list[Example], dict[str, Any]]:
@@ -167,10 +161,11 @@ def read_test_set(src: SourceConfig, on_empty: str, index: int) -> tuple[list[Ex
         if not (src.src_lang and src.tgt_lang):
             raise ValueError(f"{where}: {path}: a test set without references needs src_lang and tgt_lang")
         if path.suffix in (".json", ".jsonl"):
-            texts = [(i + 1, (r.get("translation", r) or {}).get(src.src_lang)) for i, r in enumerate(_json_records(path))]
+            texts = [(i + 1, (r.get("translation", r) or {}).get(src.src_lang) if isinstance(r, dict) else None)
+                     for i, r in enumerate(json_records(path))]
             unit = "record"
         else:
-            texts = list(enumerate(path.read_text(encoding="utf-8").splitlines(), 1))
+            texts = list(enumerate(text_lines(path), 1))
             unit = "line"
         examples, skipped = [], 0
         for n, text in texts:

@@ -53,7 +53,8 @@ _PART_RE = re.compile(r"^r(\d{5})-(\d{6})\.(jsonl|topk\.safetensors)$")
 
 
 class OutputMismatchError(InputError):
-    """The output directory holds records generated with a different config."""
+    """The output directory cannot be used as it is: records of another config, a damaged
+    part file, not a directory (the message says which and what to do)."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -117,6 +118,8 @@ class GenerationStore:
         `overwrite`, which deletes them. Leftover temp files and orphaned top-k files
         of a killed run are removed here, while no rank is writing.
         """
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputMismatchError(f"rationale.output_dir {self.root}: exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "config_hash": config_hash(description), "config": description}
         old = self._read_manifest()
@@ -182,9 +185,10 @@ class GenerationStore:
                         rec = json.loads(line)
                     except json.JSONDecodeError as err:
                         # Parts are renamed into place whole, so this is damage from outside.
-                        raise ValueError(f"{path}:{lineno}: broken record ({err}); delete this part file to regenerate its batch") from None
+                        raise OutputMismatchError(f"{path}:{lineno}: broken record ({err}); delete this part file to "
+                                                  "generate its batch again") from None
                     if not isinstance(rec, dict) or "id" not in rec:
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with an 'id'")
+                        raise OutputMismatchError(f"{path}:{lineno}: expected a JSON object with an 'id'")
                     yield rec, path
 
     def completed_ids(self) -> set[str]:
@@ -226,21 +230,29 @@ class GenerationStore:
             else:
                 found[key] = (rec, path)
         ordered = [found[key] for key in order if key in found]
-        write_jsonl_atomic(self.root / MERGED, [rec for rec, _ in ordered])
+        # Everything is read and checked before anything is written: a damaged part fails
+        # the merge with the previous merged files intact, never half of them rewritten.
+        topk: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if with_topk:
-            topk: dict[str, tuple[np.ndarray, np.ndarray]] = {}
             by_part: dict[Path, list[str]] = {}
             for rec, path in ordered:
                 by_part.setdefault(path, []).append(rec["id"])
             for path, keys in by_part.items():
                 side = path.with_name(path.name[: -len(".jsonl")] + ".topk.safetensors")
+                fix = f"delete {path.name} and {side.name} to generate that batch again"
                 if not side.exists():
-                    raise FileNotFoundError(f"{side}: top-k file of committed part {path.name} is missing")
-                part = load_topk(side)
+                    raise OutputMismatchError(f"{side}: the top-k file of committed part {path.name} is missing; {fix}")
+                try:
+                    part = load_topk(side)
+                except Exception as err:  # noqa: BLE001 -- safetensors raises its own plain Exception types
+                    raise OutputMismatchError(f"{side}: unreadable top-k file ({type(err).__name__}: {err}); {fix}") from None
                 for key in keys:
                     if key not in part:
-                        raise KeyError(f"{side}: no top-k for example {key!r}")
+                        raise OutputMismatchError(f"{side}: no top-k for example {key!r}; {fix}")
                     topk[key] = part[key]
+        # the top-k first: the records file is what readers look for
+        if with_topk:
             save_topk_atomic(self.root / MERGED_TOPK, {key: topk[key] for key in order if key in topk})
+        write_jsonl_atomic(self.root / MERGED, [rec for rec, _ in ordered])
         missing = [key for key in order if key not in found]
         return MergeStats(written=len(ordered), stale=stale, duplicates=duplicates, missing=missing)

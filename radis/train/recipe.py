@@ -309,19 +309,34 @@ class RadisRecipe:
         import torch.distributed as dist
 
         from radis.data.build import load_or_build
+        from radis.errors import InputError
 
-        if not self.is_main:
-            dist.barrier()
-        train_ds = load_or_build(self.cfg, "train", self.tokenizer)
-        valid_ds = load_or_build(self.cfg, "valid", self.tokenizer) if self.cfg.data.valid else None
+        def build():
+            train = load_or_build(self.cfg, "train", self.tokenizer)
+            valid = load_or_build(self.cfg, "valid", self.tokenizer) if self.cfg.data.valid else None
+            return train, valid
+
+        # Rank 0 builds the cache while the others wait; bad data is then rank 0's error
+        # to share, so that every rank reports it and exits instead of timing out.
+        problem = [None]
         if self.is_main:
-            dist.barrier()
-        return train_ds, valid_ds
+            try:
+                result = build()
+            except InputError as err:
+                problem = [str(err)]
+        dist.barrier()
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise InputError(problem[0])
+        return result if self.is_main else build()
 
     def _load_model(self, model_path: str):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype, attn_implementation=self.attn)
+        from radis.models import loading
+
+        with loading(model_path, "model"):
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype, attn_implementation=self.attn)
         model.config.use_cache = False
         if self.cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,258 @@
+"""Bad input as a new user would give it: every case a clear error naming the file, line or
+key and what was expected, exit status 2 from the console command, no traceback, nothing
+already written lost."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_generation import make_tiny_generator
+
+from radis.cli import main
+from radis.config import ConfigError, SourceConfig, load_config
+from radis.data.sources import DataError, read_source
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory) -> Path:
+    return make_tiny_generator(tmp_path_factory.mktemp("tiny_generator"))
+
+
+def _fails(capsys, argv: list[str], *expected: str) -> str:
+    """Run `radis argv`: exit status 2 and every expected piece in the one-line error."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    return err
+
+
+def _pairs(path: Path, n: int = 3) -> Path:
+    path.write_text("".join(json.dumps({"translation": {"de": f"Satz {i}.", "en": f"Sentence {i}."}}) + "\n"
+                            for i in range(n)), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.lr=-1", "train.lr: expected > 0"),
+    ("train.lr=0", "a learning rate of 0 trains nothing"),
+    ("train.warmup_ratio=5", "train.warmup_ratio: expected in [0, 1)"),
+    ("eval.num_beams=0", "eval.num_beams: expected >= 1"),
+    ("eval.batch_size=0", "eval.batch_size: expected >= 1"),
+    ("data.separator=''", "data.separator: expected a non-empty string"),
+    ("train.max_steps=two", "train.max_steps: expected an integer, got 'two'"),
+    ("data.train=[{path: a.jsonl, src_lang: en, tgt_lang: en}]", "src_lang and tgt_lang are both 'en'"),
+])
+def test_config_values_out_of_range(override, expected, capsys, tmp_path):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name_or_path: smollm2}\n")
+    _fails(capsys, ["build-data", "--config", str(cfg), override], "config error", expected)
+
+
+def test_a_key_given_twice_in_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 1.0e-4\neval: {}\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: invalid YAML: key 'train' appears twice"):
+        load_config(cfg)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_missing_or_broken_models(tiny_generator, tmp_path, capsys):
+    data = _pairs(tmp_path / "p.de-en.jsonl")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"data": {"train": [{"path": str(data)}]}, "rationale": {"output_dir": str(tmp_path / "r")},
+                               "eval": {"test": [{"path": str(data)}], "retention": False, "safety": False}}))
+    for cmd in ("build-data", "inspect-data", "generate"):
+        _fails(capsys, [cmd, "--config", str(cfg), f"model.name_or_path={tmp_path / 'nope'}"],
+               f"radis {cmd}: error: model '{tmp_path / 'nope'}': no such directory")
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    shutil.copy(tiny_generator / "config.json", only_config)
+    _fails(capsys, ["build-data", "--config", str(cfg), f"model.name_or_path={only_config}"],
+           f"{only_config}: cannot load the tokenizer")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_generator, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    _fails(capsys, ["generate", "--config", str(cfg), f"model.name_or_path={truncated}", "--no-progress"],
+           f"{truncated}: cannot load the model", "SafetensorError")
+    _fails(capsys, ["evaluate", "--config", str(cfg), f"model.name_or_path={truncated}",
+                    f"eval.output_dir={tmp_path / 'e'}"], f"{truncated}: cannot load the model")
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def test_data_files_that_are_not_what_they_seem(tmp_path):
+    cr = tmp_path / "cr.de"
+    cr.write_bytes(b"Satz eins.\rSatz zwei.\r")
+    (tmp_path / "cr.en").write_bytes(b"Sentence one.\rSentence two.\r")
+    with pytest.raises(DataError, match=r"cr.de: its lines end in CR only"):
+        read_source(SourceConfig(path=str(cr), target_path=str(tmp_path / "cr.en")))
+    loop = tmp_path / "loop.de-en.jsonl"
+    os.symlink(loop, loop)
+    with pytest.raises(DataError, match=r"loop.de-en.jsonl: .*(symbolic link loop|no such file)"):
+        read_source(SourceConfig(path=str(loop), format="jsonl"))
+    deep = tmp_path / "deep.de-en.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError, match=r"deep.de-en.json: JSON nested too deeply"):
+        read_source(SourceConfig(path=str(deep)))
+    utf16 = tmp_path / "u.de-en.jsonl"
+    utf16.write_text(json.dumps({"translation": {"de": "a", "en": "b"}}), encoding="utf-16")
+    with pytest.raises(DataError, match=r"u.de-en.jsonl: UTF-16 text"):
+        read_source(SourceConfig(path=str(utf16)))
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "pipe.de-en.jsonl"
+    os.mkfifo(fifo)
+    result: list[BaseException] = []
+
+    def read():
+        try:
+            read_source(SourceConfig(path=str(fifo), format="jsonl"))
+        except BaseException as err:  # noqa: BLE001 -- reported to the test below
+            result.append(err)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "reading a FIFO blocked"
+    assert isinstance(result[0], DataError) and "not a regular file" in str(result[0])
+
+
+def test_records_with_a_bom_are_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    rec = {"id": "x:0", "src_lang": "de", "tgt_lang": "en", "source": "a", "reference": "b", "rationale": "c"}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec).encode() + b"\n")
+    (ex,) = read_source(SourceConfig(path=str(path)))
+    assert ex.id == "x:0" and ex.rationale == "c"
+
+
+def test_unknown_language_code(tmp_path, capsys):
+    data = tmp_path / "p.xx-en.jsonl"
+    data.write_text(json.dumps({"translation": {"xx": "a", "en": "b"}}) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"data": {"train": [{"path": str(data)}]}}))
+    _fails(capsys, ["inspect-data", "--config", str(cfg)], "radis inspect-data: error:", "'xx'")
+
+
+# --------------------------------------------------------------------------- records and the store
+
+
+def _record(i: int, **extra) -> dict:
+    return {"id": f"r:{i}", "src_lang": "de", "tgt_lang": "en", "source": f"Satz {i}.", "reference": f"Sentence {i}.",
+            "rationale": "Because.", "strategy": "continue", **extra}
+
+
+def test_recorded_ids_and_top_k_are_checked(smol_tokenizer, tmp_path):
+    from radis.data.prompts import ChatFormat
+    from radis.data.records import RecordError
+    from radis.data.segments import build_segments
+    from radis.data.sources import read_sources
+
+    fmt = ChatFormat(smol_tokenizer, load_config(None, []).data, "auto")
+    common = {"tokenizer_fingerprint": fmt.fingerprint, "separator": "\n\n"}
+    cases = [
+        (_record(0, rationale_token_ids=[5, 10**7], **common), "ids outside the tokenizer's vocabulary"),
+        (_record(1, rationale_token_ids=[5, 6], teacher_topk_ids=[[1, 2], [3]], teacher_topk_logprobs=[[0.0, -1.0], [0.0]],
+                 **common), "not a rectangular numeric array"),
+        (_record(2, rationale_token_ids=[5, 6], teacher_topk_ids=[[1, 2], [3, 4]],
+                 teacher_topk_logprobs=[[0.0, float("nan")], [0.0, -1.0]], **common), "NaN or +inf"),
+    ]
+    for i, (rec, expected) in enumerate(cases):
+        path = tmp_path / f"case{i}.rationales.jsonl"
+        path.write_text(json.dumps(rec) + "\n")
+        examples, _ = read_sources([SourceConfig(path=str(path))])
+        with pytest.raises(RecordError, match=rf"example r:{i}: .*{re.escape(expected)}"):
+            build_segments(fmt, examples, separator="\n\n", max_tokens=512)
+
+
+def test_damaged_parts_fail_the_merge_without_touching_what_it_wrote_before(tmp_path):
+    from radis.data.records import MERGED, MERGED_TOPK
+    from radis.generation.store import GenerationStore, OutputMismatchError
+
+    store = GenerationStore(tmp_path)
+    store.prepare({"a": 1}, overwrite=False)
+    topk = lambda: (np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32))  # noqa: E731
+    store.commit([_record(i) for i in range(3)], {f"r:{i}": topk() for i in range(3)})
+    store.merge([f"r:{i}" for i in range(3)], with_topk=True)
+    before = ((tmp_path / MERGED).read_bytes(), (tmp_path / MERGED_TOPK).read_bytes())
+    part = store.commit([_record(3)], {"r:3": topk()})
+    side = part.with_name(part.name.replace(".jsonl", ".topk.safetensors"))
+    side.write_bytes(side.read_bytes()[:20])  # truncated by a full disk, say
+    with pytest.raises(OutputMismatchError, match=rf"{side.name}: unreadable top-k file .*delete {part.name}"):
+        store.merge([f"r:{i}" for i in range(4)], with_topk=True)
+    assert ((tmp_path / MERGED).read_bytes(), (tmp_path / MERGED_TOPK).read_bytes()) == before
+    part.write_text(part.read_text()[:10])  # a broken line
+    with pytest.raises(OutputMismatchError, match=rf"{part.name}:1: broken record"):
+        store.completed_ids()
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(OutputMismatchError, match="exists and is not a directory"):
+        GenerationStore(afile).prepare({"a": 1}, overwrite=False)
+
+
+def test_truncated_cache_shard(tmp_path, smol_tokenizer):
+    from radis.data.build import DataBuildError, load_or_build
+
+    data = _pairs(tmp_path / "p.de-en.jsonl", 4)
+    cfg = load_config(None, [f"data.train=[{{path: {data}}}]", f"data.cache_dir={tmp_path / 'cache'}"])
+    ds = load_or_build(cfg, "train", smol_tokenizer, progress=False, log=None)
+    shard = Path(ds.meta["cache_dir"]) / "shard-00000.npz"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataBuildError, match=r"shard-00000.npz: unreadable shard .*delete .* to rebuild"):
+        load_or_build(cfg, "train", smol_tokenizer, progress=False, log=None)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_names_a_bad_test_set(tiny_generator, tmp_path, capsys):
+    test = tmp_path / "t.de-en.jsonl"
+    test.write_text("{not json\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"name_or_path": str(tiny_generator)},
+                               "eval": {"test": [{"path": str(test)}], "output_dir": str(tmp_path / "e")}}))
+    _fails(capsys, ["evaluate", "--config", str(cfg)], f"{test}:1:2: malformed JSON line")
+    test.write_text(json.dumps({"translation": {"de": "a", "en": "b"}}), encoding="utf-16")
+    _fails(capsys, ["evaluate", "--config", str(cfg)], f"{test}: UTF-16 text")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_reports_data_and_model_problems(sp_tokenizer, tmp_path, capsys):
+    """Errors found after the process group exists (the data build, the tokenizer): every
+    rank reports rank 0's message and exits 2."""
+    from test_train_dist import make_tiny_llama, write_rationales
+
+    model = make_tiny_llama(sp_tokenizer, tmp_path / "model")
+    data = tmp_path / "d.rationales.jsonl"
+    write_rationales(data, 4, seed=1, prefix="d")
+    base = [f"model.name_or_path={model}", "model.chat_template=llama2", f"data.train=[{{path: {data}}}]",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.zero_stage=0", "train.max_steps=1"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    _fails(capsys, ["train", "--config", str(cfg), *base, "data.max_tokens=20", f"train.output_dir={tmp_path / 'o1'}"],
+           "radis train: error: data.train: no example fits data.max_tokens=20")
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(model / f, no_tok)
+    _fails(capsys, ["train", "--config", str(cfg), *base, f"model.name_or_path={no_tok}",
+                    f"train.output_dir={tmp_path / 'o2'}"], f"{no_tok}: cannot load the tokenizer")
