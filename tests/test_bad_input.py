@@ -188,7 +188,7 @@ def test_damaged_parts_fail_the_merge_without_touching_what_it_wrote_before(tmp_
 
     store = GenerationStore(tmp_path)
     store.prepare({"a": 1}, overwrite=False)
-    topk = lambda: (np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32))  # noqa: E731
+    topk = lambda: (np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32))
     store.commit([_record(i) for i in range(3)], {f"r:{i}": topk() for i in range(3)})
     store.merge([f"r:{i}" for i in range(3)], with_topk=True)
     before = ((tmp_path / MERGED).read_bytes(), (tmp_path / MERGED_TOPK).read_bytes())
