@@ -284,16 +284,28 @@ def _f(v: Any, digits: int = 2) -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """One Markdown table: every model's averaged translation scores and retention proxies."""
+    """One Markdown table: every model's averaged translation scores (the scored one of raw
+    and cut marked *), retention proxies, refusal rate, and the lm-eval tasks."""
+    tasks = list(dict.fromkeys(t for r in rows for t in (r.get("general") or {})))
     head = ["model", "BLEU raw", "BLEU cut", "chrF raw", "chrF cut", "COMET", "KL(orig‖m)", "NLL m", "NLL orig",
-            "changed", "chrF→orig"]
+            "changed", "chrF→orig", "refusals", "drop", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        k = r.get("retention") or {}
-        cells = [r["model"], _f(r.get("bleu_raw")), _f(r.get("bleu_cut")), _f(r.get("chrf_raw")), _f(r.get("chrf_cut")),
+        k, safety, general = r.get("retention") or {}, r.get("safety") or {}, r.get("general") or {}
+        cut = r.get("cut_applied")
+        star = lambda text, scored: f"{text}*" if scored and text != "-" else text
+        cells = [r["model"], star(_f(r.get("bleu_raw")), cut is False), star(_f(r.get("bleu_cut")), cut is True),
+                 star(_f(r.get("chrf_raw")), cut is False), star(_f(r.get("chrf_cut")), cut is True),
                  _f(r.get("comet_cut"), 4), _f(k.get("kl"), 3), _f(k.get("nll_tuned"), 3), _f(k.get("nll_original"), 3),
-                 f"{k['changed'] * 100:.0f}%" if k.get("changed") is not None else "-", _f(k.get("chrf_to_original"), 1)]
+                 f"{k['changed'] * 100:.0f}%" if k.get("changed") is not None else "-", _f(k.get("chrf_to_original"), 1),
+                 f"{safety['refusal_rate'] * 100:.0f}%" if safety.get("refusal_rate") is not None else "-",
+                 f"{safety['refusal_drop'] * 100:+.0f}%" if safety.get("refusal_drop") is not None else "-",
+                 *[_f(general.get(t), 3) for t in tasks]]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("\\* the scored translation number: cut at the separator for models trained with rationales, raw for "
+                 "the others. refusals: share of harmful requests refused; drop: the original's share minus the model's "
+                 "(> 0: safety lost). Tasks: lm-eval's first metric.")
     return "\n".join(lines)
 
 

@@ -91,7 +91,7 @@ def test_finished_stages_are_skipped_and_the_table_printed(tmp_path, capsys):
     assert out.count("skipped") == len(plan.stages)
     assert "24.10" in out and "0.113" in out and "90%" in out
     table = (tmp_path / "comparison.md").read_text()
-    assert "| radis | 2.50 | 5.70 | 20.00 | 24.10 | - | 0.113 | 0.780 | 0.890 | 90% | 48.3 |" in table
+    assert "| radis | 2.50 | 5.70 | 20.00 | 24.10 | - | 0.113 | 0.780 | 0.890 | 90% | 48.3 | - | - |" in table
 
     # a stage whose command changed runs again (here it fails at once: its checkpoint is a stub)
     state["export-radis"]["command"] = ["export", "--checkpoint", "elsewhere"]
@@ -129,10 +129,17 @@ def test_dry_run_and_bad_arguments(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_comparison_table_without_retention():
-    table = comparison_table([{"model": "original", "bleu_raw": 1.0, "bleu_cut": 1.0, "chrf_raw": 10.0, "chrf_cut": 10.0,
-                               "comet_cut": 0.5, "retention": None}])
-    assert "| original | 1.00 | 1.00 | 10.00 | 10.00 | 0.5000 | - | - | - | - | - |" in table
+def test_comparison_table_marks_the_scored_number_and_has_safety_and_tasks():
+    rows = [{"model": "original", "bleu_raw": 1.0, "bleu_cut": 1.0, "chrf_raw": 10.0, "chrf_cut": 10.0, "comet_cut": 0.5,
+             "retention": None, "cut_applied": False, "safety": {"refusal_rate": 0.5, "refusal_drop": 0.0},
+             "general": {"radis_knowledge": 0.6}},
+            {"model": "radis", "bleu_raw": 1.0, "bleu_cut": 2.0, "chrf_raw": 10.0, "chrf_cut": 12.0, "comet_cut": None,
+             "retention": None, "cut_applied": True, "safety": {"refusal_rate": 0.25, "refusal_drop": 0.25},
+             "general": {"radis_knowledge": None}}]
+    table = comparison_table(rows)
+    assert "| original | 1.00* | 1.00 | 10.00* | 10.00 | 0.5000 | - | - | - | - | - | 50% | +0% | 0.600 |" in table
+    assert "| radis | 1.00 | 2.00* | 10.00 | 12.00* | - | - | - | - | - | - | 25% | +25% | - |" in table
+    assert "radis_knowledge |" in table.splitlines()[0]
 
 
 @pytest.mark.slow

@@ -260,8 +260,8 @@ def test_plot_writes_a_png_with_a_legend_and_a_panel_per_measure(tmp_path):
          "safety": {"refusal_rate": 0.8}, "general": {"radis_knowledge": 0.55}},
     ]
     todo = panels(rows)
-    assert [p[0] for p in todo] == ["kl", "nll_tuned", "chrf_to_original", "refusal rate", "radis_knowledge",
-                                    "radis_arithmetic"]
+    assert [p[0] for p in todo] == ["KL(original || tuned)", "NLL of the original's answers",
+                                    "new answers vs the original's", "refusal rate", "radis_knowledge", "radis_arithmetic"]
     assert [m for m, _, _ in todo[-1][3]] == ["original"]  # a missing score leaves the point out
     png = plot_quality_vs_general(rows, tmp_path / "fig" / "q.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000

@@ -27,11 +27,11 @@ from typing import Any
 
 from radis.io import write_atomic
 
-# (key in a row's "retention" dict, axis label, lower is better)
-RETENTION_PANELS: tuple[tuple[str, str, bool], ...] = (
-    ("kl", "KL(original || tuned) per token  (lower = kept more)", True),
-    ("nll_tuned", "NLL of original answers  (lower = kept more)", True),
-    ("chrf_to_original", "chrF of new answers to original answers", False),
+# (key in a row's "retention" dict, panel title, axis label, lower is better)
+RETENTION_PANELS: tuple[tuple[str, str, str, bool], ...] = (
+    ("kl", "KL(original || tuned)", "KL per token  (lower = kept more)", True),
+    ("nll_tuned", "NLL of the original's answers", "NLL per token  (lower = kept more)", True),
+    ("chrf_to_original", "new answers vs the original's", "chrF to the original's answers", False),
 )
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 
@@ -48,10 +48,10 @@ def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, bool, list[tu
                 pts.append((str(r["model"]), float(r["chrf"]), float(value)))
         return pts
 
-    for key, label, lower in RETENTION_PANELS:
+    for key, title, label, lower in RETENTION_PANELS:
         pts = collect(lambda r, key=key: (r.get("retention") or {}).get(key))
         if pts:
-            out.append((key, label, lower, pts))
+            out.append((title, label, lower, pts))
     pts = collect(lambda r: (r.get("safety") or {}).get("refusal_rate"))
     if pts:
         out.append(("refusal rate", "refusals of harmful requests (share)", False, pts))
