@@ -121,9 +121,53 @@ def test_rng_state_round_trip():
     import random
 
     state = ckpt.rng_state()
-    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    a = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
     ckpt.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == a
+
+
+def test_trainer_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    path = tmp_path / "trainer_state_rank0.pt"
+    np.random.randn()  # numpy's cached gaussian is part of its state
+    torch.save({"loader": {"epoch": 1, "position": 3, "shuffle": True}, "rng": ckpt.rng_state()}, path)
+    a = (random.random(), np.random.randn(), torch.rand(1).item())
+    state = ckpt.load_weights_only(path, map_location="cpu")
+    ckpt.set_rng_state(state["rng"])
+    assert (random.random(), np.random.randn(), torch.rand(1).item()) == a and state["loader"]["position"] == 3
+
+
+class _Payload:
+    """A pickle that writes a file when it is loaded: what must never run on resume or export."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_in_a_checkpoint_never_runs(tmp_path, capsys):
+    """A payload placed as trainer state or as DeepSpeed's model states file is refused
+    by name, on resume and on export, and its code does not run."""
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "trainer_state_rank0.pt"
+    torch.save({"loader": _Payload(marker)}, evil)
+    with pytest.raises(ckpt.CheckpointStateError, match=r"trainer_state_rank0.pt: holds pickled Python objects"):
+        ckpt.load_weights_only(evil)
+    with ckpt.weights_only_loading(), pytest.raises(ckpt.CheckpointStateError):
+        torch.load(evil, weights_only=False)  # what DeepSpeed's own loaders ask for
+    assert torch.load is ckpt._TORCH_LOAD  # restored after the block
+    tag = tmp_path / "checkpoints" / "global_step1"
+    (tag / "hf").mkdir(parents=True)
+    (tag / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 16, "hidden_size": 8,
+                                                         "intermediate_size": 8, "num_hidden_layers": 1,
+                                                         "num_attention_heads": 1}))
+    torch.save({"module": _Payload(marker)}, tag / "mp_rank_00_model_states.pt")
+    assert main(["export", "--checkpoint", str(tag), "--out", str(tmp_path / "hf")]) == 2
+    assert "holds pickled Python objects" in capsys.readouterr().err
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- metrics

@@ -22,6 +22,7 @@ Multi-node runs need `output_dir` on a file system shared by all nodes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -137,18 +138,78 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[str]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers only, so that the file they
+    are saved in loads with torch.load(weights_only=True) (no pickled objects)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- loading without unpickling
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few DeepSpeed classes its own checkpoint files hold (enums, the loss scaler):
+    allowed by name, so that every load can be weights_only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def load_weights_only(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """torch.load with weights_only=True: tensors, numbers, strings, containers and the
+    allowed DeepSpeed classes; a file holding any other pickled object (which could run
+    code while it loads) is a CheckpointStateError naming it."""
+    import pickle
+
+    kwargs["weights_only"] = True
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return _TORCH_LOAD(path, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise CheckpointStateError(
+            f"{path}: holds pickled Python objects that radis does not load (a file not written by this radis, "
+            f"or one that someone placed there); checkpoints load only as plain tensors and numbers "
+            f"({str(err).splitlines()[-1][:200] if str(err) else 'weights_only'})") from None
+
+
+_TORCH_LOAD = torch.load
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every torch.load inside the block (DeepSpeed's own, in load_checkpoint and
+    zero_to_fp32, included) runs as `load_weights_only`: nothing is unpickled."""
+    def load(f, *args: Any, **kwargs: Any) -> Any:
+        if args:  # torch.load(f, map_location) positional form
+            kwargs.setdefault("map_location", args[0])
+        kwargs.pop("weights_only", None)
+        return load_weights_only(f, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 # --------------------------------------------------------------------------- save / load
@@ -199,10 +260,11 @@ def load_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str) -> tuple[dict
     ranks); the caller then re-seeds.
     """
     root = Path(ckpt_dir)
-    load_path, client_state = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loading():
+        load_path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     rank_file = root / tag / f"trainer_state_rank{dist.get_rank()}.pt"
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.is_file() else None
+    rank_state = load_weights_only(rank_file, map_location="cpu") if rank_file.is_file() else None
     return client_state or {}, rank_state

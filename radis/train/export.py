@@ -76,17 +76,20 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, tag: str | None = None) ->
 
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of the trained module (keys as in the DeepSpeed module)."""
+    from radis.train.checkpoint import load_weights_only, weights_only_loading
+
     tag_dir = root / tag
     if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
         )
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        with weights_only_loading():  # DeepSpeed's reader, without unpickling
+            return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         raise ExportError(f"{tag_dir}: no DeepSpeed model states file (mp_rank_*_model_states.pt)")
-    sd = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    sd = load_weights_only(states[0], map_location="cpu")["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 

@@ -587,7 +587,7 @@ class RadisRecipe:
         # Saved with fewer ranks: every rank's loader position is the same number, so take
         # rank 0's (the loader refuses it unless the plan allows another world size, i.e.
         # at an epoch boundary) and seed this rank's RNG afresh.
-        rank0 = torch.load(self.ckpt_dir / tag / "trainer_state_rank0.pt", map_location="cpu", weights_only=False)
+        rank0 = ckpt.load_weights_only(self.ckpt_dir / tag / "trainer_state_rank0.pt", map_location="cpu")
         self.loader.load_state_dict(rank0["loader"])
         _seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
 
