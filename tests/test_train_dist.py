@@ -283,6 +283,28 @@ def test_latest_naming_a_lost_checkpoint_resumes_from_the_newest_complete_one(ru
     assert (ckpts / "latest").read_text() == "global_step10"
 
 
+def test_resume_refuses_data_that_changed_since_the_checkpoint(run_a, work, tmp_path):
+    """One reference changed, same number of examples and packs: resuming would silently
+    continue another data set; it is refused naming both data hashes."""
+    import shutil
+
+    out_a, _ = run_a
+    out = tmp_path / "changed_data"
+    shutil.copytree(out_a / "checkpoints", out / "checkpoints")
+    records = (work["root"] / "train.rationales.jsonl").read_text().splitlines()
+    first = json.loads(records[0])
+    first["reference"] = first["reference"] + " indeed"
+    data = tmp_path / "train.rationales.jsonl"
+    data.write_text("\n".join([json.dumps(first), *records[1:]]) + "\n")
+    proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "radis.cli", "train",
+                 "--config", str(work["config"]), f"train.output_dir={out}", f"data.train=[{{path: {data}}}]",
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    assert proc.returncode != 0, proc.log  # each rank exits 2; torchrun reports the failure with 1
+    assert "radis train: config error: train.output_dir: checkpoint" in proc.stderr, proc.log
+    assert "was trained on packed data" in proc.stderr and "and the config now gives" in proc.stderr, proc.log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["global_step10", "global_step5"]
+
+
 # --------------------------------------------------------------------------- runs D
 
 

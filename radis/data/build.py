@@ -283,7 +283,8 @@ def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None
                 np.savez(f, **arrays)
         meta = {k: v for k, v in ds.meta.items() if k not in ("stats", "reused", "cache_dir")}
         meta.update(format_version=FORMAT_VERSION, max_tokens=ds.max_tokens, shards=n_shards,
-                    packs=ds.num_packs, segments=ds.num_segments, tokens=ds.num_tokens)
+                    packs=ds.num_packs, segments=ds.num_segments, tokens=ds.num_tokens,
+                    content_hash=ds.content_hash())
         (tmp / "stats.json").write_text(json.dumps(ds.meta.get("stats", {}), indent=2) + "\n", encoding="utf-8")
         # meta.json last: its presence marks a complete entry.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")

@@ -204,6 +204,20 @@ class PackedDataset:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
+    def content_hash(self) -> str:
+        """A hash of what is trained: tokens, spans, the example and pack boundaries, the
+        example ids and the teacher arrays (not paths or file times, so a moved or copied
+        data set hashes the same)."""
+        import hashlib
+
+        h = hashlib.sha1()
+        arrays = [self.tokens, self.spans, self.seq_offsets, self.pack_offsets, self.teacher_ids, self.teacher_logprobs,
+                  self.teacher_valid]
+        for a in arrays:
+            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+        h.update("\n".join(self.example_ids).encode("utf-8"))
+        return h.hexdigest()[:16]
+
     def __len__(self) -> int:
         return self.num_packs
 

@@ -206,6 +206,8 @@ class RadisRecipe:
         # {"mt", "rd"} target tokens of the training data: radis_training.json says whether
         # rationales were trained (radis evaluate cuts only such a model's output)
         self.target_tokens = dict(train_ds.meta.get("stats", {}).get("packing", {}).get("targets", {}))
+        # what is trained, checked on resume (a cache entry of an older radis has no hash yet)
+        self.data_hash = train_ds.meta.get("content_hash") or train_ds.content_hash()
         loader_kw = {"rank": self.rank, "world_size": self.world, "packs_per_micro_batch": cfg.data.packs_per_micro_batch,
                      "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype,
                      # the [B, 1, T, T] sdpa mask is built where it is used, not copied there per step
@@ -558,7 +560,8 @@ class RadisRecipe:
 
     def save_checkpoint(self) -> str:
         """Save model / optimizer / schedule (DeepSpeed) + loader and RNG (per rank) at self.step."""
-        client = {"step": self.step, "bad_batches": self.bad_batches, "total_steps": self.total_steps}
+        client = {"step": self.step, "bad_batches": self.bad_batches, "total_steps": self.total_steps,
+                  "data_hash": self.data_hash}
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
                                    keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files)
@@ -578,6 +581,13 @@ class RadisRecipe:
     def resume(self, tag: str) -> None:
         """Restore everything `save_checkpoint` wrote under `tag`."""
         client, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        saved = client.get("data_hash")
+        if saved is not None and saved != self.data_hash:
+            raise ConfigError(
+                f"train.output_dir: checkpoint {self.ckpt_dir / tag} was trained on packed data {saved}, and the "
+                f"config now gives {self.data_hash} (sources, their contents, the tokenizer or data settings changed); "
+                "resuming would continue another data set from a position in the old one. Restore the data, or "
+                "train into another train.output_dir.")
         self.step = int(client.get("step", ckpt.step_of_tag(tag) or 0))
         self.bad_batches = int(client.get("bad_batches", 0))
         if rank_state is not None:
