@@ -129,12 +129,24 @@ def test_recorded_rationale_ids_and_teacher_topk_are_aligned(smol_tokenizer):
     cut = build_segment(fmt, ex, separator=SEP, max_tokens=start + 4 + len(fmt.end_of_turn_ids()))
     np.testing.assert_array_equal(cut.teacher_ids[start:start + 4], tids[:4])
 
-    # Another tokenizer (fingerprint differs), separator, or an `ask` rationale (generated
-    # in another context): the text is re-tokenised, no teacher.
-    for change in ({"tokenizer_fingerprint": "other"}, {"separator": "\n"}, {"strategy": "ask"}):
+    # The same prompt as recorded (radis generate writes its provenance): used as is.
+    from radis.data.segments import prompt_provenance
+
+    same = Example(**{**ex.__dict__, "meta": {**ex.meta, "prompt": prompt_provenance(fmt, SEP)}})
+    assert build_segments(fmt, [same], separator=SEP, max_tokens=4096)[1].rationale_from_ids == 1
+    # Another tokenizer (fingerprint differs), separator, an `ask` rationale, or a prompt
+    # built from another template / system prompt / instruction (generated in another
+    # context): the text is re-tokenised, no teacher, counted by why.
+    provenance = prompt_provenance(fmt, SEP)
+    for change, why in (({"tokenizer_fingerprint": "other"}, "another tokenizer"), ({"separator": "\n"}, "another separator"),
+                        ({"strategy": "ask"}, "the ask strategy"),
+                        ({"prompt": {**provenance, "chat_template": "llama2"}}, "another chat template"),
+                        ({"prompt": {**provenance, "system_prompt": "Be brief."}}, "another system prompt"),
+                        ({"prompt": {**provenance, "instruction": "Translate: {source}"}}, "another instruction")):
         other = Example(**{**ex.__dict__, "meta": {**ex.meta, **change}})
         segs, stats = build_segments(fmt, [other], separator=SEP, max_tokens=4096)
         assert segs[0].teacher_ids is None and stats.rationale_from_ids == 0
+        assert stats.retokenised == {why: 1} and stats.teacher_dropped == 1
         assert smol_tokenizer.decode(spans_of(segs[0], RD)[:-2]) == SEP + ex.rationale
 
     bad = Example(**{**ex.__dict__, "meta": {**ex.meta, "teacher_topk_ids": tids[:-1].tolist()}})

@@ -22,6 +22,9 @@ A record (one JSON object) always has
     generator       the model that generated (model.name_or_path or rationale.generator)
     decoding        the decoding settings; stop_reason "eot" | "max_length"
     prompt_tokens, tokenizer_fingerprint, topk (k recorded, 0 = none), config_hash
+    prompt          what the prompt was built from: chat_template, system_prompt,
+                    instruction, separator (training reuses recorded ids and top-k only
+                    when they match its own)
 
 Rationale strategies (`continue`, `ask`) add
 
@@ -77,7 +80,8 @@ class RecordError(InputError):
 
 
 def base_record(example: Example, *, strategy: str, generator: str, decoding: dict[str, Any], stop_reason: str,
-                prompt_tokens: int, fingerprint: str, topk: int, config_hash: str) -> dict[str, Any]:
+                prompt_tokens: int, fingerprint: str, topk: int, config_hash: str,
+                prompt: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields every record has (see the module docstring); the strategy adds its own."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -97,6 +101,8 @@ def base_record(example: Example, *, strategy: str, generator: str, decoding: di
         "topk": topk,
         "config_hash": config_hash,
     }
+    if prompt is not None:
+        rec["prompt"] = prompt
     if example.meta:
         meta = {k: v for k, v in example.meta.items() if _is_json(v)}
         if meta:

@@ -61,14 +61,19 @@ class SegmentStats:
     without_rationale: int = 0  # vanilla, or no / empty rationale
     rationale_from_ids: int = 0  # recorded generator ids used as they are
     with_teacher: int = 0  # teacher top-k attached
+    # rationales tokenised afresh although ids were recorded, by why (another tokenizer,
+    # separator, chat template, system prompt, instruction, or the `ask` strategy)
+    retokenised: dict[str, int] = field(default_factory=dict)
+    teacher_dropped: int = 0  # recorded top-k not used for that reason
     tokens: dict[str, int] = field(default_factory=lambda: {name: 0 for name in SPAN_NAMES.values()})
 
     def merge(self, other: SegmentStats) -> None:
         for name in ("kept", "dropped_too_long", "rationale_truncated", "without_rationale",
-                     "rationale_from_ids", "with_teacher"):
+                     "rationale_from_ids", "with_teacher", "teacher_dropped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for k, v in other.tokens.items():
-            self.tokens[k] = self.tokens.get(k, 0) + v
+        for d_self, d_other in ((self.tokens, other.tokens), (self.retokenised, other.retokenised)):
+            for k, v in d_other.items():
+                d_self[k] = d_self.get(k, 0) + v
 
 
 def build_segment(
@@ -107,8 +112,12 @@ def build_segments(
     for i, ex in enumerate(examples):
         if not with_rationale or not ex.rationale:
             continue
-        recorded = _recorded_rationale(ex, fmt.fingerprint, separator, len(fmt.tokenizer))
-        if recorded is None:
+        recorded = _recorded_rationale(ex, fmt, separator)
+        if isinstance(recorded, str):  # ids were recorded, but for another context: why
+            stats.retokenised[recorded] = stats.retokenised.get(recorded, 0) + 1
+            stats.teacher_dropped += (ex.meta or {}).get("teacher_topk_ids") is not None
+            to_tokenise.append(i)
+        elif recorded is None:
             to_tokenise.append(i)
         else:
             rationales[i] = sep_ids + recorded[0]
@@ -149,26 +158,39 @@ def build_segments(
 
 
 def _recorded_rationale(
-    ex: Example, fingerprint: str, separator: str, vocab: int
-) -> tuple[list[int], tuple[np.ndarray, np.ndarray] | None] | None:
-    """(rationale ids, teacher arrays or None) from example.meta, if usable here.
+    ex: Example, fmt: ChatFormat, separator: str
+) -> tuple[list[int], tuple[np.ndarray, np.ndarray] | None] | str | None:
+    """(rationale ids, teacher arrays or None) from example.meta when they are usable here;
+    None when nothing was recorded; else why not (a short reason, counted in the stats).
 
+    Recorded ids and top-k belong to the context they were generated in: reused only under
+    the same tokenizer, separator and prompt (chat template, system prompt, instruction,
+    recorded by radis generate as the record's "prompt"), for `continue` rationales.
     Recorded data is checked, not trusted: ids outside the tokenizer's vocabulary, a
     ragged or mis-shaped top-k, NaN or +inf log-probs (-inf is padding) are a RecordError
     naming the example, not an index error at training step 1.
     """
     meta: dict[str, Any] = ex.meta or {}
     ids = meta.get("rationale_token_ids")
-    if ids is None or meta.get("tokenizer_fingerprint") != fingerprint:
+    if ids is None:
         return None
+    if meta.get("tokenizer_fingerprint") != fmt.fingerprint:
+        return "another tokenizer"
     if meta.get("separator") is not None and meta["separator"] != separator:
-        return None
+        return "another separator"
     # Only `continue` rationales were generated right after reference + separator, the
     # context training puts them in. `ask` ones began a new assistant turn after a
     # follow-up question: their ids (a leading "▁" for sentencepiece) and their top-k
     # were conditioned on another context, so the text is tokenised afresh, no teacher.
     if meta.get("strategy", "continue") != "continue":
-        return None
+        return "the ask strategy"
+    prompt = meta.get("prompt") or {}
+    current = prompt_provenance(fmt, separator)
+    for key, why in (("chat_template", "another chat template"), ("system_prompt", "another system prompt"),
+                     ("instruction", "another instruction")):
+        if key in prompt and prompt[key] != current[key]:
+            return why
+    vocab = len(fmt.tokenizer)
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RecordError(f"example {ex.id}: rationale_token_ids: expected a list of integers")
     bad = [t for t in ids if not 0 <= t < vocab]
@@ -193,6 +215,12 @@ def _recorded_rationale(
             raise RecordError(f"example {ex.id}: teacher_topk_ids has ids outside the vocabulary [0, {vocab})")
         teacher = (tids, tlp)
     return [int(t) for t in ids], teacher
+
+
+def prompt_provenance(fmt: ChatFormat, separator: str) -> dict[str, Any]:
+    """What a prompt is built from, as generation records it and training checks it."""
+    return {"chat_template": fmt.template, "system_prompt": fmt.data_cfg.system_prompt,
+            "instruction": fmt.data_cfg.instruction, "separator": separator}
 
 
 def _place_teacher(

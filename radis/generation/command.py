@@ -42,6 +42,7 @@ from typing import Any
 from radis.config import RadisConfig
 from radis.data.example import Example
 from radis.data.records import MERGED, base_record
+from radis.data.segments import prompt_provenance
 from radis.errors import InputError
 from radis.generation.decode import (
     DecodingSettings,
@@ -186,6 +187,7 @@ def make_record(strategy: Strategy, ex: Example, req: Request, gen: Generation, 
         ex, strategy=strategy.name, generator=generator_reference(cfg),
         decoding={**settings.as_dict(), "min_new_tokens": req.min_new_tokens}, stop_reason=gen.stop_reason,
         prompt_tokens=gen.prompt_tokens, fingerprint=fmt.fingerprint, topk=settings.topk, config_hash=chash,
+        prompt=prompt_provenance(fmt, cfg.data.separator),
     )
     rec.update(strategy.fields(ex, gen, fmt, cfg))
     return rec
