@@ -191,7 +191,11 @@ def command_line(stage: Stage, nproc: int) -> list[str]:
 
 
 def stage_env(nproc: int) -> dict[str, str]:
-    env = dict(os.environ)
+    # Each stage is its own launch: ranks and rendezvous of whatever started this driver
+    # must not reach it (a single-process stage would join the parent's address).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
     env.setdefault("HF_HUB_OFFLINE", "1")  # the stages need nothing from the network
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # N ranks on the CPU cores: one rank per core share, or they oversubscribe.

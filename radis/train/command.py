@@ -32,11 +32,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)  # ConfigError -> `radis train: config error: ...`, exit 2 (radis.cli)
     recipe = RadisRecipe(cfg)
+    ok = False
     try:
         recipe.setup()
         recipe.train()
+        ok = True
     except TrainingError as err:
         print(f"radis train: {err}", file=sys.stderr, flush=True)
         return 1
-    recipe.cleanup()
+    finally:
+        recipe.cleanup(ok)  # also after an error: the group and the environment are left clean
     return 0

@@ -126,14 +126,19 @@ def _check_teacher_sources(cfg: RadisConfig) -> None:
                           "or train on rationales generated with rationale.topk > 0")
 
 
-def _default_single_process_env() -> None:
-    """`radis train` started without a launcher runs as one rank on a free local port."""
+_SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _default_single_process_env() -> list[str]:
+    """`radis train` started without a launcher runs as one rank on a free local port;
+    returns the variables set here (removed again by RadisRecipe.cleanup)."""
     if "RANK" in os.environ:
-        return
+        return []
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return list(_SINGLE_PROCESS_VARS)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -155,6 +160,7 @@ class RadisRecipe:
         self.step = 0  # optimizer steps done
         self.bad_batches = 0
         self.metrics: MetricsWriter | None = None
+        self._env_set: list[str] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -174,7 +180,7 @@ class RadisRecipe:
         # Bounded: a dead rank makes the others fail a collective within dist_timeout_s
         # instead of waiting forever.
         self.cuda = torch.cuda.is_available()
-        _default_single_process_env()
+        self._env_set = _default_single_process_env()
         if self.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl" if self.cuda else "gloo"
@@ -601,14 +607,21 @@ class RadisRecipe:
         self.loader.load_state_dict(rank0["loader"])
         _seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
 
-    def cleanup(self) -> None:
+    def cleanup(self, ok: bool = True) -> None:
+        """Close the metrics, leave the process group (after a barrier when the run
+        finished; at once after an error, when other ranks may be gone) and remove the
+        environment variables a launcher-less run set for itself."""
         import torch.distributed as dist
 
         if self.metrics is not None:
             self.metrics.close()
         if dist.is_initialized():
-            dist.barrier()
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
+        for name in self._env_set:
+            os.environ.pop(name, None)
+        self._env_set = []
 
     def _print(self, msg: str) -> None:
         if self.is_main:
