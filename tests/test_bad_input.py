@@ -207,15 +207,18 @@ def test_damaged_parts_fail_the_merge_without_touching_what_it_wrote_before(tmp_
         GenerationStore(afile).prepare({"a": 1}, overwrite=False)
 
 
-def test_truncated_cache_shard(tmp_path, smol_tokenizer):
+def test_truncated_cache_file(tmp_path, smol_tokenizer):
     from radis.data.build import DataBuildError, load_or_build
 
     data = _pairs(tmp_path / "p.de-en.jsonl", 4)
     cfg = load_config(None, [f"data.train=[{{path: {data}}}]", f"data.cache_dir={tmp_path / 'cache'}"])
     ds = load_or_build(cfg, "train", smol_tokenizer, progress=False, log=None)
-    shard = Path(ds.meta["cache_dir"]) / "shard-00000.npz"
-    shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(DataBuildError, match=r"shard-00000.npz: unreadable shard .*delete .* to rebuild"):
+    tokens = Path(ds.meta["cache_dir"]) / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:200])
+    with pytest.raises(DataBuildError, match=r"tokens.npy: unreadable \(truncated: 200 bytes.*delete .* to rebuild"):
+        load_or_build(cfg, "train", smol_tokenizer, progress=False, log=None)
+    tokens.write_bytes(b"not an npy file at all")
+    with pytest.raises(DataBuildError, match=r"tokens.npy: unreadable"):
         load_or_build(cfg, "train", smol_tokenizer, progress=False, log=None)
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from radis import cli
 from radis.config import load_config
-from radis.data import build as build_mod
 from radis.data.build import load_or_build, read_packed, write_packed
 from radis.data.example import Segment
 from radis.data.inspect import inspect_examples
@@ -99,31 +98,65 @@ def test_concurrent_builders_agree(tmp_path, sp_tokenizer):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
 
 
-def test_shards_round_trip_with_teacher_and_lost_rename(tmp_path, monkeypatch):
+def test_entry_round_trip_with_teacher_and_lost_rename(tmp_path):
     rng = np.random.default_rng(0)
     segs = []
     for i in range(25):
         L = int(rng.integers(4, 20))
-        s = Segment(f"e{i}", rng.integers(0, 99, L).tolist(), [0, 0] + [1] * (L - 3) + [2])
-        if i % 2:
-            s.teacher_ids = rng.integers(0, 99, (L, 3)).astype(np.int32)
-            s.teacher_logprobs = np.full((L, 3), -np.inf, np.float32)
-            s.teacher_logprobs[-1] = [-0.1, -2.0, -3.0]
+        s = Segment(f"e{i}-ü", rng.integers(0, 99, L).tolist(), [0, 0] + [1] * (L - 3) + [2])
+        if i % 2:  # one top-k row, for the last (rationale) token
+            s.teacher_ids = rng.integers(0, 99, (1, 3)).astype(np.int32)
+            s.teacher_logprobs = np.array([[-0.1, -2.0, -3.0]], np.float32)
+            s.teacher_start = L - 1
         segs.append(s)
     ds = PackedDataset.from_segments(segs, max_tokens=32, window=8, seed=0, meta={"pad_token_id": 0})
-    monkeypatch.setattr(build_mod, "SHARD_PACKS", 3)  # several shards
+    assert ds.num_teacher_rows == 12 and ds.teacher_ids.shape == (12, 3)  # only the rows that exist
     entry = tmp_path / "train-x"
     write_packed(ds, entry)
-    assert len(list(entry.glob("shard-*.npz"))) == -(-ds.num_packs // 3) > 1
     back = read_packed(entry)
-    for name in ("tokens", "spans", "seq_offsets", "pack_offsets", "teacher_ids", "teacher_logprobs", "teacher_valid"):
+    for name in ("tokens", "spans", "seq_offsets", "pack_offsets", "teacher_ids", "teacher_logprobs",
+                 "teacher_offsets", "teacher_start"):
         assert np.array_equal(getattr(back, name), getattr(ds, name)), name
-    assert back.example_ids == ds.example_ids and back.meta["pad_token_id"] == 0
+        assert not getattr(back, name).flags.writeable, name  # a read-only map of the file
+    assert list(back.example_ids) == ds.example_ids and back.example_ids[3:5] == ds.example_ids[3:5]
+    assert back.example_ids[-1] == ds.example_ids[-1] and back.meta["pad_token_id"] == 0
+    assert back.content_hash() == ds.content_hash() == back.meta["content_hash"]
+    np.testing.assert_array_equal(back.pack_stats(), ds.pack_stats())
+    for p in range(ds.num_packs):
+        a, b = ds.pack(p), back.pack(p)
+        assert a.example_ids == b.example_ids and a.seq_lens == b.seq_lens
+        for name in ("input_ids", "spans", "teacher_ids", "teacher_logprobs", "teacher_valid"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    # the dense rows of a pack: the rationale token of each odd example carries its top-k
+    for s in range(ds.num_segments):
+        seg = back.segment(s)
+        original = next(x for x in segs if x.example_id == seg.example_id)
+        assert seg.input_ids == original.input_ids and seg.teacher_start == original.teacher_start
+        if original.teacher_ids is not None:
+            np.testing.assert_array_equal(seg.teacher_ids, original.teacher_ids)
     write_packed(ds, entry)  # a second writer loses the rename quietly
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    (entry / "shard-00001.npz").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"shard-00001.npz: unreadable shard"):
+    (entry / "teacher_start.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"teacher_start.npy: unreadable"):
         read_packed(entry)
+
+
+def test_packs_carry_teacher_rows_where_recorded():
+    k = 2
+    a = Segment("a", [1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 2, 2], teacher_ids=np.array([[7, 8], [9, 10]], np.int32),
+                teacher_logprobs=np.log(np.array([[0.6, 0.4], [0.5, 0.5]], np.float32)), teacher_start=3)
+    b = Segment("b", [1, 2, 3, 4, 5], [0, 1, 2, 2, 2])  # no teacher
+    ds = PackedDataset.from_segments([a, b], max_tokens=16, window=8, seed=0)
+    assert ds.num_packs == 1 and ds.top_k == k
+    pack = ds.pack(0)
+    at = 0 if pack.example_ids[0] == "a" else 5
+    expect_valid = np.zeros(11, bool)
+    expect_valid[at + 3:at + 5] = True
+    np.testing.assert_array_equal(pack.teacher_valid, expect_valid)
+    np.testing.assert_array_equal(pack.teacher_ids[at + 3:at + 5], a.teacher_ids)
+    with pytest.raises(ValueError, match=r"segment a: teacher_ids .* from token 5"):
+        bad = Segment("a", a.input_ids, a.spans, a.teacher_ids, a.teacher_logprobs, teacher_start=5)
+        PackedDataset.from_segments([bad], max_tokens=16, window=8, seed=0)
 
 
 def test_inspect_marks_spans(tmp_path, sp_tokenizer, capsys):

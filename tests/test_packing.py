@@ -22,11 +22,11 @@ from radis.data.packing import (
 
 def seg(eid: str, ids: list[int], spans: list[int], k: int = 0) -> Segment:
     s = Segment(example_id=eid, input_ids=ids, spans=spans)
-    if k:  # like radis.data.segments: rows outside the rationale are 0 / -inf
-        s.teacher_ids = np.array([[t * 10 + j for j in range(k)] for t in ids], dtype=np.int32)
-        s.teacher_logprobs = -np.array([[t + j / 10 for j in range(k)] for t in ids], dtype=np.float32)
-        s.teacher_ids[np.array(spans) != 2] = 0
-        s.teacher_logprobs[np.array(spans) != 2] = -np.inf
+    if k:  # like radis.data.segments: rows only for the (contiguous) rationale tokens
+        rd = [t for t, sp in zip(ids, spans) if sp == 2]
+        s.teacher_start = spans.index(2)
+        s.teacher_ids = np.array([[t * 10 + j for j in range(k)] for t in rd], dtype=np.int32)
+        s.teacher_logprobs = -np.array([[t + j / 10 for j in range(k)] for t in rd], dtype=np.float32)
     return s
 
 

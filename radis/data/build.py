@@ -5,13 +5,9 @@
 The trainer calls `load_or_build(cfg, split, tokenizer)`, which returns the cached
 `PackedDataset` or builds it. A cache entry is a directory
 
-    <data.cache_dir>/<split>-<key>/
-        meta.json              format version, what the key was made of, sizes, pad id
-        stats.json             the statistics summary (also printed as a table)
-        shard-00000.npz ...    numpy archives (no pickles) of at most SHARD_PACKS packs:
-                               tokens [n] int32, spans [n] int8, seq_offsets [s+1],
-                               pack_offsets [p+1] (shard-local), example_ids [s] str,
-                               teacher_ids / teacher_logprobs / teacher_valid when present
+    <data.cache_dir>/<split>-<key>/     meta.json, stats.json and one .npy file per
+                                        array (radis.data.packed_files), opened through
+                                        memory maps
 
 `key` hashes everything the packed data depends on: the tokenizer fingerprint
 (prompts.tokenizer_fingerprint) and resolved chat template, the data config (sources
@@ -34,29 +30,24 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import SPAN_NAMES
+from radis.data.packed_files import (
+    FORMAT_VERSION,
+    DataBuildError,
+    read_packed,
+    write_packed,
+)
 from radis.data.packing import PackedDataset
-from radis.errors import InputError
 
-FORMAT_VERSION = 1
-SHARD_PACKS = 4096  # packs per shard file
 SEGMENT_CHUNK = 2048  # examples tokenised per build_segments call (progress granularity)
 SPLITS = ("train", "valid")
-
-
-class DataBuildError(InputError):
-    """The data of a split cannot be built or a cache entry cannot be read."""
 
 
 # --------------------------------------------------------------------------- cache key
@@ -250,94 +241,6 @@ def _plain(obj: Any) -> dict[str, Any]:
     elif dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
     return json.loads(json.dumps(obj, default=str))
-
-
-# --------------------------------------------------------------------------- shards on disk
-
-
-def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None:
-    """Write `ds` as a cache entry at `entry`, atomically (temp dir + rename)."""
-    from tqdm.auto import tqdm
-
-    entry = Path(entry)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
-        n_shards = max(1, -(-ds.num_packs // SHARD_PACKS))
-        for i in tqdm(range(n_shards), desc="write shards", disable=not progress or n_shards < 2, file=sys.stderr):
-            p0, p1 = i * SHARD_PACKS, min(ds.num_packs, (i + 1) * SHARD_PACKS)
-            s0, s1 = int(ds.pack_offsets[p0]), int(ds.pack_offsets[p1])
-            t0, t1 = int(ds.seq_offsets[s0]), int(ds.seq_offsets[s1])
-            arrays = {
-                "tokens": ds.tokens[t0:t1],
-                "spans": ds.spans[t0:t1],
-                "seq_offsets": ds.seq_offsets[s0:s1 + 1] - t0,
-                "pack_offsets": ds.pack_offsets[p0:p1 + 1] - s0,
-                "example_ids": np.array(ds.example_ids[s0:s1], dtype=str),
-            }
-            if ds.teacher_ids is not None:
-                arrays["teacher_ids"] = ds.teacher_ids[t0:t1]
-                arrays["teacher_logprobs"] = ds.teacher_logprobs[t0:t1]
-                valid = ds.teacher_valid if ds.teacher_valid is not None else np.ones(len(ds.tokens), bool)
-                arrays["teacher_valid"] = valid[t0:t1]
-            with open(tmp / f"shard-{i:05d}.npz", "wb") as f:
-                np.savez(f, **arrays)
-        meta = {k: v for k, v in ds.meta.items() if k not in ("stats", "reused", "cache_dir")}
-        meta.update(format_version=FORMAT_VERSION, max_tokens=ds.max_tokens, shards=n_shards,
-                    packs=ds.num_packs, segments=ds.num_segments, tokens=ds.num_tokens,
-                    content_hash=ds.content_hash())
-        (tmp / "stats.json").write_text(json.dumps(ds.meta.get("stats", {}), indent=2) + "\n", encoding="utf-8")
-        # meta.json last: its presence marks a complete entry.
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_packed(entry: Path) -> PackedDataset:
-    """Load a cache entry written by `write_packed`."""
-    entry = Path(entry)
-    try:
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataBuildError(f"{entry / 'meta.json'}: unreadable cache entry ({err}); delete the directory") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataBuildError(f"{entry}: cache format {meta.get('format_version')}, expected {FORMAT_VERSION}; delete it")
-    parts: dict[str, list[np.ndarray]] = {}
-    ids: list[str] = []
-    tok_base = seg_base = 0
-    for i in range(int(meta["shards"])):
-        path = entry / f"shard-{i:05d}.npz"
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                shard = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # a truncated or damaged shard
-            raise DataBuildError(f"{path}: unreadable shard ({type(err).__name__}: {err}); delete {entry} to rebuild") from None
-        # Offsets are shard-local: shift them, and drop the leading 0 of all but the first.
-        parts.setdefault("seq_offsets", []).append(shard.pop("seq_offsets")[(1 if i else 0):] + tok_base)
-        parts.setdefault("pack_offsets", []).append(shard.pop("pack_offsets")[(1 if i else 0):] + seg_base)
-        names = shard.pop("example_ids").tolist()
-        ids += names
-        tok_base += len(shard["tokens"])
-        seg_base += len(names)
-        for k, v in shard.items():
-            parts.setdefault(k, []).append(v)
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    stats_path = entry / "stats.json"
-    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
-    ds = PackedDataset(
-        tokens=cat["tokens"], spans=cat["spans"], seq_offsets=cat["seq_offsets"].astype(np.int64),
-        pack_offsets=cat["pack_offsets"].astype(np.int64), example_ids=ids, max_tokens=int(meta["max_tokens"]),
-        teacher_ids=cat.get("teacher_ids"), teacher_logprobs=cat.get("teacher_logprobs"),
-        teacher_valid=cat.get("teacher_valid"), meta={**meta, "stats": stats, "cache_dir": str(entry)},
-    )
-    if ds.num_packs != meta["packs"] or ds.num_tokens != meta["tokens"]:
-        raise DataBuildError(f"{entry}: shards hold {ds.num_packs} packs / {ds.num_tokens} tokens, "
-                             f"meta.json says {meta['packs']} / {meta['tokens']}; delete it to rebuild")
-    return ds
 
 
 @contextmanager

@@ -47,15 +47,17 @@ class Segment:
 
     `spans[i]` labels token i as a *target*: the loss on predicting token i from
     tokens < i is the span's loss. Packing shifts this into per-position `labels`.
-    `teacher_ids` / `teacher_logprobs` ([len(input_ids), k], meaningful where the span
-    is RD) carry the generator's recorded top-k for token-level distillation.
+    `teacher_ids` / `teacher_logprobs` ([n, k]) carry the generator's recorded top-k for
+    token-level distillation, for the n rationale tokens that have one: row j belongs to
+    token `teacher_start + j` (only those rows are stored, see radis.data.packing).
     """
 
     example_id: str
     input_ids: list[int]
     spans: list[int]
-    teacher_ids: Any = None  # np.ndarray [L, k] int32 or None
-    teacher_logprobs: Any = None  # np.ndarray [L, k] float32 or None
+    teacher_ids: Any = None  # np.ndarray [n, k] int32 or None
+    teacher_logprobs: Any = None  # np.ndarray [n, k] float32 or None
+    teacher_start: int = 0  # index of the token that row 0 belongs to
 
     def __len__(self) -> int:
         return len(self.input_ids)

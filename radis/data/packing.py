@@ -9,16 +9,29 @@ Two jobs, one layout:
    bins almost completely (efficiency = real tokens / (packs x max_tokens)).
 2. `collate_packs` turns a micro-batch of packs into model inputs and loss targets.
 
-`PackedDataset` holds the packed data as flat arrays (what the cache shards store):
+`PackedDataset` holds the packed data as flat arrays (what a cache entry stores, read
+back through memory maps by radis.data.packed_files, so a rank's resident memory does
+not grow with the data set):
 
-    tokens      [N] int32     all segments end to end, segments in pack order
-    spans       [N] int8      span label of each token as a target (IGNORE 0 / MT 1 / RD 2)
-    seq_offsets [S+1] int64   segment s = tokens[seq_offsets[s] : seq_offsets[s+1]]
-    pack_offsets[P+1] int64   pack p = segments pack_offsets[p] : pack_offsets[p+1]
-    example_ids [S] str
-    teacher_ids [N, k] int32, teacher_logprobs [N, k] float32   (optional; top-k of the
-                              rationale generator, row i = its distribution for token i)
-    teacher_valid [N] bool    rows that carry a recorded top-k (the rationale tokens)
+    tokens          [N] int32     all segments end to end, segments in pack order
+    spans           [N] int8      span label of each token as a target (IGNORE 0 / MT 1 / RD 2)
+    seq_offsets     [S+1] int64   segment s = tokens[seq_offsets[s] : seq_offsets[s+1]]
+    pack_offsets    [P+1] int64   pack p = segments pack_offsets[p] : pack_offsets[p+1]
+    example_ids     [S] str
+    teacher top-k (optional), stored only for the R rationale tokens that have one:
+    teacher_ids     [R, k] int32, teacher_logprobs [R, k] float32
+    teacher_offsets [S+1] int64   segment s owns rows teacher_offsets[s] : teacher_offsets[s+1]
+    teacher_start   [S] int32     ... which belong to its tokens teacher_start[s], +1, ...
+
+    e.g. two segments of 6 and 5 tokens, rationale top-k for tokens 3-4 of the first
+    and 2-4 of the second (k = 2):
+        spans            0 0 1 2 2 2 | 0 1 2 2 2
+        teacher rows           r0 r1 |     r2 r3 r4      teacher_ids [5, 2]
+        teacher_offsets  [0, 2, 5], teacher_start [3, 2]
+
+At 160 bytes per row (k = 20) the top-k dominates; storing it per rationale token
+instead of per token saves the prompt and reference rows (half or more of a
+translation example).
 
 One micro-batch of B packs padded to T tokens (here B=2, T=12; three examples a, b, c
 and padding p; `·` is -100 in labels and 0 in spans):
@@ -63,7 +76,7 @@ passing the boundaries explicitly (cu_seq_lens_q/k and max_length_q/k).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,25 +184,49 @@ class Pack:
 
 @dataclass
 class PackedDataset:
-    """Packed segments as flat arrays (layout in the module docstring)."""
+    """Packed segments as flat arrays (layout in the module docstring).
+
+    The arrays may be memory maps (radis.data.packed_files.read_packed): `pack` and
+    `segment` copy what they return and then call `release_pages`, which tells the
+    kernel that this process no longer needs the mapped pages (they stay in the page
+    cache, shared by the ranks of a node), so reading a whole epoch does not grow the
+    resident memory of the process.
+    """
 
     tokens: np.ndarray
     spans: np.ndarray
     seq_offsets: np.ndarray
     pack_offsets: np.ndarray
-    example_ids: list[str]
+    example_ids: Sequence[str]
     max_tokens: int
     teacher_ids: np.ndarray | None = None
     teacher_logprobs: np.ndarray | None = None
-    teacher_valid: np.ndarray | None = None  # [N] bool; None with teacher data = all valid
+    teacher_offsets: np.ndarray | None = None
+    teacher_start: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # [P, 3] per-pack counts saved with the data (computed from the arrays when None)
+    stored_pack_stats: np.ndarray | None = None
+    # Called after each read of mapped arrays (radis.data.packed_files.MappedArrays.release).
+    release_pages: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.seq_offsets[-1] != len(self.tokens) or len(self.spans) != len(self.tokens):
+        n, S = len(self.tokens), len(self.seq_offsets) - 1
+        if int(self.seq_offsets[-1]) != n or len(self.spans) != n:
             raise ValueError("PackedDataset: seq_offsets / spans do not match tokens")
-        if self.pack_offsets[-1] != len(self.seq_offsets) - 1 or len(self.example_ids) != len(self.seq_offsets) - 1:
+        if int(self.pack_offsets[-1]) != S or len(self.example_ids) != S:
             raise ValueError("PackedDataset: pack_offsets / example_ids do not match seq_offsets")
-        self._pack_stats: np.ndarray | None = None
+        teacher = (self.teacher_ids, self.teacher_logprobs, self.teacher_offsets, self.teacher_start)
+        if any(a is None for a in teacher) != all(a is None for a in teacher):
+            raise ValueError("PackedDataset: teacher_ids, teacher_logprobs, teacher_offsets and teacher_start "
+                             "come together or not at all")
+        if self.teacher_ids is not None:
+            R = len(self.teacher_ids)
+            if (self.teacher_logprobs.shape != self.teacher_ids.shape or len(self.teacher_offsets) != S + 1
+                    or int(self.teacher_offsets[-1]) != R or len(self.teacher_start) != S):
+                raise ValueError(f"PackedDataset: teacher arrays ids {self.teacher_ids.shape}, logprobs "
+                                 f"{self.teacher_logprobs.shape}, offsets {self.teacher_offsets.shape}, start "
+                                 f"{self.teacher_start.shape} do not fit {S} segments")
+        self._pack_stats: np.ndarray | None = self.stored_pack_stats
 
     # -- sizes
     @property
@@ -204,18 +241,30 @@ class PackedDataset:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
+    @property
+    def num_teacher_rows(self) -> int:
+        """Tokens that carry a recorded teacher top-k (0 without teacher data)."""
+        return 0 if self.teacher_ids is None else len(self.teacher_ids)
+
+    @property
+    def top_k(self) -> int:
+        return 0 if self.teacher_ids is None else int(self.teacher_ids.shape[1])
+
     def content_hash(self) -> str:
         """A hash of what is trained: tokens, spans, the example and pack boundaries, the
         example ids and the teacher arrays (not paths or file times, so a moved or copied
-        data set hashes the same)."""
+        data set hashes the same). Reads every array once (through the page cache when
+        they are mapped; the cache entry stores it in meta.json)."""
         import hashlib
 
         h = hashlib.sha1()
-        arrays = [self.tokens, self.spans, self.seq_offsets, self.pack_offsets, self.teacher_ids, self.teacher_logprobs,
-                  self.teacher_valid]
+        arrays = [self.tokens, self.spans, self.seq_offsets, self.pack_offsets, self.teacher_ids,
+                  self.teacher_logprobs, self.teacher_offsets, self.teacher_start]
         for a in arrays:
-            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
-        h.update("\n".join(self.example_ids).encode("utf-8"))
+            h.update(b"-" if a is None else memoryview(np.ascontiguousarray(a)).cast("B"))
+        for eid in self.example_ids:
+            h.update(eid.encode("utf-8") + b"\n")
+        self.release_pages()
         return h.hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -229,46 +278,50 @@ class PackedDataset:
     def pack_stats(self) -> np.ndarray:
         """[P, 3] int64 per pack: tokens, MT targets, RD targets (targets as in `labels`)."""
         if self._pack_stats is None:
-            # A token is a target when its span is not IGNORE and it is not the first
-            # token of its segment (nothing before it in the same example predicts it).
-            is_first = np.zeros(len(self.tokens), dtype=bool)
-            is_first[self.seq_offsets[:-1]] = True
-            mt = (self.spans == MT) & ~is_first
-            rd = (self.spans == RD) & ~is_first
-            bounds = self.seq_offsets[self.pack_offsets]  # token offset of each pack
-            csum = lambda x: np.concatenate([[0], np.cumsum(x, dtype=np.int64)])
-            c_mt, c_rd = csum(mt), csum(rd)
-            self._pack_stats = np.stack(
-                [np.diff(bounds), c_mt[bounds[1:]] - c_mt[bounds[:-1]], c_rd[bounds[1:]] - c_rd[bounds[:-1]]], axis=1
-            )
+            self._pack_stats = compute_pack_stats(self.spans, self.seq_offsets, self.pack_offsets)
         return self._pack_stats
 
+    def _teacher_rows(self, s0: int, s1: int, t0: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segments s0..s1-1 (tokens t0..t0+n-1) -> dense [n, k] ids, [n, k] log-probs, [n] valid."""
+        k = self.top_k
+        ids = np.zeros((n, k), dtype=np.int32)
+        lp = np.zeros((n, k), dtype=np.float32)
+        valid = np.zeros(n, dtype=bool)
+        offsets = np.asarray(self.teacher_offsets[s0:s1 + 1])
+        starts = np.asarray(self.teacher_start[s0:s1])
+        seq = np.asarray(self.seq_offsets[s0:s1])
+        for j in range(s1 - s0):
+            r0, r1 = int(offsets[j]), int(offsets[j + 1])
+            if r1 > r0:
+                at = int(seq[j]) - t0 + int(starts[j])
+                ids[at:at + r1 - r0] = self.teacher_ids[r0:r1]
+                lp[at:at + r1 - r0] = self.teacher_logprobs[r0:r1]
+                # a recorded row that is all -inf (the generator's padding) carries nothing
+                valid[at:at + r1 - r0] = np.isfinite(lp[at:at + r1 - r0]).any(axis=1)
+        return ids, lp, valid
+
     def pack(self, p: int) -> Pack:
+        """Pack `p`, copied out of the (possibly mapped) arrays."""
         s0, s1 = int(self.pack_offsets[p]), int(self.pack_offsets[p + 1])
         t0, t1 = int(self.seq_offsets[s0]), int(self.seq_offsets[s1])
-        teacher = self.teacher_ids is not None
-        valid = None
-        if teacher:
-            valid = self.teacher_valid[t0:t1] if self.teacher_valid is not None else np.ones(t1 - t0, dtype=bool)
-        return Pack(
-            input_ids=self.tokens[t0:t1],
-            spans=self.spans[t0:t1],
-            seq_lens=np.diff(self.seq_offsets[s0:s1 + 1]).tolist(),
-            example_ids=self.example_ids[s0:s1],
-            teacher_ids=self.teacher_ids[t0:t1] if teacher else None,
-            teacher_logprobs=self.teacher_logprobs[t0:t1] if teacher else None,
-            teacher_valid=valid,
-        )
+        out = Pack(input_ids=np.array(self.tokens[t0:t1]), spans=np.array(self.spans[t0:t1]),
+                   seq_lens=np.diff(self.seq_offsets[s0:s1 + 1]).tolist(), example_ids=list(self.example_ids[s0:s1]))
+        if self.teacher_ids is not None:
+            out.teacher_ids, out.teacher_logprobs, out.teacher_valid = self._teacher_rows(s0, s1, t0, t1 - t0)
+        self.release_pages()
+        return out
 
     def segment(self, s: int) -> Segment:
         t0, t1 = int(self.seq_offsets[s]), int(self.seq_offsets[s + 1])
-        return Segment(
-            example_id=self.example_ids[s],
-            input_ids=self.tokens[t0:t1].tolist(),
-            spans=self.spans[t0:t1].tolist(),
-            teacher_ids=self.teacher_ids[t0:t1] if self.teacher_ids is not None else None,
-            teacher_logprobs=self.teacher_logprobs[t0:t1] if self.teacher_logprobs is not None else None,
-        )
+        seg = Segment(example_id=self.example_ids[s], input_ids=self.tokens[t0:t1].tolist(),
+                      spans=self.spans[t0:t1].tolist())
+        if self.teacher_ids is not None and self.teacher_offsets[s + 1] > self.teacher_offsets[s]:
+            r0, r1 = int(self.teacher_offsets[s]), int(self.teacher_offsets[s + 1])
+            seg.teacher_ids = np.array(self.teacher_ids[r0:r1])
+            seg.teacher_logprobs = np.array(self.teacher_logprobs[r0:r1])
+            seg.teacher_start = int(self.teacher_start[s])
+        self.release_pages()
+        return seg
 
     @classmethod
     def from_segments(cls, segments: Sequence[Segment], max_tokens: int, window: int, seed: int,
@@ -278,39 +331,56 @@ class PackedDataset:
             if len(seg.spans) != len(seg.input_ids):
                 raise ValueError(f"segment {seg.example_id}: {len(seg.input_ids)} input_ids but {len(seg.spans)} spans")
         packs = pack_segments([len(s) for s in segments], max_tokens, window, seed, [s.example_id for s in segments])
-        order = [i for p in packs for i in p]
-        ordered = [segments[i] for i in order]
+        ordered = [segments[i] for p in packs for i in p]
         lens = np.array([len(s) for s in ordered], dtype=np.int64)
         seq_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         pack_offsets = np.concatenate([[0], np.cumsum([len(p) for p in packs])]).astype(np.int64)
         n = int(seq_offsets[-1])
         tokens = np.fromiter((t for s in ordered for t in s.input_ids), dtype=np.int32, count=n)
         spans = np.fromiter((t for s in ordered for t in s.spans), dtype=np.int8, count=n)
-        t_ids = t_lp = t_valid = None
+        teacher: dict[str, np.ndarray] = {}
         with_teacher = [s for s in ordered if s.teacher_ids is not None]
         if with_teacher:
             k = int(np.asarray(with_teacher[0].teacher_ids).shape[1])
-            t_ids = np.zeros((n, k), dtype=np.int32)
-            t_lp = np.zeros((n, k), dtype=np.float32)
-            t_valid = np.zeros(n, dtype=bool)
-            for s, off in zip(ordered, seq_offsets[:-1].tolist()):
-                if s.teacher_ids is None:
-                    continue
+            rows = np.array([0 if s.teacher_ids is None else len(s.teacher_ids) for s in ordered], dtype=np.int64)
+            for s in with_teacher:
                 ids, lp = np.asarray(s.teacher_ids), np.asarray(s.teacher_logprobs)
-                if ids.shape != (len(s), k) or lp.shape != (len(s), k):
+                r = len(ids)
+                if ids.shape != (r, k) or lp.shape != (r, k) or not 0 <= s.teacher_start <= len(s) - r:
                     raise ValueError(
-                        f"segment {s.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape}, "
-                        f"expected ({len(s)}, {k}) like the other segments"
+                        f"segment {s.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape} from token "
+                        f"{s.teacher_start}, expected [rows, {k}] like the other segments, inside its {len(s)} tokens"
                     )
-                # Rows without a recorded top-k (prompt, reference, separator) come as
-                # all -inf from radis.data.segments: mark them invalid, store zeros.
-                rows = np.isfinite(lp).any(axis=1)
-                t_ids[off:off + len(s)][rows] = ids[rows]
-                t_lp[off:off + len(s)][rows] = lp[rows]
-                t_valid[off:off + len(s)] = rows
+            teacher = {
+                "teacher_ids": np.concatenate([np.asarray(s.teacher_ids, dtype=np.int32) for s in with_teacher]),
+                "teacher_logprobs": np.concatenate([np.asarray(s.teacher_logprobs, dtype=np.float32)
+                                                    for s in with_teacher]),
+                "teacher_offsets": np.concatenate([[0], np.cumsum(rows)]).astype(np.int64),
+                "teacher_start": np.array([s.teacher_start if s.teacher_ids is not None else 0 for s in ordered],
+                                          dtype=np.int32),
+            }
         return cls(tokens=tokens, spans=spans, seq_offsets=seq_offsets, pack_offsets=pack_offsets,
-                   example_ids=[s.example_id for s in ordered], max_tokens=max_tokens,
-                   teacher_ids=t_ids, teacher_logprobs=t_lp, teacher_valid=t_valid, meta=dict(meta or {}))
+                   example_ids=[s.example_id for s in ordered], max_tokens=max_tokens, meta=dict(meta or {}), **teacher)
+
+
+def compute_pack_stats(spans: np.ndarray, seq_offsets: np.ndarray, pack_offsets: np.ndarray) -> np.ndarray:
+    """[P, 3] int64 per pack: tokens, MT targets, RD targets (targets as in `labels`).
+
+    A token is a target when its span is not IGNORE and it is not the first token of
+    its segment (nothing before it in the same example predicts it).
+    """
+    is_first = np.zeros(len(spans), dtype=bool)
+    is_first[seq_offsets[:-1]] = True
+    mt = (spans == MT) & ~is_first
+    rd = (spans == RD) & ~is_first
+    bounds = seq_offsets[pack_offsets]  # token offset of each pack
+
+    def csum(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(x, dtype=np.int64)])
+
+    c_mt, c_rd = csum(mt), csum(rd)
+    return np.stack([np.diff(bounds), c_mt[bounds[1:]] - c_mt[bounds[:-1]], c_rd[bounds[1:]] - c_rd[bounds[:-1]]],
+                    axis=1)
 
 
 # --------------------------------------------------------------------------- collation

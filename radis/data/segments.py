@@ -33,10 +33,10 @@ When the fingerprint equals this tokenizer's (and the separator, if recorded, eq
 `separator`), the RD tokens are `answer_ids(separator, continuation=True) +
 rationale_token_ids`: exactly what the generator produced, not a re-tokenisation of
 its decoded text. The teacher arrays are then attached to the Segment as
-`teacher_ids` [L, k] int32 / `teacher_logprobs` [L, k] float32, row i belonging to
-token i (the token *predicted* at position i-1, like `spans`). Rows of the rationale
-tokens carry the recorded top-k; all other rows (prompt, reference, separator,
-end-of-turn) are 0 / -inf. A truncated rationale keeps its first rows. Otherwise (no
+`teacher_ids` [n, k] int32 / `teacher_logprobs` [n, k] float32 with `teacher_start`,
+row j belonging to token teacher_start + j (the token *predicted* at position
+teacher_start + j - 1, like `spans`): only the rationale tokens carry rows. A
+truncated rationale keeps its first rows. Otherwise (no
 ids, another tokenizer or separator) the rationale text is tokenised and no teacher
 arrays are attached.
 """
@@ -145,10 +145,12 @@ def build_segments(
         spans = [IGNORE] * len(prompt) + [MT] * len(mt) + [RD] * len(rd) + [last] * len(eot)
         seg = Segment(example_id=ex.id, input_ids=ids, spans=spans)
         if teachers[i] is not None and rd:
-            seg.teacher_ids, seg.teacher_logprobs = _place_teacher(
-                teachers[i], start=len(prompt) + len(mt) + len(sep_ids), n_kept=len(rd) - len(sep_ids), length=len(ids)
-            )
-            stats.with_teacher += seg.teacher_ids is not None
+            n_kept = len(rd) - len(sep_ids)  # truncation may leave only (part of) the separator
+            if n_kept > 0:
+                seg.teacher_ids = np.ascontiguousarray(teachers[i][0][:n_kept], dtype=np.int32)
+                seg.teacher_logprobs = np.ascontiguousarray(teachers[i][1][:n_kept], dtype=np.float32)
+                seg.teacher_start = len(prompt) + len(mt) + len(sep_ids)
+                stats.with_teacher += 1
         stats.kept += 1
         stats.tokens["ignore"] += len(prompt)
         stats.tokens["mt"] += len(mt) + (len(eot) if last == MT else 0)
@@ -221,18 +223,3 @@ def prompt_provenance(fmt: ChatFormat, separator: str) -> dict[str, Any]:
     """What a prompt is built from, as generation records it and training checks it."""
     return {"chat_template": fmt.template, "system_prompt": fmt.data_cfg.system_prompt,
             "instruction": fmt.data_cfg.instruction, "separator": separator}
-
-
-def _place_teacher(
-    teacher: tuple[np.ndarray, np.ndarray], *, start: int, n_kept: int, length: int
-) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    """[n, k] recorded rows -> [length, k] rows aligned to the segment's tokens."""
-    tids, tlp = teacher
-    if n_kept <= 0:  # truncation left only (part of) the separator
-        return None, None
-    k = tids.shape[1]
-    out_ids = np.zeros((length, k), dtype=np.int32)
-    out_lp = np.full((length, k), -np.inf, dtype=np.float32)
-    out_ids[start:start + n_kept] = tids[:n_kept]
-    out_lp[start:start + n_kept] = tlp[:n_kept]
-    return out_ids, out_lp

@@ -225,8 +225,7 @@ class RadisRecipe:
             # every rank runs the same number of forwards (empty packs fill the tail), as ZeRO-3 needs
             self.valid_loader = PackedLoader(valid_ds, gradient_accumulation_steps=1, seed=cfg.data.seed,
                                              shuffle=False, tail="empty", **loader_kw)
-        if cfg.loss.kd_weight > 0 and (train_ds.teacher_ids is None or
-                                       (train_ds.teacher_valid is not None and not train_ds.teacher_valid.any())):
+        if cfg.loss.kd_weight > 0 and train_ds.num_teacher_rows == 0:
             seg = train_ds.meta.get("stats", {}).get("segments", {})
             raise ConfigError(
                 f"loss.kd_weight={cfg.loss.kd_weight}: no training example kept its teacher top-k "

@@ -1,0 +1,229 @@
+"""A packed data set on disk: one `.npy` file per array, read back through memory maps.
+
+A cache entry (radis.data.build) is a directory
+
+    meta.json                 format version, sizes, pad id, content hash (written last:
+                              its presence marks a complete entry)
+    stats.json                the build statistics
+    tokens.npy [N] int32      spans.npy [N] int8
+    seq_offsets.npy [S+1]     pack_offsets.npy [P+1]     pack_stats.npy [P, 3]   int64
+    example_ids.npy [bytes] uint8, example_id_offsets.npy [S+1] int64
+                              the ids UTF-8 encoded end to end: id s =
+                              bytes[offsets[s] : offsets[s+1]]
+    teacher_ids.npy [R, k] int32, teacher_logprobs.npy [R, k] float32,
+    teacher_offsets.npy [S+1] int64, teacher_start.npy [S] int32     (with a teacher)
+
+(layout of the arrays: radis.data.packing). Plain `.npy` files, no pickles, no zip:
+`read_packed` maps each one read-only, so opening an entry costs no memory, the ranks
+of a node share one copy in the page cache, and a rank reads only the packs it trains
+on. After each read the dataset calls `MappedArrays.release`, which drops the mapped
+pages from the process (`madvise(MADV_DONTNEED)`; the page cache keeps them), so the
+resident memory of a rank stays flat over an epoch whatever the size of the data
+(measured by benchmarks/bench_memory.py).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from radis.data.packing import PackedDataset
+from radis.errors import InputError
+
+FORMAT_VERSION = 2
+ARRAYS = ("tokens", "spans", "seq_offsets", "pack_offsets", "pack_stats")
+TEACHER_ARRAYS = ("teacher_ids", "teacher_logprobs", "teacher_offsets", "teacher_start")
+
+
+class DataBuildError(InputError):
+    """The data of a split cannot be built or a cache entry cannot be read."""
+
+
+# --------------------------------------------------------------------------- mapped arrays
+
+
+class MappedArrays:
+    """Read-only memory maps of `.npy` files, and the means to let go of their pages."""
+
+    def __init__(self) -> None:
+        self._maps: list[mmap.mmap] = []
+
+    def open(self, path: Path) -> np.ndarray:
+        """The array stored in `path`, as a read-only view of a memory map of the file."""
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran_order, dtype = read_header(f)
+                offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
+                if dtype.hasobject or fortran_order:
+                    raise ValueError(f"holds {'objects' if dtype.hasobject else 'a Fortran-order array'}, "
+                                     "not a plain array")
+                count = int(np.prod(shape, dtype=np.int64))
+                need = offset + count * dtype.itemsize
+                if size < need:
+                    raise ValueError(f"truncated: {size} bytes, the header promises {need}")
+                if count == 0:
+                    return np.zeros(shape, dtype=dtype)
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataBuildError(f"{path}: unreadable ({err}); delete {path.parent} to rebuild it") from None
+        self._maps.append(mapped)
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident memory (they stay cached).
+
+        For a read-only file mapping MADV_DONTNEED only unmaps the pages: the next read
+        faults them back in from the page cache, so the data never changes. A no-op
+        where the platform has no madvise.
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        for m in self._maps:
+            m.madvise(advice)
+
+
+class ExampleIds(Sequence[str]):
+    """The example ids of a mapped entry: [S] strings over a UTF-8 byte array.
+
+        blob    [bytes] uint8    "ex-0ex-1ex-17..."
+        offsets [S+1] int64      id s = blob[offsets[s] : offsets[s+1]].decode()
+    """
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob, self.offsets = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= start:
+                return []
+            o = np.asarray(self.offsets[start:stop + 1]) - int(self.offsets[start])
+            raw = bytes(self.blob[int(self.offsets[start]):int(self.offsets[stop])])
+            return [raw[a:b].decode("utf-8") for a, b in zip(o[:-1].tolist(), o[1:].tolist())]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"example id {i}: there are {n}")
+        i %= n
+        return bytes(self.blob[int(self.offsets[i]):int(self.offsets[i + 1])]).decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), 4096):
+            yield from self[start:start + 4096]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence: no hash, like list
+
+
+def encode_ids(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[S] strings -> (blob [bytes] uint8, offsets [S+1] int64), the layout of ExampleIds."""
+    encoded = [s.encode("utf-8") for s in ids]
+    offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)]).astype(np.int64)
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+# --------------------------------------------------------------------------- write / read
+
+
+def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None:
+    """Write `ds` as a cache entry at `entry`, atomically (temp dir + rename).
+
+    Every file is fsynced before meta.json is written, and meta.json before the
+    rename, so a crash leaves either no entry or a whole one. A concurrent writer that
+    loses the rename discards its copy.
+    """
+    from tqdm.auto import tqdm
+
+    entry = Path(entry)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        blob, id_offsets = encode_ids(ds.example_ids)
+        arrays = {"tokens": ds.tokens, "spans": ds.spans, "seq_offsets": ds.seq_offsets,
+                  "pack_offsets": ds.pack_offsets, "pack_stats": ds.pack_stats(),
+                  "example_ids": blob, "example_id_offsets": id_offsets}
+        if ds.teacher_ids is not None:
+            arrays.update({name: getattr(ds, name) for name in TEACHER_ARRAYS})
+        bar = tqdm(arrays.items(), desc="write packed data", disable=not progress, file=sys.stderr, leave=False)
+        for name, array in bar:
+            _write_synced(tmp / f"{name}.npy", lambda f, a=array: np.save(f, np.ascontiguousarray(a),
+                                                                           allow_pickle=False))
+        meta = {k: v for k, v in ds.meta.items() if k not in ("stats", "reused", "cache_dir")}
+        meta.update(format_version=FORMAT_VERSION, max_tokens=ds.max_tokens, packs=ds.num_packs,
+                    segments=ds.num_segments, tokens=ds.num_tokens, teacher_rows=ds.num_teacher_rows,
+                    top_k=ds.top_k, content_hash=ds.content_hash())
+        stats = json.dumps(ds.meta.get("stats", {}), indent=2) + "\n"
+        _write_synced(tmp / "stats.json", lambda f: f.write(stats.encode("utf-8")))
+        text = json.dumps(meta, indent=2, default=str) + "\n"
+        _write_synced(tmp / "meta.json", lambda f: f.write(text.encode("utf-8")))
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / "meta.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_synced(path: Path, write: Any) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_packed(entry: Path) -> PackedDataset:
+    """Open a cache entry written by `write_packed`, every array memory-mapped."""
+    entry = Path(entry)
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataBuildError(f"{entry / 'meta.json'}: unreadable cache entry ({err}); delete the directory") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataBuildError(f"{entry}: cache format {meta.get('format_version')}, expected {FORMAT_VERSION}; delete it")
+    maps = MappedArrays()
+    names = ARRAYS + ("example_ids", "example_id_offsets") + (TEACHER_ARRAYS if meta.get("top_k") else ())
+    arrays = {name: maps.open(entry / f"{name}.npy") for name in names}
+    stats_path = entry / "stats.json"
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
+    ids = ExampleIds(arrays.pop("example_ids"), arrays.pop("example_id_offsets"))
+    try:
+        ds = PackedDataset(example_ids=ids, max_tokens=int(meta["max_tokens"]), stored_pack_stats=arrays.pop("pack_stats"),
+                           meta={**meta, "stats": stats, "cache_dir": str(entry)}, release_pages=maps.release, **arrays)
+    except ValueError as err:
+        raise DataBuildError(f"{entry}: inconsistent arrays ({err}); delete it to rebuild") from None
+    if (ds.num_packs, ds.num_tokens, ds.num_teacher_rows) != (meta["packs"], meta["tokens"], meta.get("teacher_rows", 0)):
+        raise DataBuildError(f"{entry}: the arrays hold {ds.num_packs} packs / {ds.num_tokens} tokens / "
+                             f"{ds.num_teacher_rows} teacher rows, meta.json says {meta['packs']} / {meta['tokens']} / "
+                             f"{meta.get('teacher_rows', 0)}; delete it to rebuild")
+    if len(ds.pack_stats()) != ds.num_packs:
+        raise DataBuildError(f"{entry}: pack_stats.npy has {len(ds.pack_stats())} rows for {ds.num_packs} packs; "
+                             "delete it to rebuild")
+    maps.release()
+    return ds
