@@ -110,17 +110,75 @@ def test_resume_mid_epoch_sees_exactly_the_unseen_batches():
     assert [ids_of(b) for b in again] == whole[len(straight):]
 
 
-def test_resume_refuses_changed_sizes_mid_epoch():
+def test_resume_refuses_a_changed_order_mid_epoch():
     ds = dataset()
     a = PackedLoader(ds, gradient_accumulation_steps=2, seed=1)
     next(iter(a))
     state = a.state_dict()
-    b = PackedLoader(ds, gradient_accumulation_steps=4, seed=1)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps was 2 when saved, is 4 now"):
+    b = PackedLoader(ds, gradient_accumulation_steps=2, seed=2)
+    with pytest.raises(ValueError, match="seed was 1 when saved, is 2 now"):
         b.load_state_dict(state)
-    state.update(position=0, epoch=3)  # at an epoch boundary sizes may change
+    c = PackedLoader(ds, gradient_accumulation_steps=4, seed=1)
+    with pytest.raises(ValueError, match="position 1 is inside an optimizer step of 2 micro-batches"):
+        c.load_state_dict(state)
+    state.update(position=0, epoch=3)  # at an epoch boundary the seed may change too
     b.load_state_dict(state)
-    assert b.epoch == 3
+    assert b.epoch == 3 and b.phases == []
+
+
+def _run_phases(ds, phases, seed=4, tail="repeat"):
+    """Train an epoch in phases [(world, accum, per_micro, steps or None = to the end)],
+    each resumed from the last state of the one before. Returns (packs per optimizer
+    step in order, the loader's own record at the end, the last phase's loaders)."""
+    steps_taken, state = [], None
+    for world, accum, per_micro, steps in phases:
+        ranks = [PackedLoader(ds, rank=r, world_size=world, gradient_accumulation_steps=accum,
+                              packs_per_micro_batch=per_micro, seed=seed, tail=tail, attn="flash_attention_2")
+                 for r in range(world)]
+        if state is not None:
+            for loader in ranks:
+                loader.load_state_dict(state)
+        its = [iter(loader) for loader in ranks]
+        n = ranks[0].steps_per_epoch - ranks[0].position // accum if steps is None else steps
+        for _ in range(n):
+            step = []
+            for it in its:
+                for _ in range(accum):
+                    step += [eid for pack in next(it)["example_ids"] for eid in pack]
+            steps_taken.append(sorted(step))
+        state = ranks[0].state_dict()
+    return steps_taken, ranks[0].trained_in_epoch(), ranks
+
+
+@pytest.mark.parametrize("phases", [
+    [(2, 2, 1, 3), (1, 4, 1, None)],            # 2 ranks -> 1 rank, same global batch
+    [(1, 4, 1, 2), (2, 2, 1, None)],            # 1 rank -> 2 ranks
+    [(2, 1, 2, 2), (1, 1, 1, 3), (3, 1, 1, None)],  # the global batch changes twice
+])
+def test_resume_on_another_world_size_trains_every_pack_of_the_epoch_once(phases):
+    ds = dataset()
+    steps, record, last = _run_phases(ds, phases, tail="empty")
+    trained = [eid for step in steps for eid in step]
+    assert sorted(trained) == sorted(ds.example_ids)  # every example of the epoch exactly once
+    assert sorted(record.tolist()) == list(range(ds.num_packs))  # ... and the loader's record says so
+    assert last[0].position == len(last[0])  # the epoch is done
+    straight, _, _ = _run_phases(ds, [(phases[0][0], phases[0][1], phases[0][2], None)], tail="empty")
+    if phases[0][0] * phases[0][1] * phases[0][2] == phases[1][0] * phases[1][1] * phases[1][2]:
+        assert steps == straight  # same global batch: each step the same packs as uninterrupted
+    nxt = [eid for b in last[0] for pack in b["example_ids"] for eid in pack]  # the next epoch: a fresh plan
+    assert last[0].epoch == 2 and last[0].phases == []
+    assert len(nxt) * len(last) >= len(ds.example_ids)  # rank 0's share of a whole epoch on the new sizes
+
+
+def test_a_resumed_phase_state_round_trips():
+    ds = dataset()
+    _, record, ranks = _run_phases(ds, [(2, 2, 1, 2), (1, 2, 1, 1)])
+    state = ranks[0].state_dict()
+    assert state["phases"] == [[2, 2, 1, 2]] and state["position"] == 2
+    again = PackedLoader(ds, gradient_accumulation_steps=2, seed=4, attn="flash_attention_2")
+    again.load_state_dict(state)  # same sizes: the phases carry over
+    np.testing.assert_array_equal(again.trained_in_epoch(), record)
+    assert len(record) == 2 * 4 + 2
 
 
 def test_step_counts_are_global_over_ranks_and_micro_batches():

@@ -67,6 +67,33 @@ def test_lambda_lr_state_round_trips():
     assert s2.get_last_lr() == s.get_last_lr()
 
 
+def test_a_restored_schedule_follows_a_new_total():
+    from radis.train.schedule import build_scheduler, retarget_scheduler
+
+    def sched(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return opt, build_scheduler(opt, LRFactor("cosine", total_steps=total, warmup_steps=2))
+
+    opt, s = sched(8)
+    for _ in range(5):
+        opt.step()
+        s.step()
+    opt2, s2 = sched(12)
+    s2.load_state_dict(s.state_dict())
+    assert s2.lr_lambdas[0].total_steps == 8  # loading brings the saved total back
+    assert retarget_scheduler(s2, total_steps=12, warmup_steps=2)
+    opt3, straight = sched(12)  # a run that had 12 steps from the start
+    for _ in range(5):
+        opt3.step()
+        straight.step()
+    assert s2.get_last_lr() == straight.get_last_lr() and opt2.param_groups[0]["lr"] == opt3.param_groups[0]["lr"]
+    opt2.step()
+    s2.step()
+    opt3.step()
+    straight.step()
+    assert s2.get_last_lr() == straight.get_last_lr()
+
+
 # --------------------------------------------------------------------------- checkpoint bookkeeping
 
 

@@ -6,6 +6,7 @@ is the reference that the loss, validation, export and resume checks all read.
     run A   launch/single_node.sh, 2 ranks, 10 steps, save every 5      -> reference metrics
     run B   two bare processes, rank 1 SIGKILLed after step 5            -> rank 0 must exit soon
     run C   launch/torchrun.sh, resumes B from global_step5              -> metrics == A's
+            1 rank resumes B, 2 ranks resume that (universal checkpoints)  -> metrics ~ A's
     runs D  1 rank x 4 micro-batches vs 2 ranks x 2, one step            -> same parameters
     run E   1 rank, ZeRO-2, vanilla, an example whose token embedding is NaN -> skipped, then stop
     run F   1 rank, token-level KD to recorded top-k of the model itself  -> kd == -log(top-k mass)
@@ -222,13 +223,15 @@ def test_export_loads_and_generates(run_a, work, tmp_path):
 # --------------------------------------------------------------------------- runs B + C
 
 
-def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, work):
-    out_a, _ = run_a
-    out = work["root"] / "run_bc"
+@pytest.fixture(scope="module")
+def run_b(work):
+    """Run B: two bare processes (no launcher that would kill the survivor for us); rank 1
+    SIGKILLs itself after step 5 (after that step's checkpoint, in the middle of epoch 1:
+    16 packs, 4 steps an epoch). Returns (its output dir, return codes, seconds rank 0
+    took to exit after rank 1 died, rank 0's log); tests resume copies of it."""
+    out = work["root"] / "run_b"
     port = str(_free_port())
     cmd = [sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}"]
-    # Run B: two bare processes (no launcher that would kill the survivor for us);
-    # rank 1 SIGKILLs itself after step 5 (after that step's checkpoint).
     procs, logs = [], [work["root"] / f"run_b_rank{r}.log" for r in (0, 1)]
     for rank in (0, 1):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -244,16 +247,29 @@ def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, work):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    log0 = logs[0].read_text()
-    assert procs[1].returncode == -signal.SIGKILL
-    assert procs[0].returncode not in (0, None), log0[-3000:]
+    return out, [p.returncode for p in procs], waited, logs[0].read_text()
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, run_b, work, tmp_path):
+    out_a, _ = run_a
+    out_b, codes, waited, log0 = run_b
+    assert codes[1] == -signal.SIGKILL
+    assert codes[0] not in (0, None), log0[-3000:]
     assert waited < 60, waited
     # the checkpoint of step 5 is complete and named by `latest`
-    ckpts = out / "checkpoints"
+    ckpts = out_b / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step5"
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
 
-    # Run C: resume through launch/torchrun.sh.
+    # Run C: resume a copy through launch/torchrun.sh.
+    out = _copy_run(out_b, tmp_path / "run_c")
     proc = _run(["bash", "launch/torchrun.sh", str(work["config"]), f"train.output_dir={out}"],
                 RADIS_CPU="1", MASTER_PORT=str(_free_port()))
     assert proc.returncode == 0, proc.log
@@ -261,6 +277,68 @@ def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, work):
     a = _numerics(read_metrics(out_a / "metrics.jsonl", kind=None))
     c = _numerics(read_metrics(out / "metrics.jsonl", kind=None))
     assert c == a  # every per-step loss, grad norm, lr and validation loss, bit for bit
+
+
+def _epoch_record(work, sp_tokenizer, ckpt: Path) -> tuple[int, list[int]]:
+    """(epoch, how often each pack of it was trained) from the loader state saved in `ckpt`."""
+    import numpy as np
+
+    from radis.config import load_config
+    from radis.data.build import load_or_build
+    from radis.data.loader import PackedLoader
+    from radis.train.checkpoint import load_weights_only
+
+    state = load_weights_only(ckpt / "trainer_state_rank0.pt")["loader"]
+    ds = load_or_build(load_config(work["config"]), "train", sp_tokenizer, progress=False, log=None)
+    loader = PackedLoader(ds, world_size=state["world_size"], packs_per_micro_batch=state["packs_per_micro_batch"],
+                          gradient_accumulation_steps=state["gradient_accumulation_steps"], seed=state["seed"])
+    loader.load_state_dict(state)
+    return loader.epoch, np.bincount(loader.trained_in_epoch(), minlength=ds.num_packs).tolist()
+
+
+def _close_to(run: list[dict], reference: list[dict], steps: range) -> None:
+    by_step = {(r.get("kind"), r["step"]): r for r in reference}
+    for rec in run:
+        if rec["step"] not in steps:
+            continue
+        ref = by_step[(rec.get("kind"), rec["step"])]
+        for key in ("loss", "loss_mt", "loss_rd", "grad_norm", "lr"):
+            if key in rec:
+                assert math.isclose(rec[key], ref[key], rel_tol=1e-6, abs_tol=1e-9), (rec["step"], key, rec, ref)
+
+
+def test_resume_on_another_world_size_mid_epoch(run_a, run_b, work, sp_tokenizer, tmp_path):
+    """2 ranks killed at step 5 (mid epoch 1) resume on 1 rank (4 micro-batches, the same
+    packs per step), which saves at step 6 and is resumed on 2 ranks again. Through
+    DeepSpeed's universal checkpoint both times: the losses continue run A's (same packs
+    per step; sums in another order), and the loader's record of epoch 1 holds each of
+    its 16 packs exactly once, over the three phases."""
+    out_a, _ = run_a
+    a = read_metrics(out_a / "metrics.jsonl", kind=None)
+    one = _copy_run(run_b[0], tmp_path / "on_one_rank")
+    proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={one}",
+                 "train.gradient_accumulation_steps=4", "train.save_every=1", "train.keep_last=0"], timeout=300)
+    assert proc.returncode == 0, proc.log
+    assert "global_step5 was saved by 2 rank(s), this run has 1: resuming through a universal checkpoint"         in proc.stdout, proc.log
+    assert (one / "checkpoints" / "universal" / "global_step5" / "zero").is_dir()
+    _close_to(read_metrics(one / "metrics.jsonl", kind=None), a, range(6, 11))
+    assert _epoch_record(work, sp_tokenizer, one / "checkpoints" / "global_step8") == (1, [1] * 16)
+
+    two = tmp_path / "on_two_ranks"
+    _copy_run(one, two)
+    for tag in (two / "checkpoints").glob("global_step*"):
+        if int(tag.name.removeprefix("global_step")) > 6:
+            import shutil
+
+            shutil.rmtree(tag)
+    (two / "checkpoints" / "latest").write_text("global_step6")
+    proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "radis.cli", "train",
+                 "--config", str(work["config"]), f"train.output_dir={two}", "train.save_every=2"], timeout=300)
+    assert proc.returncode == 0, proc.log
+    assert "global_step6 was saved by 1 rank(s), this run has 2" in proc.stdout, proc.log
+    assert "resumed at step 6 from global_step6" in proc.stdout
+    _close_to(read_metrics(two / "metrics.jsonl", kind=None), a, range(7, 11))
+    assert _epoch_record(work, sp_tokenizer, two / "checkpoints" / "global_step8") == (1, [1] * 16)
 
 
 def test_latest_naming_a_lost_checkpoint_resumes_from_the_newest_complete_one(run_a, work, tmp_path):

@@ -33,11 +33,26 @@ batch carries it without communication: `batch["step_counts"] = {"mt", "rd", "to
 `batch["num_targets"]`. `loader.step_token_counts(step)` gives the same numbers.
 
 Resuming: `state_dict()` is {epoch, position (micro-batches this rank has taken in the
-epoch), seed, and the sizes the plan depends on}. The RNG is not live state: the order
-of epoch e is a pure function of (seed, e). `load_state_dict` checks the sizes (within
-an epoch all of them; at an epoch boundary only the number of packs, so world size or
-batch sizes may change between epochs) and continues at the next unseen micro-batch; a state saved after the last batch of an
+epoch), seed, the sizes the plan depends on, and `phases`}. The RNG is not live state:
+the order of epoch e is a pure function of (seed, e). A state saved with the same sizes
+continues at the next unseen micro-batch; a state saved after the last batch of an
 epoch resumes at the start of the next one.
+
+Resuming on another world size (or other gradient_accumulation_steps /
+packs_per_micro_batch) at any optimizer step re-plans the rest of the epoch: the
+steps already taken become a finished *phase* [world_size, grad_accum, packs_per_micro,
+steps], and the new plan deals out only the packs that no phase has trained, in the
+epoch's order, with the new sizes:
+
+    epoch order      p5 p2 p7 p0 p3 p6 p1 p4        (8 packs)
+    phase 0 (2 ranks x 2 micro-batches, 2 steps):  [p5 p2 p7 p0] [p3 p6 p1 p4] -- killed after step 1
+    phase 1 (1 rank  x 2 micro-batches):           remaining p3 p6 p1 p4 -> [p3 p6] [p1 p4]
+
+Every pack of the epoch is thus trained exactly once (the tail rule applies to what
+remains), and the phases rebuild every earlier plan, so `trained_in_epoch()` — the
+loader's own record — lists what all ranks trained so far, across phases. With the
+same global batch (world_size x grad_accum x packs_per_micro) the steps are the same
+packs as without the interruption. The next epoch starts with no phases.
 """
 from __future__ import annotations
 
@@ -107,10 +122,13 @@ class PackedLoader:
         self.mask_device = mask_device  # where the sdpa/eager 4D mask is built (e.g. the GPU)
         self.epoch = 0
         self.position = 0  # micro-batches of this epoch already handed out on this rank
+        # finished phases of this epoch, [world_size, grad_accum, packs_per_micro, steps]
+        # each, when it was resumed on other sizes (module docstring)
+        self.phases: list[list[int]] = []
         self._plan_epoch: int | None = None
         self._plan: np.ndarray | None = None
         self._counts: np.ndarray | None = None
-        if self.steps_per_epoch == 0:
+        if self.full_epoch_steps() == 0:
             raise ValueError(
                 f"PackedLoader: {dataset.num_packs} packs are fewer than one optimizer step needs "
                 f"(world_size {world_size} x gradient_accumulation_steps {gradient_accumulation_steps} x "
@@ -124,9 +142,13 @@ class PackedLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (the same on every rank)."""
-        n, u = self.dataset.num_packs, self.packs_per_step
-        return n // u if self.tail == "drop" else -(-n // u)
+        """Optimizer steps of the current epoch's current phase (the same on every rank):
+        of the whole epoch, unless it was resumed on other sizes."""
+        return len(self.plan())
+
+    def full_epoch_steps(self) -> int:
+        """Optimizer steps of an epoch that starts afresh with the current sizes."""
+        return _steps(self.dataset.num_packs, self.packs_per_step, self.tail)
 
     def __len__(self) -> int:
         """Micro-batches per epoch on this rank."""
@@ -134,26 +156,17 @@ class PackedLoader:
 
     # -- the plan
     def plan(self, epoch: int | None = None) -> np.ndarray:
-        """[steps, world_size, grad_accum, packs_per_micro] pack indices (EMPTY = -1)."""
+        """[steps, world_size, grad_accum, packs_per_micro] pack indices (EMPTY = -1) of
+        the current phase of `epoch` (the whole epoch unless it was resumed on other sizes)."""
         epoch = self.epoch if epoch is None else epoch
         if self._plan_epoch == epoch:
             return self._plan
-        n, u, steps = self.dataset.num_packs, self.packs_per_step, self.steps_per_epoch
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        if self.tail == "repeat":
-            order = np.resize(order, steps * u)  # cycles through the order again
-        elif self.tail == "empty":
-            order = np.concatenate([order, np.full(steps * u - n, EMPTY, dtype=order.dtype)])
-        else:
-            order = order[: steps * u]
-        tokens = self.dataset.pack_stats()[:, 0]
-        W, G, B = self.world_size, self.gradient_accumulation_steps, self.packs_per_micro_batch
-        plan = np.empty((steps, W, G, B), dtype=np.int64)
-        for s in range(steps):
-            plan[s] = _balance(order[s * u:(s + 1) * u], tokens, W, G, B)
+        remaining = self._epoch_order(epoch)
+        for world, accum, per_micro, steps in self._phases_of(epoch):
+            done = _plan_packs(remaining, self._tokens(), world, accum, per_micro, self.tail)[:steps]
+            remaining = _without(remaining, done)
+        plan = _plan_packs(remaining, self._tokens(), self.world_size, self.gradient_accumulation_steps,
+                           self.packs_per_micro_batch, self.tail)
         stats = self.dataset.pack_stats()
         valid = plan >= 0
         mt = np.where(valid, stats[np.where(valid, plan, 0), 1], 0).sum(axis=(1, 2, 3))
@@ -161,11 +174,37 @@ class PackedLoader:
         self._plan_epoch, self._plan, self._counts = epoch, plan, np.stack([mt, rd], axis=1)
         return plan
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = self.dataset.num_packs
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def _tokens(self) -> np.ndarray:
+        return self.dataset.pack_stats()[:, 0]
+
+    def _phases_of(self, epoch: int) -> list[list[int]]:
+        return self.phases if epoch == self.epoch else []
+
+    def trained_in_epoch(self) -> np.ndarray:
+        """[n] pack indices trained so far in the current epoch, on all ranks, across
+        phases (up to this rank's position; EMPTY slots left out). A pack appears twice
+        only as a "repeat" tail fill."""
+        out, remaining = [], self._epoch_order(self.epoch)
+        for world, accum, per_micro, steps in self.phases:
+            done = _plan_packs(remaining, self._tokens(), world, accum, per_micro, self.tail)[:steps]
+            out.append(done.ravel())
+            remaining = _without(remaining, done)
+        plan = self.plan()
+        steps, micro = divmod(self.position, self.gradient_accumulation_steps)
+        out.append(plan[:steps].ravel())
+        out.append(plan[steps, :, :micro].ravel() if micro else np.zeros(0, dtype=np.int64))
+        packs = np.concatenate(out)
+        return packs[packs >= 0]
+
     def step_token_counts(self, step: int, epoch: int | None = None) -> dict[str, int]:
         """Global target tokens of optimizer step `step` of the epoch, over all ranks and micro-batches."""
-        self.plan(epoch)
-        if not 0 <= step < self.steps_per_epoch:
-            raise IndexError(f"step {step}: the epoch has {self.steps_per_epoch} optimizer steps")
+        steps = len(self.plan(epoch))
+        if not 0 <= step < steps:
+            raise IndexError(f"step {step}: the epoch has {steps} optimizer steps")
         mt, rd = (int(x) for x in self._counts[step])
         return {"mt": mt, "rd": rd, "total": mt + rd}
 
@@ -182,12 +221,13 @@ class PackedLoader:
     # -- iteration
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from its first micro-batch."""
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.position, self.phases = epoch, 0, []
+        self._plan_epoch = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch; afterwards the loader stands at the next epoch."""
         if self.position >= len(self):  # a state saved after the last batch of an epoch
-            self.epoch, self.position = self.epoch + 1, 0
+            self.set_epoch(self.epoch + 1)
         G = self.gradient_accumulation_steps
         while self.position < len(self):
             epoch = self.epoch
@@ -199,7 +239,7 @@ class PackedLoader:
             # training on this batch resumes at the next one.
             self.position += 1
             yield batch
-        self.epoch, self.position = self.epoch + 1, 0
+        self.set_epoch(self.epoch + 1)
 
     # -- resuming
     def _signature(self) -> dict[str, Any]:
@@ -214,29 +254,83 @@ class PackedLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, **self._signature()}
+        return {"epoch": self.epoch, "position": self.position, "phases": [list(p) for p in self.phases],
+                **self._signature()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` stopped. Must not be called while iterating."""
+        """Continue where `state` stopped, re-planning the rest of the epoch when the
+        sizes changed (module docstring). Must not be called while iterating."""
         for key in ("epoch", "position"):
             if key not in state:
                 raise ValueError(f"loader state: missing {key!r}")
-        # At an epoch boundary only the data must match; within an epoch everything
-        # the plan depends on must.
-        checked = ("num_packs",) if state["position"] == 0 else tuple(self._signature())
+        sizes = ("world_size", "gradient_accumulation_steps", "packs_per_micro_batch")
+        phases = [[int(x) for x in p] for p in state.get("phases", [])]
+        position, epoch = int(state["position"]), int(state["epoch"])
+        # At an epoch boundary only the data must match; within an epoch the order too.
+        fresh_epoch = position == 0 and not phases
         for key, value in self._signature().items():
-            if key not in checked:
+            if key in sizes or (fresh_epoch and key != "num_packs"):
                 continue
             if key not in state:
                 raise ValueError(f"loader state: missing {key!r}")
             if state[key] != value:
                 raise ValueError(
                     f"loader state: {key} was {state[key]!r} when saved, is {value!r} now; "
-                    "the data order cannot be continued (resume with the same data and sizes)"
+                    "the data order cannot be continued (resume with the same data, seed, shuffle and tail)"
                 )
-        if not 0 <= state["position"] <= len(self):
-            raise ValueError(f"loader state: position {state['position']} outside 0..{len(self)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.phases, self.position, self._plan_epoch = epoch, phases, 0, None
+        if fresh_epoch:
+            return
+        missing = [k for k in sizes if k not in state]
+        if missing:
+            raise ValueError(f"loader state: missing {missing[0]!r}")
+        saved = [int(state[k]) for k in sizes]
+        if saved != [self._signature()[k] for k in sizes]:
+            # the saved phase ends here: its steps join the finished phases
+            world, accum, per_micro = saved
+            if position % accum:
+                raise ValueError(f"loader state: position {position} is inside an optimizer step of "
+                                 f"{accum} micro-batches; only a step boundary can be resumed on other sizes")
+            saved_plan = PackedLoader(self.dataset, world_size=world, gradient_accumulation_steps=accum,
+                                      packs_per_micro_batch=per_micro, seed=self.seed, shuffle=self.shuffle,
+                                      tail=self.tail)
+            saved_plan.epoch, saved_plan.phases = epoch, phases
+            if not 0 <= position <= len(saved_plan):
+                raise ValueError(f"loader state: position {position} outside 0..{len(saved_plan)}")
+            if position == len(saved_plan):  # the epoch was finished: the next one starts afresh
+                self.set_epoch(epoch + 1)
+                return
+            if position:
+                self.phases = phases + [[world, accum, per_micro, position // accum]]
+            return
+        if not 0 <= position <= len(self):
+            raise ValueError(f"loader state: position {position} outside 0..{len(self)}")
+        self.position = position
+
+
+def _steps(n: int, u: int, tail: Tail) -> int:
+    return n // u if tail == "drop" else -(-n // u)
+
+
+def _plan_packs(order: np.ndarray, tokens: np.ndarray, W: int, G: int, B: int, tail: Tail) -> np.ndarray:
+    """`order` (pack indices) -> [steps, W, G, B] plan, the tail rule applied to it."""
+    n, u = len(order), W * G * B
+    steps = _steps(n, u, tail)
+    if tail == "repeat":
+        order = np.resize(order, steps * u)  # cycles through the order again
+    elif tail == "empty":
+        order = np.concatenate([order, np.full(steps * u - n, EMPTY, dtype=order.dtype)])
+    else:
+        order = order[: steps * u]
+    plan = np.empty((steps, W, G, B), dtype=np.int64)
+    for s in range(steps):
+        plan[s] = _balance(order[s * u:(s + 1) * u], tokens, W, G, B)
+    return plan
+
+
+def _without(order: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """`order` without the packs in `done`, order kept."""
+    return order[~np.isin(order, done[done >= 0])]
 
 
 def _balance(packs: np.ndarray, tokens: np.ndarray, W: int, G: int, B: int) -> np.ndarray:

@@ -12,6 +12,8 @@ Layout under `<train.output_dir>/checkpoints`:
         hf/                                   config.json, generation config, tokenizer
       global_step20/
       .tmp-global_step30/         a save in progress (or one killed mid-way)
+      universal/global_step20/    DeepSpeed's universal form of global_step20, written
+                                  once when a run resumes it on another number of ranks
 
 A save writes everything into `.tmp-<tag>`, waits for all ranks, renames the directory to
 `<tag>` (atomic on one file system), then replaces `latest` atomically (tmp file +
@@ -19,6 +21,12 @@ os.replace) and only then prunes old tags. A crash at any point leaves `latest` 
 complete checkpoint; leftover `.tmp-*` directories are removed at the next start. The
 `latest` file has DeepSpeed's format, so `zero_to_fp32.py` and `load_checkpoint` read it.
 Multi-node runs need `output_dir` on a file system shared by all nodes.
+
+Resuming on another world size: a ZeRO checkpoint holds one optimizer shard per rank
+of the run that saved it. `to_universal` converts the tag with DeepSpeed's own
+converter (deepspeed.checkpoint.ds_to_universal: one file per parameter and state,
+unsharded), and the engine, built with `checkpoint.load_universal`, re-shards it for
+the ranks it has now. The loader re-plans the rest of the epoch (radis.data.loader).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from radis.io import write_text_atomic
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 HF_SUBDIR = "hf"
+UNIVERSAL_SUBDIR = "universal"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -130,8 +139,61 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[str]:
     for tag in tags[:-keep_last]:
         if tag != keep:
             shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+            shutil.rmtree(Path(ckpt_dir) / UNIVERSAL_SUBDIR / tag, ignore_errors=True)
             removed.append(tag)
     return removed
+
+
+def saved_trainer_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """Rank 0's trainer state saved with `tag`: {"loader", "rng", "data_hash"} (every
+    rank's loader stood at the same position)."""
+    path = Path(ckpt_dir) / tag / "trainer_state_rank0.pt"
+    state = load_weights_only(path, map_location="cpu") if path.is_file() else None
+    if not isinstance(state, dict) or not isinstance(state.get("loader"), dict):
+        raise CheckpointStateError(f"{path}: missing or without a loader state; {Path(ckpt_dir) / tag} is not a "
+                                   "checkpoint this radis wrote")
+    return state
+
+
+def to_universal(ckpt_dir: str | os.PathLike, tag: str, log: Any = print) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format, once (call on rank 0).
+
+    Returns the directory to give `load_checkpoint` as `load_dir` (the converted tag
+    is `<ckpt_dir>/universal/<tag>`). The conversion writes into a temporary directory
+    renamed into place, so a conversion killed half-way is redone, never half used.
+    DeepSpeed's own loads inside it are weights_only like every other load.
+    """
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    root = Path(ckpt_dir) / UNIVERSAL_SUBDIR
+    final = root / tag
+    if final.is_dir():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (TMP_PREFIX + tag)
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converting {Path(ckpt_dir) / tag} to DeepSpeed's universal checkpoint format in {final}")
+    # One worker: the conversion runs in this process (under the weights_only loads),
+    # forks nothing next to the live process group. The converter's chatter goes to a log file.
+    args = Namespace(input_folder=str(Path(ckpt_dir) / tag), output_folder=str(tmp), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    chatter = io.StringIO()
+    try:
+        with weights_only_loading(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except Exception as err:
+        (root / f"{tag}.conversion.log").write_text(chatter.getvalue(), encoding="utf-8")
+        raise CheckpointStateError(
+            f"{Path(ckpt_dir) / tag}: DeepSpeed could not convert it to a universal checkpoint "
+            f"({type(err).__name__}: {err}); its output is in {root / (tag + '.conversion.log')}. Resume with the "
+            "number of ranks that saved it instead.") from err
+    (tmp / "conversion.log").write_text(chatter.getvalue(), encoding="utf-8")
+    os.replace(tmp, final)
+    write_text_atomic(root / "latest_universal", tag)  # the converter named the temporary directory
+    return root
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -253,18 +315,22 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore model, optimizer and LR scheduler from `tag`; return (client_state, rank_state).
+def load_checkpoint(engine, load_dir: str | os.PathLike, tag: str,
+                    state_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore model, optimizer and LR scheduler from `<load_dir>/<tag>`; return
+    (client_state, rank_state).
 
-    rank_state is None when this rank has no state file (the run was saved with fewer
-    ranks); the caller then re-seeds.
+    `state_dir` holds the trainer state files (default `<load_dir>/<tag>`; a universal
+    checkpoint's are next to the original). rank_state is None when this rank has no
+    state file (the run was saved with fewer ranks).
     """
-    root = Path(ckpt_dir)
+    root = Path(load_dir)
     with weights_only_loading():
         load_path, client_state = engine.load_checkpoint(
             str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rank_file = root / tag / f"trainer_state_rank{dist.get_rank()}.pt"
+    state_dir = Path(state_dir) if state_dir is not None else root / tag
+    rank_file = state_dir / f"trainer_state_rank{dist.get_rank()}.pt"
     rank_state = load_weights_only(rank_file, map_location="cpu") if rank_file.is_file() else None
     return client_state or {}, rank_state

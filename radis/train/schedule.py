@@ -24,7 +24,7 @@ plus the fields of `LRFactor` (a resumed run keeps the schedule it started with)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -79,3 +79,20 @@ def resolve_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: in
 def build_scheduler(optimizer: torch.optim.Optimizer, factor: LRFactor) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `optimizer` (every param group) following `factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_steps: int) -> bool:
+    """Make a restored LambdaLR follow a new total (a run resumed with another number of
+    packs per optimizer step has another step count). A LambdaLR's state_dict holds its
+    LRFactor's fields, so loading it brings back the total it was saved with; this
+    replaces them and sets each group's rate for the step the schedule stands at.
+    Returns False (nothing changed) when the schedule is not made of LRFactors."""
+    factors = scheduler.lr_lambdas
+    if not all(isinstance(f, LRFactor) for f in factors):
+        return False
+    scheduler.lr_lambdas = [replace(f, total_steps=total_steps, warmup_steps=warmup_steps) for f in factors]
+    rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates
+    return True
