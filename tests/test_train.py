@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -339,3 +341,46 @@ def test_recipes_load_and_derive_a_deepspeed_config(name):
     ds = derive_ds_config(cfg, RunShape(world_size=8, precision="bfloat16", hidden_size=4096, cuda=True))
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == cfg.data.packs_per_micro_batch * cfg.train.gradient_accumulation_steps * 8
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+
+def test_heartbeats_name_the_rank_that_stopped(monkeypatch):
+    """Three ranks beat into a real TCPStore; rank 2 stops: rank 0's diagnosis names it,
+    with its last step; with every rank beating it says so; a store that went away is
+    reported as such."""
+    import socket
+
+    import torch.distributed as dist
+
+    from radis.train.heartbeat import Heartbeat, is_collective_failure
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    beats = [Heartbeat.connect(r, 3, interval=0.2) for r in range(3)]
+    try:
+        assert all(b is not None for b in beats) and Heartbeat.connect(0, 1) is None  # one rank: no heartbeat
+        for b in beats:
+            b.step = 7
+        time.sleep(0.5)
+        assert beats[0].lost_ranks(wait=0.3).lost == []
+        assert "every rank is still beating" in beats[0].lost_ranks(wait=0.1).describe("x")
+        beats[2].step = 9
+        time.sleep(0.3)
+        beats[2].stop()  # rank 2 dies
+        d = beats[0].lost_ranks()
+        assert d.lost == [2] and d.steps == {2: 9} and d.ages[2] > 0.5
+        assert re.fullmatch(r"lost rank 2 \(last heard \d+ s ago, after step 9\)", d.describe("127.0.0.1:1"))
+    finally:
+        for b in beats[:2]:
+            b.stop()
+    del server
+    gone = beats[0].lost_ranks(wait=0.1)
+    assert gone.store_gone and "cannot be reached" in gone.describe("127.0.0.1:1")
+    assert is_collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"))
+    assert not is_collective_failure(ValueError("bad"))

@@ -341,6 +341,63 @@ def test_resume_on_another_world_size_mid_epoch(run_a, run_b, work, sp_tokenizer
     assert _epoch_record(work, sp_tokenizer, two / "checkpoints" / "global_step8") == (1, [1] * 16)
 
 
+def _two_nodes(work, out: Path, port: str, logs: list[Path], node1_env: dict[str, str] | None = None):
+    """launch/torchrun.sh as node ranks 0 and 1 of a 2-node job (one rank each) on this
+    machine, a static rendezvous on 127.0.0.1; returns the two Popen objects."""
+    procs = []
+    for node in (0, 1):
+        env = _env(RADIS_CPU="1", NNODES="2", NODE_RANK=str(node), NPROC="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, **(node1_env if node == 1 and node1_env else {}))
+        with open(logs[node], "w") as log:
+            procs.append(subprocess.Popen(["bash", "launch/torchrun.sh", str(work["config"]),
+                                           f"train.output_dir={out}"], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+
+
+def test_two_nodes_train_lose_a_node_and_resume(run_a, work, tmp_path):
+    """The multi-node path for real on one machine: node 1's rank dies after step 5 (its
+    checkpoint written) and its whole node (the torchrun agent) is killed; node 0 stops
+    within train.dist_timeout_s naming rank 1 and the checkpoint; both nodes started
+    again resume it, and every metric equals run A's (2 ranks on one node)."""
+    out, logs = tmp_path / "two_nodes", [tmp_path / f"node{n}.log" for n in (0, 1)]
+    procs = _two_nodes(work, out, str(_free_port()), logs,
+                       {"RADIS_FAULT_KILL_AT_STEP": "5", "RADIS_FAULT_KILL_RANK": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while procs[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        died = time.monotonic()
+        _kill_group(procs[1])  # what is left of node 1, if anything
+        procs[0].wait(timeout=30 + 30)
+        waited = time.monotonic() - died
+    finally:
+        for p in procs:
+            _kill_group(p)
+    log0 = logs[0].read_text()
+    assert procs[0].returncode not in (0, None), log0[-3000:]
+    assert waited < 30, waited  # train.dist_timeout_s is 30
+    assert "radis train: error: rank 0: a collective failed at step 5" in log0, log0[-3000:]
+    assert "lost rank 1 (last heard" in log0 and "after step 5)" in log0, log0[-3000:]
+    assert f"the last complete checkpoint is {out / 'checkpoints' / 'global_step5'}" in log0, log0[-3000:]
+    assert "radis/train/recipe.py" not in log0  # no traceback of ours (torchrun prints its own report)
+
+    procs = _two_nodes(work, out, str(_free_port()), logs)
+    for p in procs:
+        p.wait(timeout=240)
+    assert [p.returncode for p in procs] == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    assert "resumed at step 5 from global_step5" in logs[0].read_text()
+    a = _numerics(read_metrics(run_a[0] / "metrics.jsonl", kind=None))
+    assert _numerics(read_metrics(out / "metrics.jsonl", kind=None)) == a
+
+
 def test_latest_naming_a_lost_checkpoint_resumes_from_the_newest_complete_one(run_a, work, tmp_path):
     """`latest` names a tag that is gone: the run says so, resumes from the newest complete
     checkpoint (here the last step: nothing left to train) and deletes nothing."""

@@ -165,6 +165,7 @@ class RadisRecipe:
         self.step = 0  # optimizer steps done
         self.bad_batches = 0
         self.metrics: MetricsWriter | None = None
+        self.heartbeat = None  # radis.train.heartbeat.Heartbeat once the group is up (2+ ranks)
         self._env_set: list[str] = []
 
     # ------------------------------------------------------------------ setup
@@ -196,6 +197,10 @@ class RadisRecipe:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        from radis.train.heartbeat import Heartbeat
+
+        # says which rank is gone when a collective fails (the collective itself does not)
+        self.heartbeat = Heartbeat.connect(self.rank, self.world)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         _seed_everything(self.cfg.train.seed)
 
@@ -462,6 +467,8 @@ class RadisRecipe:
                 parts = (out.loss.detach(), out.nll_mt, out.nll_rd, out.kd_rd, out.n_mt, out.n_rd, out.n_kd)
                 stats += torch.cat([torch.stack([x.double() for x in parts]), host.to(self.device)])
             self.step += 1
+            if self.heartbeat is not None:
+                self.heartbeat.step = self.step
             # metrics of the step over all ranks (one small all-reduce)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             dt = time.perf_counter() - t0
@@ -702,6 +709,9 @@ class RadisRecipe:
 
         if self.metrics is not None:
             self.metrics.close()
+        if self.heartbeat is not None:  # before the group (and, for rank 0, the store) goes
+            self.heartbeat.stop()
+            self.heartbeat = None
         if dist.is_initialized():
             if ok:
                 dist.barrier()
