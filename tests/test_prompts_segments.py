@@ -68,6 +68,53 @@ def test_spans_decode_to_reference_and_rationale(fmt):
     assert sum(stats.tokens.values()) == total
 
 
+SPACE_LED = ["  Two spaces first.", " One space.", "   three", " \tTab", "  Привет", "  很抱歉", "x  y  "]
+
+
+def _sentencepiece_oracles(sp_tokenizer):
+    """(name, HF tokenizer, sentencepiece processor of the same model): the tests' own
+    model, and Mistral's v1 model when the mistral-common wheel is installed."""
+    import importlib.util
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    # conftest.sp_tokenizer trains src/tokenizer.model and saves the HF tokenizer next to it
+    model_file = Path(sp_tokenizer.name_or_path).parent / "src" / "tokenizer.model"
+    out = [("tests", sp_tokenizer, spm.SentencePieceProcessor(model_file=str(model_file)))]
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is not None:
+        v1 = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+        if v1.is_file():
+            import shutil
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp())
+            shutil.copy(v1, folder / "tokenizer.model")
+            for legacy in (True, False):
+                out.append((f"mistral-v1-legacy-{legacy}", LlamaTokenizer.from_pretrained(str(folder), legacy=legacy),
+                            spm.SentencePieceProcessor(model_file=str(v1))))
+    return out
+
+
+def test_a_reference_that_starts_with_spaces_keeps_them(sp_tokenizer):
+    """HF's Metaspace leaves out sentencepiece's dummy "▁" when a text starts with a space;
+    the mistral template encodes the answer on its own, so it must spell the same pieces
+    as sentencepiece (what Mistral's own tokenizer runs) and decode to the reference,
+    every space kept. (The segmentation of a run of spaces may still differ: HF's BPE
+    merges "▁▁" where sentencepiece splits at whitespace, ['▁▁', 'One'] against
+    ['▁', '▁One']; both decode the same.)"""
+    for name, tok, sp in _sentencepiece_oracles(sp_tokenizer):
+        fmt = ChatFormat(tok, DataConfig(), "mistral")
+        for ref in SPACE_LED + ["No space."]:
+            pieces = tok.convert_ids_to_tokens(fmt.answer_ids(ref, continuation=False))
+            assert "".join(pieces) == "".join(sp.encode(ref, out_type=str)), (name, ref, pieces)
+            ex = Example(id="a", src_lang="de", tgt_lang="en", source="Hallo", reference=ref, rationale="Weil.")
+            seg = build_segment(fmt, ex, separator=SEP, max_tokens=4096)
+            assert tok.decode(spans_of(seg, MT)) == ref, (name, ref)
+
+
 def test_vanilla_and_missing_rationale_end_in_mt(fmt):
     eot = fmt.end_of_turn_ids()
     for with_rationale, exs in ((False, examples()), (True, examples(with_rationale=False))):

@@ -109,6 +109,13 @@ class ChatFormat:
         # Does this tokenizer put a "▁" in front of every separately encoded string?
         probe = "x"
         self._dummy_prefix = self._encode(["first"], [probe])[0] != self._encode_cont_sentinel([probe])[0]
+        # HF's Metaspace pre-tokenizer leaves the dummy "▁" out when a text starts with a
+        # space; sentencepiece, which Mistral's and LLaMA's own tokenizers run, does not:
+        # "  Two" is "▁▁▁Two" there and "▁▁Two" here, which decodes with one space less
+        # (measured with Mistral's tokenizer.model.v1, legacy true and false alike). Such
+        # texts are encoded as sentencepiece does: a space, then the text, as continuation.
+        self._space_led_as_continuation = self._dummy_prefix and (
+            self._encode(["first"], [" " + probe])[0] != self._encode_cont_sentinel(["  " + probe])[0])
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if self.template == "model":
             self._init_model_template()
@@ -285,8 +292,14 @@ class ChatFormat:
         Equal texts (the template frame around every prompt) are encoded once.
         """
         out: list[list[int]] = [[] for _ in texts]
+        space_led = getattr(self, "_space_led_as_continuation", False)
         for split in (True, False):
             idx = [i for i, m in enumerate(modes) if (m != "raw") == split]
+            led = [i for i in idx if space_led and texts[i].startswith(" ")]  # see __init__
+            if led:
+                for i, ids in zip(led, self._encode_cont_sentinel([" " + texts[i] for i in led], raw=not split)):
+                    out[i] = ids
+                idx = [i for i in idx if not texts[i].startswith(" ")]
             if not idx:
                 continue
             unique = list(dict.fromkeys(texts[i] for i in idx))
