@@ -342,6 +342,7 @@ class RadisRecipe:
         self.engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config, model_parameters=params)
         self.peak_flops = peak_flops_per_rank(self.device)
+        _install_fault_hooks(self, wrapper)
 
     def _setup_outputs_and_resume(self, train_ds) -> None:
         import torch.distributed as dist
@@ -445,6 +446,7 @@ class RadisRecipe:
             # [loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_len², skipped]
             stats = torch.zeros(10, dtype=torch.float64, device=self.device)
             for micro in range(G):
+                self._micro = micro  # where the fault-injection hooks stand (testing)
                 batch = next(batches)
                 inputs = self._model_inputs(batch)
                 # forward: the fused loss of this micro-batch, already divided by the
@@ -770,3 +772,52 @@ def _fault_injection(step: int, rank: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint", "latest")
+
+
+def fault_point() -> tuple[str, int, int] | None:
+    """Testing hook: RADIS_FAULT_KILL_IN=phase:step[:micro] (benchmarks/kill_campaign.py)
+    kills the process (SIGKILL) in the middle of `phase` of optimizer step step+1 (steps
+    done = step), at micro-batch `micro` (default 0):
+
+        forward    inside the model's forward (a pre-hook on its middle module)
+        backward   inside the backward (a backward pre-hook on the same module)
+        optimizer  inside the optimizer step, gradients reduced, nothing updated yet
+                   (at the last micro-batch of the step; `micro` is ignored)
+        checkpoint inside the save of step `step`: DeepSpeed's files written into the
+                   temporary tag, the trainer state and the rename not yet
+        latest     after that tag's rename, before `latest` names it
+    """
+    spec = os.environ.get("RADIS_FAULT_KILL_IN")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if parts[0] not in FAULT_PHASES or len(parts) not in (2, 3):
+        raise ValueError(f"RADIS_FAULT_KILL_IN={spec!r}: expected phase:step[:micro], phase one of {FAULT_PHASES}")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+
+
+def _kill_now() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), 9)
+
+
+def _install_fault_hooks(recipe: RadisRecipe, wrapper: torch.nn.Module) -> None:
+    """The forward / backward / optimizer kills of `fault_point` (nothing when unset)."""
+    point = fault_point()
+    if point is None or point[0] not in ("forward", "backward", "optimizer"):
+        return
+    phase, step, micro = point
+
+    def due() -> bool:
+        return recipe.step == step and getattr(recipe, "_micro", 0) == micro
+
+    if phase == "optimizer":  # runs once per step, at the last micro-batch: the micro index does not matter
+        recipe._base_optimizer().register_step_pre_hook(lambda *_: _kill_now() if recipe.step == step else None)
+        return
+    modules = [m for m in wrapper.modules() if not list(m.children())]  # the leaves, in order
+    middle = modules[len(modules) // 2]
+    if phase == "forward":
+        middle.register_forward_pre_hook(lambda *_: _kill_now() if due() else None)
+    else:
+        middle.register_full_backward_pre_hook(lambda *_: _kill_now() if due() else None)
