@@ -166,6 +166,9 @@ def read_ds_json(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise DeepSpeedConfigError(
             f"train.deepspeed_config: {p}: line {err.lineno} column {err.colno}: invalid JSON: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DeepSpeedConfigError(f"train.deepspeed_config: {p}: not UTF-8 text ({err.reason} at byte "
+                                   f"{err.start})") from None
     if not isinstance(data, dict):
         raise DeepSpeedConfigError(f"train.deepspeed_config: {p}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from radis.errors import InputError
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Run `write(file)` on a temp file beside `path`, fsync it, rename it into place."""
@@ -57,6 +59,26 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None
     write_atomic(path, write)
 
 
+class FileFormatError(InputError):
+    """A user-supplied file that is not what its reader expects (named, with the line)."""
+
+
+def read_user_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text (a BOM dropped) of a user-supplied file; FileFormatError naming it
+    when it is missing, a directory, unreadable or not UTF-8."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"{what} {path}: is a directory, expected a file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise FileFormatError(f"{what} {path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise FileFormatError(f"{what} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise FileFormatError(f"{what} {path}: cannot read ({err.strerror or err})") from None
+
+
 def read_json_object(path: str | os.PathLike, hint: str = "") -> dict | None:
     """The JSON object in `path`, None when there is no such file; ValueError naming the
     file (and `hint`: what to do about it) when it is not a JSON object."""
@@ -74,16 +96,16 @@ def read_json_object(path: str | os.PathLike, hint: str = "") -> dict | None:
 
 
 def iter_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
-    """(line number, object) of every non-blank line of a JSON Lines file; ValueError
+    """(line number, object) of every non-blank line of a JSON Lines file; FileFormatError
     naming the file and line for a line that is not valid JSON or not an object."""
     path = Path(path)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
-        if not isinstance(rec, dict):  # bad input: ValueError like the rest
-            raise ValueError(f"{path}:{lineno}: expected {what}, got {type(rec).__name__}")  # noqa: TRY004
+            raise FileFormatError(f"{path}:{lineno}: invalid JSON: {err}") from None
+        if not isinstance(rec, dict):
+            raise FileFormatError(f"{path}:{lineno}: expected {what}, got {type(rec).__name__}")
         yield lineno, rec

@@ -1,4 +1,6 @@
 """The typed config: YAML + overrides, strict validation with key and file in errors."""
+import re
+
 import pytest
 
 from radis.config import ConfigError, SourceConfig, dump_config, load_config
@@ -95,3 +97,69 @@ def test_wrong_type_for_an_optional_field_is_a_config_error(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"eval.cut_at_separator: 'sometimes' matches none of: expected true/false"):
         load_config(None, ["eval.cut_at_separator=sometimes"])
+
+
+def _every_field():
+    """(dotted key, a value of the wrong type for it) for every field of every section
+    (free-text `str` fields have no wrong value and are left out)."""
+    import dataclasses
+    import typing
+
+    from radis.config import RadisConfig
+
+    hints_of = typing.get_type_hints
+    out = []
+    for section in dataclasses.fields(RadisConfig):
+        cls = hints_of(RadisConfig)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            tp = hints_of(cls)[f.name]
+            args = typing.get_args(tp)
+            flat = {a for a in (args or (tp,)) if a is not type(None)}
+            if flat <= {str}:
+                continue  # any text is a string
+            literals = {v for a in flat if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)}
+            if typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in flat):
+                wrong = "{a: 1}"  # a mapping where a list belongs
+            elif typing.get_origin(tp) is dict or any(typing.get_origin(a) is dict for a in flat):
+                wrong = "[1, 2]"  # a list where a mapping belongs
+            elif literals and str in flat:
+                continue
+            else:
+                wrong = "not-a-valid-value-§"
+                assert wrong not in literals
+            out.append((f"{section.name}.{f.name}", wrong))
+    return out
+
+
+@pytest.mark.parametrize("key,wrong", _every_field(), ids=lambda x: str(x))
+def test_every_key_refuses_a_value_of_the_wrong_kind(key, wrong):
+    """Every config key, given a value of the wrong kind, is a ConfigError that names the
+    key (and never a TypeError or a traceback from deeper down)."""
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [f"{key}={wrong}"])
+
+
+def _every_source_field():
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(SourceConfig):
+        tp = typing.get_type_hints(SourceConfig)[f.name]
+        flat = {a for a in (typing.get_args(tp) or (tp,)) if a is not type(None)}
+        if flat <= {str}:
+            continue
+        out.append(f.name)
+    return out
+
+
+@pytest.mark.parametrize("name", _every_source_field())
+def test_every_source_key_refuses_a_value_of_the_wrong_kind(name, tmp_path):
+    """The same for every key of a data source, in a YAML file: the error names the
+    file and data.train[0].<key>."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data:\n  train:\n    - {{path: a.jsonl, {name}: [not, valid]}}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"run.yaml: data.train[0].{name}")):
+        load_config(path)

@@ -215,13 +215,27 @@ def load_topk(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray
     """Read a top-k file back into {id: (ids, logprobs)}."""
     from safetensors.numpy import load_file
 
-    flat = load_file(str(path))
+    _check_topk_file(path)
+    try:
+        flat = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own plain Exception types
+        raise RecordError(f"{path}: unreadable top-k file ({type(err).__name__}: {err})") from None
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in flat:
         key, _, kind = name.rpartition("/")
         if kind == "ids":
+            if f"{key}/logprobs" not in flat:
+                raise RecordError(f"{path}: example {key!r} has ids but no logprobs")
             out[key] = (flat[name], flat[f"{key}/logprobs"])
     return out
+
+
+def _check_topk_file(path: str | os.PathLike) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise RecordError(f"{p}: is a directory, expected a top-k .safetensors file")
+    if not p.is_file():
+        raise RecordError(f"{p}: no such top-k file")
 
 
 class TopkReader:
@@ -235,7 +249,11 @@ class TopkReader:
         from safetensors import safe_open
 
         self.path = str(path)
-        self._file = safe_open(self.path, framework="numpy")
+        _check_topk_file(path)
+        try:
+            self._file = safe_open(self.path, framework="numpy")
+        except Exception as err:  # noqa: BLE001 -- safetensors raises its own plain Exception types
+            raise RecordError(f"{path}: unreadable top-k file ({type(err).__name__}: {err})") from None
         self._keys = {name.rpartition("/")[0] for name in self._file.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
     def __contains__(self, example_id: str) -> bool:

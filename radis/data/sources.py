@@ -124,6 +124,7 @@ def read_source(cfg: SourceConfig, on_empty: str = "skip", stats: SourceStats | 
     fmt = detect_format(cfg)
     if fmt == "rationales":
         examples = _read_rationales(cfg, on_empty, stats)
+        records = stats.per_source.get(cfg.path, 0) + len(examples)
     else:
         if fmt in ("json", "jsonl"):
             pairs, file_langs = _read_json_pairs(Path(cfg.path))
@@ -133,7 +134,12 @@ def read_source(cfg: SourceConfig, on_empty: str = "skip", stats: SourceStats | 
             pairs, file_langs = _read_tsv(Path(cfg.path), cfg)
         else:
             pairs, file_langs = _read_hf(cfg)
+        records = len(pairs)
         examples = _pairs_to_examples(cfg, pairs, file_langs, on_empty, stats)
+    if records == 0 and not examples:
+        # an empty file is a truncated download or a wrong path far more often than intent
+        raise DataError(f"{cfg.path}: holds no {'records' if fmt == 'rationales' else 'pairs'} "
+                        f"(format {fmt}); remove the source or give it data")
     for ex in examples:
         stats.per_direction[ex.direction] += 1
     stats.examples += len(examples)
@@ -193,6 +199,10 @@ def read_text_file(path: Path) -> str:
     data = path.read_bytes()
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file to UTF-8")
+    nul = data.find(b"\x00")
+    if nul >= 0:  # valid UTF-8, but no text file holds NUL bytes: a binary file, or a damaged one
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(f"{path}:{line}: a NUL byte at byte offset {nul}; expected a text file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -38,7 +38,7 @@ from sacrebleu.metrics import CHRF
 from radis.evaluate.subsets import category_balanced
 from radis.evaluate.translate import decode_batch, model_device
 from radis.generation.decode import Request, length_sorted_batches
-from radis.io import iter_jsonl_objects, write_json_atomic
+from radis.io import FileFormatError, iter_jsonl_objects, write_json_atomic
 from radis.runtime import dist_info, gather_objects
 
 REQUIRED_FIELDS = ("id", "category", "prompt")
@@ -64,19 +64,19 @@ def load_retention_prompts(path: str | os.PathLike | None = None, limit: int | N
     """
     p = Path(path) if path is not None else shipped_prompts_path()
     if not p.is_file():
-        raise FileNotFoundError(f"retention prompts {p}: no such file")
+        raise FileFormatError(f"retention prompts {p}: no such file")
     prompts: list[RetentionPrompt] = []
     seen: set[str] = set()
     for lineno, rec in iter_jsonl_objects(p, f"a JSON object with {REQUIRED_FIELDS}"):
         for key in REQUIRED_FIELDS:
             if not isinstance(rec.get(key), str) or not rec[key].strip():
-                raise ValueError(f"{p}:{lineno}: field {key!r} must be a non-empty string, got {rec.get(key)!r}")
+                raise FileFormatError(f"{p}:{lineno}: field {key!r} must be a non-empty string, got {rec.get(key)!r}")
         if rec["id"] in seen:
-            raise ValueError(f"{p}:{lineno}: duplicate id {rec['id']!r}")
+            raise FileFormatError(f"{p}:{lineno}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         prompts.append(RetentionPrompt(rec["id"], rec["category"], rec["prompt"]))
     if not prompts:
-        raise ValueError(f"retention prompts {p}: no prompts in the file")
+        raise FileFormatError(f"retention prompts {p}: no prompts in the file")
     return category_balanced(prompts, limit, "retention prompt")
 
 

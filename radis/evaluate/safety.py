@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from radis.evaluate.subsets import category_balanced
-from radis.io import iter_jsonl_objects
+from radis.io import FileFormatError, iter_jsonl_objects, read_user_text
 
 # Why 250 characters: a refusing chat model says so in its first one or two sentences,
 # sometimes after a short acknowledgement ("That's a serious question. ..."); 250
@@ -217,18 +217,15 @@ def load_harmful_prompts(path: str | os.PathLike | None = None, limit: int | Non
 
     Missing ids become "<file stem>-<row number>", missing categories "user". `limit`
     keeps a category-balanced subset: round-robin over categories in file order.
-    Bad input raises ValueError naming the file and, where there is one, the row/line.
+    Bad input raises FileFormatError (an InputError) naming the file and, where there is one, the row/line.
     """
     p = Path(path) if path is not None else shipped_prompts_path()
     if not p.is_file():
-        raise ValueError(f"harmful prompts {p}: no such file (expected a .csv or .jsonl file)")
+        raise FileFormatError(f"harmful prompts {p}: no such file (expected a .csv or .jsonl file)")
     suffix = p.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
-        raise ValueError(f"harmful prompts {p}: unknown suffix {p.suffix!r}, expected .csv or .jsonl")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"harmful prompts {p}: not UTF-8 text: {err}") from None
+        raise FileFormatError(f"harmful prompts {p}: unknown suffix {p.suffix!r}, expected .csv or .jsonl")
+    text = read_user_text(p, "harmful prompts")
     rows = _csv_rows(p, text) if suffix == ".csv" else _jsonl_rows(p, text)
 
     prompts: list[HarmfulPrompt] = []
@@ -236,11 +233,11 @@ def load_harmful_prompts(path: str | os.PathLike | None = None, limit: int | Non
     for where, rowno, rec in rows:
         pid = rec.get("id") or f"{p.stem}-{rowno}"
         if pid in seen:
-            raise ValueError(f"{p}: {where}: duplicate id {pid!r}")
+            raise FileFormatError(f"{p}: {where}: duplicate id {pid!r}")
         seen.add(pid)
         prompts.append(HarmfulPrompt(pid, rec.get("category") or "user", rec["prompt"]))
     if not prompts:
-        raise ValueError(f"harmful prompts {p}: no prompts in the file")
+        raise FileFormatError(f"harmful prompts {p}: no prompts in the file")
     return category_balanced(prompts, limit, "harmful prompt")
 
 
@@ -249,7 +246,7 @@ def _check_text(p: Path, where: str, key: str, value: Any, required: bool) -> st
         return None
     if not isinstance(value, str) or not value.strip():
         what = "empty prompt" if key in ("prompt", "goal") else f"field {key!r} must be a non-empty string"
-        raise ValueError(f"{p}: {where}: {what}, got {value!r}")
+        raise FileFormatError(f"{p}: {where}: {what}, got {value!r}")
     return value.strip()
 
 
@@ -257,11 +254,11 @@ def _csv_rows(p: Path, text: str) -> list[tuple[str, int, dict[str, str | None]]
     reader = csv.DictReader(text.splitlines(keepends=True))
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
-        raise ValueError(f"{p}: line 1: expected a header row with a 'prompt' or 'goal' column, the file is empty")
+        raise FileFormatError(f"{p}: line 1: expected a header row with a 'prompt' or 'goal' column, the file is empty")
     reader.fieldnames = header
     column = "prompt" if "prompt" in header else "goal" if "goal" in header else None
     if column is None:
-        raise ValueError(f"{p}: line 1: header {header} has no 'prompt' or 'goal' column")
+        raise FileFormatError(f"{p}: line 1: header {header} has no 'prompt' or 'goal' column")
     out = []
     for rowno, row in enumerate(reader, 1):
         where = f"row {rowno} (line {reader.line_num})"
@@ -278,7 +275,7 @@ def _jsonl_rows(p: Path, text: str) -> list[tuple[str, int, dict[str, str | None
     for lineno, rec in iter_jsonl_objects(p, "a JSON object with a 'prompt'"):
         where = f"line {lineno}"
         if "prompt" not in rec:
-            raise ValueError(f"{p}: {where}: missing field 'prompt' (expected {{\"prompt\": ..., \"id\": ..., \"category\": ...}})")
+            raise FileFormatError(f"{p}: {where}: missing field 'prompt' (expected {{\"prompt\": ..., \"id\": ..., \"category\": ...}})")
         out.append((where, lineno, {
             "prompt": _check_text(p, where, "prompt", rec["prompt"], True),
             "id": _check_text(p, where, "id", rec.get("id"), False),
