@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from radis.errors import InputError
 from radis.loss import Normalizer, RadisLossOutput, loss_options, radis_linear_loss
 
 
@@ -42,11 +43,58 @@ def call_as_forward(module: nn.Module, fn, *args: Any) -> Any:
     for the forward and again for the backward of the outputs (see the module docstring);
     without an engine this is a plain call. `fn` must return tensors (a tuple is fine).
     """
+    # An instance-level forward may be there already (accelerate's and PEFT's wrappers
+    # put theirs on the instance): shadow it for this call and put it back afterwards.
+    previous = module.__dict__.get("forward", _ABSENT)
     module.forward = types.MethodType(fn, module)  # shadows the class's forward on this instance
     try:
         return module(*args)
     finally:
-        del module.forward
+        if previous is _ABSENT:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+_ABSENT = object()
+
+# Config attributes of heads that change the logits after the output projection, which
+# the fused loss (logits = hidden @ W^T + b) would silently leave out, and the value that
+# means "no change".
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # Gemma 2 / 3: tanh soft-capping of the logits
+    "logit_scale": 1.0,  # Cohere: logits * logit_scale
+    "logits_scaling": 1.0,  # Granite: logits / logits_scaling
+    "lm_head_multiplier": 1.0,  # Falcon-H1
+    "output_multiplier_scale": 1.0,  # muP-style models
+}
+
+
+class UnsupportedHeadError(InputError):
+    """The model's head computes logits the fused loss does not reproduce."""
+
+
+def check_head(model: nn.Module) -> nn.Module:
+    """The model's output projection, if the fused loss reproduces its logits exactly:
+    an nn.Linear-like module with a [V, d] weight (and maybe a bias), and no config
+    setting that transforms the logits after it. Else UnsupportedHeadError naming why."""
+    name = type(model).__name__
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UnsupportedHeadError(f"model: {name} has no output embeddings (not a causal LM?)")
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or len(getattr(weight, "ds_shape", weight.shape)) != 2:
+        raise UnsupportedHeadError(f"model: {name}'s output embeddings ({type(head).__name__}) are not a linear "
+                                   "layer with a [vocab, hidden] weight; the fused loss needs one")
+    config = getattr(model, "config", None)
+    for key, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, key, neutral)
+        if value is not None and value != neutral:
+            raise UnsupportedHeadError(
+                f"model: {name} has {key}={value!r}: its logits are transformed after the output projection, "
+                "which radis's fused loss does not reproduce (training would optimise another loss); such models "
+                "are not supported")
+    return head
 
 
 def fused_head_loss(
@@ -135,8 +183,7 @@ class RadisCausalLM(nn.Module):
         """options: w_mt, w_rd, mode, kd_weight, impl, chunk_size, validate (radis.loss.loss_options)."""
         super().__init__()
         self.model = model
-        if model.get_output_embeddings() is None:
-            raise ValueError(f"model: {type(model).__name__} has no output embeddings (not a causal LM?)")
+        check_head(model)
         self.loss_kwargs = loss_options(**options)
 
     @classmethod

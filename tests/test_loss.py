@@ -356,6 +356,44 @@ def test_modules_and_from_config():
     assert vanilla.loss_kwargs["w_rd"] == 0.0 and vanilla.loss_kwargs["mode"] == "span"
 
 
+@pytest.mark.parametrize("key,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                       ("logits_scaling", 8.0)])
+def test_a_head_whose_logits_are_transformed_is_refused(key, value):
+    """Gemma's soft-capping, Cohere's logit scale, Granite's scaling: the fused loss would
+    optimise logits the model never produces; refused, naming the setting."""
+    from radis.errors import InputError
+    from radis.loss_head import UnsupportedHeadError
+
+    model = _tiny_llama()
+    RadisCausalLM(model)  # a plain head is fine
+    setattr(model.config, key, value)
+    with pytest.raises(UnsupportedHeadError, match=rf"LlamaForCausalLM has {key}={value!r}: its logits are "):
+        RadisCausalLM(model)
+    assert issubclass(UnsupportedHeadError, InputError)  # the CLI reports it without a traceback
+
+
+def test_call_as_forward_puts_an_instance_forward_back():
+    """accelerate and PEFT put a forward on the instance: the fused head's call shadows it
+    for one call and restores it (it used to delete it)."""
+    from radis.loss_head import call_as_forward
+
+    head = torch.nn.Linear(4, 3)
+    seen = []
+
+    def wrapped(x):
+        seen.append("wrapper")
+        return torch.nn.Linear.forward(head, x)
+
+    head.forward = wrapped
+    out = call_as_forward(head, lambda mod, x: (x.sum(),), torch.ones(2, 4))
+    assert out[0].item() == 8.0 and head.forward is wrapped
+    head(torch.ones(1, 4))
+    assert seen == ["wrapper"]
+    plain = torch.nn.Linear(4, 3)
+    call_as_forward(plain, lambda mod, x: (x.sum(),), torch.ones(2, 4))
+    assert "forward" not in plain.__dict__
+
+
 # --------------------------------------------------------------------------- bad input
 
 
