@@ -40,6 +40,7 @@ are the minimum: the gradient needs the final log-sum-exp.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -180,13 +181,7 @@ def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad,
         return loss, nll, kl
     has_teacher = t_ids is not None
     k = t_ids.shape[1] if has_teacher else 1
-    block_k = max(triton.next_power_of_2(k), 2)
-    if block_v is None:
-        block_v = min(triton.next_power_of_2(v), 4096)
-        if has_teacher:
-            # pass 2 compares a [BLOCK_V, BLOCK_K] tile against the teacher ids: keep the
-            # tile at <= 16k elements so it stays in registers (64 per thread at 8 warps)
-            block_v = max(min(block_v, 16384 // block_k), 64)
+    cfg = launch_config(v, k if has_teacher else None, block_v)
     dummy = targets  # any valid pointer; never read when HAS_TEACHER is False
     _radis_loss_kernel[(n,)](
         x,
@@ -204,14 +199,44 @@ def _triton_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, compute_grad,
         float(kd_weight),
         v,
         k,
-        BLOCK_V=block_v,
-        BLOCK_K=block_k,
+        BLOCK_V=cfg.block_v,
+        BLOCK_K=cfg.block_k,
         HAS_TEACHER=has_teacher,
         COMPUTE_GRAD=compute_grad,
         OUT_BF16=x.dtype == torch.bfloat16,
-        num_warps=8 if block_v >= 2048 else 4,
+        num_warps=cfg.num_warps,
     )
     return loss, nll, kl
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """The block sizes and warps of one launch (constexprs: each makes its own binary)."""
+
+    block_v: int
+    block_k: int
+    num_warps: int
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def launch_config(v: int, k: int | None, block_v: int | None = None) -> LaunchConfig:
+    """What the launcher picks for vocabulary `v` and top-k `k` (None: no teacher).
+
+    BLOCK_V: the vocabulary tile, up to 4096. With a teacher, pass 2 compares a
+    [BLOCK_V, BLOCK_K] tile against the teacher ids: the tile is kept at <= 16k elements
+    so that it stays in registers (64 per thread at 8 warps); a [4096, 32] tile spills
+    14 KB on sm_90 (radis.kernels.compile_check). 8 warps from BLOCK_V 2048 up, else 4.
+    An explicit `block_v` (tests) is used as given.
+    """
+    block_k = max(_next_power_of_2(k if k else 1), 2)
+    if block_v is None:
+        block_v = min(_next_power_of_2(v), 4096)
+        if k:
+            block_v = max(min(block_v, 16384 // block_k), 64)
+    return LaunchConfig(block_v, block_k, 8 if block_v >= 2048 else 4)
 
 
 def _interpreting() -> bool:
