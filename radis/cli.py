@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"radis {name}", description=(module.__doc__ or help_text).strip(),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    # intermixed: `key=value` overrides may come before and after the options
+    # (`radis generate --config X a=1 --no-progress b=2`; plain parse_args refuses b=2)
+    args = sub.parse_intermixed_args(argv[1:])
     args.command_name = name  # the name it was called by (`radis rationales` is `radis generate`)
     from radis.config import ConfigError
     from radis.data.languages import UnknownLanguageError

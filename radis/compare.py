@@ -148,7 +148,7 @@ def build_plan(config: Path, out: Path, arms: Sequence[str], overrides: Sequence
         if gen.other_generator and not cfg.compare.other_generator:
             raise CompareError("arm radis_other needs compare.other_generator (the LLM that writes the rationales)")
         generator = cfg.compare.other_generator if gen.other_generator else None
-        stages.append(Stage(f"generate-{name}", ["generate", *common, "--no-progress",
+        stages.append(Stage(f"generate-{name}", ["generate", "--no-progress", *common,
                                                  f"rationale.strategy={gen.strategy}", f"rationale.output_dir={_json(str(out_dir))}",
                                                  f"rationale.topk={topk}", f"rationale.generator={_json(generator)}"],
                             True, out_dir / "rationales.jsonl"))

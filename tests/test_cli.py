@@ -35,3 +35,13 @@ def test_config_error_is_reported_not_raised(tmp_path, capsys):
     assert main(["inspect-data", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "max_tokenz" in err and str(bad) in err
+
+
+def test_overrides_before_and_after_options(tmp_path, capsys):
+    """`key=value` overrides on both sides of an option: argparse's plain parse_args took
+    the first group and refused the second ("unrecognized arguments"), which broke the
+    generate stage of `make demo`."""
+    main(["inspect-data", "--config", str(tmp_path / "absent.yaml"), "data.max_tokens=64", "--num", "1",
+          "train.lr=1e-5"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "absent.yaml" in err
