@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"radis {name}: not available in this build ({err})", file=sys.stderr)
             return 2
         raise
-    sub = argparse.ArgumentParser(prog=f"radis {name}", description=(module.__doc__ or help_text).strip(),
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(sub)
-    # intermixed: `key=value` overrides may come before and after the options
-    # (`radis generate --config X a=1 --no-progress b=2`; plain parse_args refuses b=2)
-    args = sub.parse_intermixed_args(argv[1:])
-    args.command_name = name  # the name it was called by (`radis rationales` is `radis generate`)
+    args = parse_subcommand(module, name, help_text, argv[1:])
     from radis.config import ConfigError
     from radis.data.languages import UnknownLanguageError
     from radis.errors import InputError
@@ -92,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"radis {name}: error: {message}", file=sys.stderr)
         return 2
+
+
+def parse_subcommand(module, name: str, help_text: str, argv: list[str]) -> argparse.Namespace:
+    """The arguments of `radis <name> argv...` as that subcommand's parser reads them."""
+    sub = argparse.ArgumentParser(prog=f"radis {name}", description=(module.__doc__ or help_text).strip(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    # intermixed: `key=value` overrides may come before and after the options
+    # (`radis generate --config X a=1 --no-progress b=2`; plain parse_args refuses b=2)
+    args = sub.parse_intermixed_args(argv)
+    args.command_name = name  # the name it was called by (`radis rationales` is `radis generate`)
+    return args
 
 
 def _version() -> str:

@@ -27,8 +27,14 @@ ALL = ["vanilla", "radis", "radis_kd", "radis_ask", "seqkd", "sdft"]
 
 
 def _cfg_of(stage):
-    i = stage.argv.index("--config")
-    return load_config(stage.argv[i + 1], [a for a in stage.argv[i + 2:] if "=" in a])
+    # parsed by the stage's own command-line parser, as the stage's process will parse it
+    import importlib
+
+    from radis.cli import SUBCOMMANDS, parse_subcommand
+
+    module_name, help_text = SUBCOMMANDS[stage.argv[0]]
+    args = parse_subcommand(importlib.import_module(module_name), stage.argv[0], help_text, stage.argv[1:])
+    return load_config(args.config, args.overrides)
 
 
 def test_plan_of_every_arm_is_a_set_of_valid_commands(tmp_path):
