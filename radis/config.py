@@ -355,7 +355,8 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("loss.w_rd", lambda v: v >= 0, ">= 0"),
     ("loss.kd_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("loss.chunk_size", lambda v: v >= 1, ">= 1"),
-    ("train.lr", lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)"),
+    # above 1 AdamW only diverges, and far above the step overflows float32 inside the optimizer
+    ("train.lr", lambda v: 0 < v <= 1, "> 0 (a learning rate of 0 trains nothing) and <= 1"),
     ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("train.weight_decay", lambda v: v >= 0, ">= 0"),
     ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),

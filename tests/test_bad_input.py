@@ -46,6 +46,8 @@ def _pairs(path: Path, n: int = 3) -> Path:
 @pytest.mark.parametrize(("override", "expected"), [
     ("train.lr=-1", "train.lr: expected > 0"),
     ("train.lr=0", "a learning rate of 0 trains nothing"),
+    ("train.lr=1e300", "train.lr: expected > 0 (a learning rate of 0 trains nothing) and <= 1"),  # float32 overflow
+    ("train.lr=.inf", "train.lr: expected > 0"),
     ("train.warmup_ratio=5", "train.warmup_ratio: expected in [0, 1)"),
     ("eval.num_beams=0", "eval.num_beams: expected >= 1"),
     ("eval.batch_size=0", "eval.batch_size: expected >= 1"),
