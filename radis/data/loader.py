@@ -161,10 +161,7 @@ class PackedLoader:
         epoch = self.epoch if epoch is None else epoch
         if self._plan_epoch == epoch:
             return self._plan
-        remaining = self._epoch_order(epoch)
-        for world, accum, per_micro, steps in self._phases_of(epoch):
-            done = _plan_packs(remaining, self._tokens(), world, accum, per_micro, self.tail)[:steps]
-            remaining = _without(remaining, done)
+        _done, remaining = self._finished_phases(epoch)
         plan = _plan_packs(remaining, self._tokens(), self.world_size, self.gradient_accumulation_steps,
                            self.packs_per_micro_batch, self.tail)
         stats = self.dataset.pack_stats()
@@ -181,18 +178,20 @@ class PackedLoader:
     def _tokens(self) -> np.ndarray:
         return self.dataset.pack_stats()[:, 0]
 
-    def _phases_of(self, epoch: int) -> list[list[int]]:
-        return self.phases if epoch == self.epoch else []
+    def _finished_phases(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """(the plan steps each finished phase of `epoch` trained, the epoch's packs no
+        phase trained, in the epoch's order). Only the current epoch has phases."""
+        done, remaining = [], self._epoch_order(epoch)
+        for world, accum, per_micro, steps in (self.phases if epoch == self.epoch else []):
+            done.append(_plan_packs(remaining, self._tokens(), world, accum, per_micro, self.tail)[:steps])
+            remaining = _without(remaining, done[-1])
+        return done, remaining
 
     def trained_in_epoch(self) -> np.ndarray:
         """[n] pack indices trained so far in the current epoch, on all ranks, across
         phases (up to this rank's position; EMPTY slots left out). A pack appears twice
         only as a "repeat" tail fill."""
-        out, remaining = [], self._epoch_order(self.epoch)
-        for world, accum, per_micro, steps in self.phases:
-            done = _plan_packs(remaining, self._tokens(), world, accum, per_micro, self.tail)[:steps]
-            out.append(done.ravel())
-            remaining = _without(remaining, done)
+        out = [done.ravel() for done in self._finished_phases(self.epoch)[0]]
         plan = self.plan()
         steps, micro = divmod(self.position, self.gradient_accumulation_steps)
         out.append(plan[:steps].ravel())
