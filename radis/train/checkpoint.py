@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from radis.errors import InputError
 from radis.io import write_text_atomic
+from radis.train import faults
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -294,7 +295,7 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    _fault("checkpoint", step)
+    faults.kill_if("checkpoint", step)
     torch.save(rank_state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
     if rank == 0 and hf_files is not None:
         hf_files(root / tmp_tag / HF_SUBDIR)
@@ -310,18 +311,11 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
                 shutil.rmtree(final)
         if not final.exists():
             os.replace(root / tmp_tag, final)
-        _fault("latest", step)
+        faults.kill_if("latest", step)
         write_text_atomic(root / LATEST, tag)
         prune(root, keep_last)
     dist.barrier()
     return tag
-
-
-def _fault(phase: str, step: int) -> None:
-    """The checkpoint kills of radis.train.recipe.fault_point (testing; nothing when unset)."""
-    spec = os.environ.get("RADIS_FAULT_KILL_IN", "")
-    if spec.split(":")[:2] == [phase, str(step)]:
-        os.kill(os.getpid(), 9)
 
 
 def load_checkpoint(engine, load_dir: str | os.PathLike, tag: str,

@@ -37,6 +37,7 @@ import torch
 
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
 from radis.train import checkpoint as ckpt
+from radis.train.faults import fault_injection, fault_point, kill_now
 from radis.train.metrics import (
     MetricsWriter,
     count_matmul_params,
@@ -483,7 +484,7 @@ class RadisRecipe:
                 self.validate()
             if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-            _fault_injection(self.step, self.rank)
+            fault_injection(self.step, self.rank)
         bar.close()
         if self.step > 0 and ckpt.latest_tag(self.ckpt_dir) != ckpt.tag_for_step(self.step):
             self.save_checkpoint()
@@ -760,50 +761,8 @@ def _example_lengths(batch: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(real, dtype=torch.int64)
 
 
-def _fault_injection(step: int, rank: int) -> None:
-    """Testing hook: RADIS_FAULT_KILL_AT_STEP=N [RADIS_FAULT_KILL_RANK=r] kills this process
-    (SIGKILL, no clean-up) after optimizer step N (and after its checkpoint, if one was due)."""
-    at = os.environ.get("RADIS_FAULT_KILL_AT_STEP")
-    if at is None or int(at) != step:
-        return
-    who = os.environ.get("RADIS_FAULT_KILL_RANK")
-    if who is None or int(who) == rank:
-        sys.stdout.flush()
-        os.kill(os.getpid(), 9)
-
-
-FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint", "latest")
-
-
-def fault_point() -> tuple[str, int, int] | None:
-    """Testing hook: RADIS_FAULT_KILL_IN=phase:step[:micro] (benchmarks/kill_campaign.py)
-    kills the process (SIGKILL) in the middle of `phase` of optimizer step step+1 (steps
-    done = step), at micro-batch `micro` (default 0):
-
-        forward    inside the model's forward (a pre-hook on its middle module)
-        backward   inside the backward (a backward pre-hook on the same module)
-        optimizer  inside the optimizer step, gradients reduced, nothing updated yet
-                   (at the last micro-batch of the step; `micro` is ignored)
-        checkpoint inside the save of step `step`: DeepSpeed's files written into the
-                   temporary tag, the trainer state and the rename not yet
-        latest     after that tag's rename, before `latest` names it
-    """
-    spec = os.environ.get("RADIS_FAULT_KILL_IN")
-    if not spec:
-        return None
-    parts = spec.split(":")
-    if parts[0] not in FAULT_PHASES or len(parts) not in (2, 3):
-        raise ValueError(f"RADIS_FAULT_KILL_IN={spec!r}: expected phase:step[:micro], phase one of {FAULT_PHASES}")
-    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
-
-
-def _kill_now() -> None:
-    sys.stdout.flush()
-    os.kill(os.getpid(), 9)
-
-
 def _install_fault_hooks(recipe: RadisRecipe, wrapper: torch.nn.Module) -> None:
-    """The forward / backward / optimizer kills of `fault_point` (nothing when unset)."""
+    """The forward / backward / optimizer kills of radis.train.faults (nothing when unset)."""
     point = fault_point()
     if point is None or point[0] not in ("forward", "backward", "optimizer"):
         return
@@ -813,11 +772,11 @@ def _install_fault_hooks(recipe: RadisRecipe, wrapper: torch.nn.Module) -> None:
         return recipe.step == step and getattr(recipe, "_micro", 0) == micro
 
     if phase == "optimizer":  # runs once per step, at the last micro-batch: the micro index does not matter
-        recipe._base_optimizer().register_step_pre_hook(lambda *_: _kill_now() if recipe.step == step else None)
+        recipe._base_optimizer().register_step_pre_hook(lambda *_: kill_now() if recipe.step == step else None)
         return
     modules = [m for m in wrapper.modules() if not list(m.children())]  # the leaves, in order
     middle = modules[len(modules) // 2]
     if phase == "forward":
-        middle.register_forward_pre_hook(lambda *_: _kill_now() if due() else None)
+        middle.register_forward_pre_hook(lambda *_: kill_now() if due() else None)
     else:
-        middle.register_full_backward_pre_hook(lambda *_: _kill_now() if due() else None)
+        middle.register_full_backward_pre_hook(lambda *_: kill_now() if due() else None)
