@@ -337,17 +337,19 @@ class RadisLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_rows, block_v):
+    def forward(ctx, logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_rows, block_v,
+                grad_scale):
         # (grad mode is off inside Function.forward; needs_input_grad says what autograd wants)
         compute_grad = ctx.needs_input_grad[0]
         buf = logits if (inplace or not compute_grad) else logits.detach().clone()
         loss, nll, kl = rows_loss_and_grad(
-            buf, targets, spans, scale, t_ids, t_lp, kd_weight,
+            buf, targets, spans, scale * grad_scale, t_ids, t_lp, kd_weight,
             impl=impl, compute_grad=compute_grad, chunk_rows=chunk_rows, block_v=block_v,
         )
         ctx.grad_logits = buf if compute_grad else None
+        ctx.grad_scale = grad_scale
         ctx.mark_non_differentiable(nll, kl)
-        return loss.sum(), nll, kl
+        return loss.sum() / grad_scale, nll, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll, _grad_kl):
@@ -356,8 +358,22 @@ class RadisLossFunction(torch.autograd.Function):
             raise RuntimeError("radis loss: backward called twice (the saved gradient is scaled in place)")
         ctx.grad_logits = None
         # One multiply by the scalar grad_output, in place: no second [N, V] buffer.
-        g.data.mul_(grad_loss.to(g.dtype))
-        return g, None, None, None, None, None, None, None, None, None, None
+        g.data.mul_(unfold_factor(grad_loss, ctx.grad_scale, g.dtype))
+        return g, None, None, None, None, None, None, None, None, None, None, None
+
+
+def unfold_factor(grad_loss: torch.Tensor, grad_scale, dtype: torch.dtype) -> torch.Tensor:
+    """What the forward's gradient, computed `grad_scale` times too large, is multiplied by.
+
+    Under fp16, DeepSpeed multiplies the loss by its loss scale (2^16 at first) before
+    backward. A gradient written in the forward already divided by the global token count
+    would underflow in fp16 (99.9% of the logit gradients flush to zero at V = 32000 and
+    65536 tokens), and the scale itself is inf in fp16. So the caller passes the scale it
+    will apply as `grad_scale`: the forward writes gradient x grad_scale (what fp16 needs
+    to stay in range), and backward multiplies by grad_loss / grad_scale, computed in fp32
+    (1.0 when the caller applied exactly that scale).
+    """
+    return (grad_loss.float() / grad_scale).to(dtype)
 
 
 class RadisLinearLossFunction(torch.autograd.Function):
@@ -378,7 +394,8 @@ class RadisLinearLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v):
+    def forward(ctx, hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v,
+                grad_scale):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         compute_grad = need_h or need_w or need_b
         n = hidden.shape[0]
@@ -389,6 +406,7 @@ class RadisLinearLossFunction(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         h_all, w = hidden.detach(), weight.detach()
+        scale = scale * grad_scale  # the gradients, grad_scale times too large (see unfold_factor)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = h_all[s:e]
@@ -407,8 +425,9 @@ class RadisLinearLossFunction(torch.autograd.Function):
                 grad_b += logits.float().sum(0)
             del logits
         ctx.grads = (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.grad_scale = grad_scale
         ctx.mark_non_differentiable(nll, kl)
-        return loss.sum(), nll, kl
+        return loss.sum() / grad_scale, nll, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll, _grad_kl):
@@ -418,5 +437,5 @@ class RadisLinearLossFunction(torch.autograd.Function):
         ctx.grads = None
         for t in (grad_h, grad_w, grad_b):
             if t is not None:
-                t.mul_(grad_loss.to(t.dtype))
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+                t.mul_(unfold_factor(grad_loss, ctx.grad_scale, t.dtype))
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None

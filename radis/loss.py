@@ -39,11 +39,20 @@ That is what a micro-batch without a teacher needs (validation on plain pairs, t
 all-padding micro-batches that even out ranks, a skipped NaN batch).
 
 No host synchronisation happens in the op itself (no .item(), no data-dependent Python
-branch) when `validate=False`. `validate=True` (the default) additionally checks value
+branch) when `validate=False` (for `radis_linear_loss`: and `target_rows` given, or
+`skip_ignored=False`). `validate=True` (the default) additionally checks value
 ranges (targets in [0, V) or -100, spans in {0, 1, 2}, teacher ids in [0, V)), which
 needs one sync; the trainer switches it off. Shape / dtype / device / contiguity checks
 are free and always run. With validate=False, a target >= V reads out of bounds on the
 Triton path; an out-of-range span counts as IGNORE.
+
+fp16: the gradient is written in the forward, in the logits' dtype, already divided by
+the normaliser (often the token count of a whole step), before any loss scale is
+applied; in fp16 most of it would flush to zero. A caller that multiplies the loss by a
+scale S before backward (DeepSpeed's fp16 loss scale, times the world size the trainer
+multiplies by) passes `grad_scale=S`: the forward then writes S x the gradient, in range,
+and the backward multiplies by (grad_output / S), computed in fp32. The returned loss
+is unchanged. The trainer does this on every micro-batch (radis.train.recipe).
 
 Memory: `radis_loss` computes the gradient during the forward and writes it over a copy
 of the logits (or over the logits themselves with `inplace=True`: the caller's tensor is
@@ -52,6 +61,7 @@ matmul, whose backward does not read its output). No fp32 copy of [N, V] is made
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -106,6 +116,7 @@ def radis_loss(
     validate: bool = True,
     chunk_size: int = 1024,
     block_v: int | None = None,
+    grad_scale: float = 1.0,
 ) -> RadisLossOutput:
     """RaDis loss from logits [N, V] (bf16 / fp16 / fp32); see the module docstring.
 
@@ -122,7 +133,8 @@ def radis_loss(
     scale, counts = _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer)
     t_ids, t_lp, kd_weight = _teacher(teacher_ids, teacher_logprobs, kd_weight)
     loss, nll, kl = RadisLossFunction.apply(
-        logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_size, block_v
+        logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_size, block_v,
+        _grad_scale(grad_scale),
     )
     return _output(loss, nll, kl, spans, counts)
 
@@ -145,6 +157,9 @@ def radis_linear_loss(
     validate: bool = True,
     chunk_size: int = 1024,
     block_v: int | None = None,
+    skip_ignored: bool = True,
+    target_rows: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> RadisLossOutput:
     """RaDis loss from hidden states [N, d] and the LM head (weight [V, d], bias [V] or None).
 
@@ -153,6 +168,18 @@ def radis_linear_loss(
     chunk during the forward (see RadisLinearLossFunction). grad_weight is accumulated
     in weight.dtype (one rounding per chunk in bf16, as Liger-Kernel does): an fp32
     accumulator would cost 4 * V * d bytes more at 7B scale.
+
+    Rows without a target (template, system prompt, instruction, source, padding: 30 to
+    60% of translation fine-tuning tokens) contribute nothing, so with `skip_ignored`
+    (the default) only the M target rows go through the head:
+
+        hidden [N, d] --index_select(target_rows)--> [M, d] -> logits [M, V] chunk by chunk
+        grad hidden [N, d] = zeros, with the M computed rows scattered back (index_select's backward)
+
+    `target_rows` [M] int64 (sorted row indices of the targets: targets != -100, span MT
+    or RD) is what the collator computes on the host (radis.data.packing.collate_packs);
+    without it the rows are found with a nonzero(), one host sync. The result is the
+    same as `skip_ignored=False` up to float summation order.
     """
     _check_common(hidden, "hidden", targets, spans, teacher_ids, teacher_logprobs, mode, kd_weight, chunk_size)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -166,13 +193,22 @@ def radis_linear_loss(
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ValueError(f"bias: expected [{weight.shape[0]}] {weight.dtype}, got {list(bias.shape)} {bias.dtype}")
     vocab = weight.shape[0]
+    if target_rows is not None:
+        _check_rows(target_rows, hidden)
     if validate:
-        _check_values(targets, spans, teacher_ids, vocab)
+        _check_values(targets, spans, teacher_ids, vocab, target_rows)
     impl = _resolve_impl(impl, hidden)
+    if skip_ignored:
+        rows = target_rows if target_rows is not None else target_rows_of(targets, spans)
+        if rows.shape[0] < hidden.shape[0]:  # shape only: no sync
+            hidden, targets, spans = hidden.index_select(0, rows), targets.index_select(0, rows), spans.index_select(0, rows)
+            if teacher_ids is not None:
+                teacher_ids, teacher_logprobs = teacher_ids.index_select(0, rows), teacher_logprobs.index_select(0, rows)
     scale, counts = _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer)
     t_ids, t_lp, kd_weight = _teacher(teacher_ids, teacher_logprobs, kd_weight)
     loss, nll, kl = RadisLinearLossFunction.apply(
-        hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v
+        hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v,
+        _grad_scale(grad_scale),
     )
     return _output(loss, nll, kl, spans, counts)
 
@@ -301,14 +337,40 @@ def _check_common(x, name, targets, spans, teacher_ids, teacher_logprobs, mode, 
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
 
 
-def _check_values(targets, spans, teacher_ids, vocab: int) -> None:
+def target_rows_of(targets: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """[M] int64, sorted: the rows that are targets (targets != -100, span MT or RD). One host sync."""
+    return ((targets != IGNORE_INDEX) & ((spans == 1) | (spans == 2))).nonzero().squeeze(1)
+
+
+def _check_rows(rows, x) -> None:
+    """Metadata checks of `target_rows` (no sync)."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype != torch.int64:
+        got = f"{list(rows.shape)} {rows.dtype}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"target_rows: expected a 1-D int64 tensor of row indices, got {got}")
+    if rows.device != x.device:
+        raise ValueError(f"target_rows: on {rows.device}, hidden on {x.device}")
+    if rows.shape[0] > x.shape[0]:
+        raise ValueError(f"target_rows: {rows.shape[0]} rows, hidden has only {x.shape[0]}")
+
+
+def _check_values(targets, spans, teacher_ids, vocab: int, target_rows=None) -> None:
     """Value-range checks: one host sync (validate=True only)."""
     bad_t = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
     bad_s = (spans < 0) | (spans > 2)
     flags = [bad_t.any(), bad_s.any()]
     if teacher_ids is not None:
         flags.append(((teacher_ids < 0) | (teacher_ids >= vocab)).any())
+    if target_rows is not None:
+        # exactly the target rows, each once, in order: anything else drops or repeats loss terms
+        is_target = (targets != IGNORE_INDEX) & ((spans == 1) | (spans == 2))
+        in_range = ((target_rows >= 0) & (target_rows < targets.shape[0])).all()
+        picked = is_target[target_rows.clamp(0, max(targets.shape[0] - 1, 0))].all() if targets.shape[0] else in_range
+        ordered = (target_rows[1:] > target_rows[:-1]).all()
+        flags.append(~(in_range & picked & ordered & (is_target.sum() == target_rows.shape[0])))
     flags = torch.stack(flags).tolist()  # the one sync
+    if target_rows is not None and flags.pop():
+        raise ValueError("target_rows: expected the sorted indices of exactly the target rows (targets != -100, "
+                         "span 1 or 2), each once")
     if flags[0]:
         i = int(bad_t.nonzero()[0, 0])
         raise ValueError(f"targets: row {i} has {int(targets[i])}; expected -100 or a token id in [0, {vocab})")
@@ -317,6 +379,14 @@ def _check_values(targets, spans, teacher_ids, vocab: int) -> None:
         raise ValueError(f"spans: row {i} has {int(spans[i])}; expected 0 (IGNORE), 1 (MT) or 2 (RD)")
     if len(flags) > 2 and flags[2]:
         raise ValueError(f"teacher_ids: ids outside [0, {vocab}) (pad with any valid id and log-prob -inf)")
+
+
+def _grad_scale(value) -> float:
+    """`grad_scale` as a float > 0 (see the module docstring, fp16)."""
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"grad_scale: expected a finite value > 0 (the loss scale applied before backward), got {value}")
+    return value
 
 
 def _teacher(teacher_ids, teacher_logprobs, kd_weight):

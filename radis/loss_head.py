@@ -19,7 +19,7 @@ embedding's parameter; autograd sums both contributions before the reduce-scatte
 
     RadisCausalLM(hf_model).forward(input_ids [B, T], labels [B, T], spans [B, T], ...)
         hidden = hf_model.<base_model>(input_ids, position_ids, attention_mask)   [B, T, d]
-        -> reshape [B*T, d] -> fused linear loss with lm_head (gathered)       -> RadisLossOutput
+        -> reshape [B*T, d] -> its target rows -> fused linear loss with lm_head (gathered) -> RadisLossOutput
 
 `RadisCausalLM` is what the trainer passes to `deepspeed.initialize`; its state dict is
 the HF model's under the prefix `model.` and `wrapper.model.save_pretrained` exports it.
@@ -173,6 +173,8 @@ class RadisCausalLM(nn.Module):
         attention_mask             whatever the base model accepts (e.g. the packed 4D mask)
         teacher_ids / _logprobs    [B, T, k] or None
         normalizer                 global {mt, rd} token counts of the optimizer step
+        target_rows                [M] flat indices of the target rows (collate_packs'), or None:
+                                   only those rows go through the head (found by a sync if None)
     """
 
     def __init__(
@@ -206,10 +208,11 @@ class RadisCausalLM(nn.Module):
         normalizer: Normalizer = None,
         teacher_ids: torch.Tensor | None = None,
         teacher_logprobs: torch.Tensor | None = None,
+        target_rows: torch.Tensor | None = None,
     ) -> RadisLossOutput:
         base = getattr(self.model, self.model.base_model_prefix)
         out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         return fused_head_loss(
             self.model.get_output_embeddings(), out.last_hidden_state, labels, spans, normalizer=normalizer,
-            teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, **self.loss_kwargs,
+            teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, target_rows=target_rows, **self.loss_kwargs,
         )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from radis.config import LossConfig
-from radis.loss import RadisLoss, radis_linear_loss, radis_loss
+from radis.loss import RadisLoss, radis_linear_loss, radis_loss, target_rows_of
 from radis.loss_head import RadisCausalLM, RadisLossHead
 
 IMPLS = ["torch", "triton"]
@@ -253,10 +253,19 @@ def test_global_normalizer_makes_micro_batches_add_up(mode):
 # --------------------------------------------------------------------------- fused linear
 
 
+ROWS = {  # how radis_linear_loss picks the rows that go through the head
+    "all": {"skip_ignored": False},  # every row, IGNORE rows computed and zeroed
+    "found": {},  # the default: target rows found with a nonzero()
+    "given": "target_rows",  # target rows given, as the collator computes them
+}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_oracle(impl, with_bias):
+@pytest.mark.parametrize("rows", list(ROWS))
+def test_linear_matches_oracle(impl, with_bias, rows):
     _x, t, s, tid, tlp = make_inputs()
+    assert 0 < int((t == -100).sum()) < N  # some rows are skipped, some are not
     g = torch.Generator().manual_seed(5)
     h = torch.randn(N, D, generator=g)
     w = torch.randn(V, D, generator=g) * 0.3
@@ -264,8 +273,9 @@ def test_linear_matches_oracle(impl, with_bias):
     tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.4}
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     bb = b.clone().requires_grad_() if with_bias else None
+    pick = {"target_rows": target_rows_of(t, s)} if ROWS[rows] == "target_rows" else ROWS[rows]
     out = radis_linear_loss(hh, ww, t, s, bias=bb, mode="span", w_rd=0.6, impl=impl, chunk_size=10,
-                            block_v=BLOCK, **tk)
+                            block_v=BLOCK, **pick, **tk)
     (3.0 * out.loss).backward()
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     b64 = b.double().requires_grad_() if with_bias else None
@@ -458,6 +468,44 @@ def test_kd_weight_without_teacher_is_plain_nll(impl):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("linear", [False, True])
+def test_fp16_gradient_keeps_its_range_with_the_loss_scale_folded_in(impl, linear):
+    """fp16 under a loss scale S = 2^16 (DeepSpeed's first) with a step-wide normaliser of
+    65536 tokens: the forward's gradient (p / 65536 ~ 4e-9 here) is below fp16's smallest
+    subnormal, and S itself is inf in fp16. With grad_scale=S the forward writes S x the
+    gradient and backward unfolds it in fp32: the result matches fp32 within fp16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    n, v, d, S = 16, 4096, 32, 2.0**16
+    norm = {"mt": 30000, "rd": 35536}
+    t = torch.randint(0, v, (n,), generator=g)
+    s = torch.randint(1, 3, (n,), generator=g)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * 0.3
+
+    def grads(dtype, grad_scale, loss_scale):
+        hh, ww = h.to(dtype, copy=True).requires_grad_(), w.to(dtype, copy=True).requires_grad_()
+        if linear:
+            out = radis_linear_loss(hh, ww, t, s, impl=impl, normalizer=norm, block_v=BLOCK, grad_scale=grad_scale)
+            (out.loss * loss_scale).backward()
+            return out.loss, hh.grad.double() / loss_scale, ww.grad.double() / loss_scale
+        x = (hh @ ww.t()).detach().requires_grad_()
+        out = radis_loss(x, t, s, impl=impl, normalizer=norm, block_v=BLOCK, grad_scale=grad_scale)
+        (out.loss * loss_scale).backward()
+        return out.loss, x.grad.double() / loss_scale
+
+    ref = grads(torch.float32, 1.0, 1.0)
+    folded = grads(torch.float16, S, S)
+    torch.testing.assert_close(folded[0], ref[0], rtol=2e-3, atol=0)  # the loss is not scaled
+    for got, want in zip(folded[1:], ref[1:]):
+        assert torch.isfinite(got).all()
+        assert (got - want).norm() / want.norm() < 5e-3
+    unfolded = grads(torch.float16, 1.0, S)  # what fp16 did before: inf (S in fp16) or all zero
+    assert not all(torch.isfinite(u).all() and (u - r).norm() / r.norm() < 0.5 for u, r in zip(unfolded[1:], ref[1:]))
+    with pytest.raises(ValueError, match="^grad_scale:"):
+        radis_loss(torch.zeros(2, 5), t[:2] % 5, s[:2], grad_scale=0.0)
+
+
 def test_bad_linear_input_names_the_argument():
     h, t, s = torch.zeros(5, 8), torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)
     with pytest.raises(ValueError, match="^weight:"):
@@ -466,9 +514,36 @@ def test_bad_linear_input_names_the_argument():
         radis_linear_loss(h, torch.zeros(10, 8, dtype=torch.float64), t, s)
     with pytest.raises(ValueError, match="^bias:"):
         radis_linear_loss(h, torch.zeros(10, 8), t, s, bias=torch.zeros(9))
+    w = torch.zeros(10, 8)
+    with pytest.raises(ValueError, match="^target_rows: expected a 1-D int64"):
+        radis_linear_loss(h, w, t, s, target_rows=torch.arange(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="^target_rows: 6 rows"):
+        radis_linear_loss(h, w, t, s, target_rows=torch.arange(6))
+    # rows that are not exactly the targets (validate=True) would drop or repeat loss terms
+    for rows in ([0, 1, 2, 3], [0, 0, 1, 2, 3], [1, 0, 2, 3, 4], [0, 1, 2, 3, 5]):
+        with pytest.raises(ValueError, match="^target_rows: expected the sorted indices"):
+            radis_linear_loss(h, w, t, s, target_rows=torch.tensor(rows))
 
 
 # --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_cuda_linear_loss_with_given_rows_has_no_host_sync():
+    _x, t, s, tid, tlp = (a.cuda() for a in make_inputs(n=67, v=5000))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(67, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(5000, 64, device="cuda", generator=g) * 0.1).bfloat16().requires_grad_()
+    rows = target_rows_of(t, s)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = radis_linear_loss(h, w, t, s, impl="triton", validate=False, target_rows=rows,
+                                teacher_ids=tid, teacher_logprobs=tlp, kd_weight=0.5)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss) and h.grad[t == -100].abs().max() == 0
 
 
 @pytest.mark.gpu
@@ -506,6 +581,6 @@ def test_benchmark_variants_run_and_agree():
     spec.loader.exec_module(bench)
     h, w, t, s = bench.make_inputs(40, 300, 16, torch.float32, "cpu")
     losses = [bench.step_fn(v, chunk=16)(h, w, t, s).item() for v in bench.CPU_VARIANTS]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5) == pytest.approx(losses[2], rel=1e-5)
+    assert len(losses) == 4 and all(x == pytest.approx(losses[0], rel=1e-5) for x in losses)
     row = bench.measure("radis_linear_torch", 40, 300, 16, torch.float32, "cpu", chunk=16, repeats=1)
     assert row["time_s"] > 0 and row["grads_mib"] > 0

@@ -90,6 +90,9 @@ def test_collate_layout_matches_the_drawing():
     assert batch["cu_seqlens"].tolist() == [0, 5, 11, 12, 20, 24] and batch["cu_seqlens"].dtype == torch.int32
     assert batch["max_seqlen"] == 8
     assert batch["num_targets"] == {"mt": 7, "rd": 5, "total": 12}
+    # the rows the loss head computes: flat over B*T, row b*12+t where labels[b, t] is a target
+    assert batch["target_rows"].tolist() == [1, 2, 3, 6, 7, 8, 9, 14, 15, 16, 17, 18]
+    assert batch["target_rows"].dtype == torch.int64
     assert batch["example_ids"] == [["a", "b"], ["c"]]
     m = batch["attention_mask"]
     assert m.shape == (2, 1, 12, 12) and m.dtype == torch.float32

@@ -405,6 +405,7 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
 
     Returns a dict of
         input_ids, labels, spans, position_ids   [B, T] int64
+        target_rows [M] int64                     flat indices (over B*T) where labels != -100
         cu_seqlens [n_seqs + 1] int32, max_seqlen int   (over the flattened B*T tokens)
         attention_mask [B, 1, T, T] `dtype`      only for attn "sdpa" / "eager"
         teacher_ids [B, T, k] int64, teacher_logprobs [B, T, k] float32,
@@ -486,6 +487,9 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
         "labels": torch.from_numpy(labels),
         "spans": torch.from_numpy(spans),
         "position_ids": torch.from_numpy(position_ids),
+        # the rows the loss head computes (radis_linear_loss's target_rows): found here on
+        # the host, so the step needs no nonzero() sync on the device
+        "target_rows": torch.from_numpy(np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX).astype(np.int64)),
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
         "max_seqlen": int(max_seqlen),
         "example_ids": [list(p.example_ids) for p in packs],

@@ -513,6 +513,7 @@ class RadisRecipe:
             if "attention_mask" not in batch:
                 kw["teacher_ids"] = kw["teacher_ids"].reshape(1, -1, lp.shape[-1])
                 kw["teacher_logprobs"] = kw["teacher_logprobs"].reshape(1, -1, lp.shape[-1])
+        kw["target_rows"] = batch["target_rows"]  # flat over B*T: the same in the [1, B*T] layout
         kw = {k: v.to(dev, non_blocking=True) for k, v in kw.items()}
         counts = batch.get("step_counts")
         if counts is not None:

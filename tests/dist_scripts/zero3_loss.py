@@ -105,6 +105,9 @@ def main():
     ok = ok and int(out.n_mt) + int(out.n_rd) > 0
     engine.step()  # the optimizer step runs with these gradients
     torch.distributed.barrier()
+    # a process that exits with its gloo group alive aborts now and then at interpreter
+    # teardown (radis.runtime._leave_before_interpreter_exit)
+    torch.distributed.destroy_process_group()
     return 0 if ok else 1
 
 
