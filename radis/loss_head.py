@@ -175,6 +175,8 @@ class RadisCausalLM(nn.Module):
         normalizer                 global {mt, rd} token counts of the optimizer step
         target_rows                [M] flat indices of the target rows (collate_packs'), or None:
                                    only those rows go through the head (found by a sync if None)
+        grad_scale                 what the caller multiplies the loss by before backward (fp16's
+                                   loss scale x world size; radis.loss, fp16)
     """
 
     def __init__(
@@ -209,10 +211,12 @@ class RadisCausalLM(nn.Module):
         teacher_ids: torch.Tensor | None = None,
         teacher_logprobs: torch.Tensor | None = None,
         target_rows: torch.Tensor | None = None,
+        grad_scale: float = 1.0,
     ) -> RadisLossOutput:
         base = getattr(self.model, self.model.base_model_prefix)
         out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         return fused_head_loss(
             self.model.get_output_embeddings(), out.last_hidden_state, labels, spans, normalizer=normalizer,
-            teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, target_rows=target_rows, **self.loss_kwargs,
+            teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, target_rows=target_rows,
+            grad_scale=grad_scale, **self.loss_kwargs,
         )

@@ -659,3 +659,20 @@ def test_untied_head_with_validation_under_default_zero3(work, sp_tokenizer, tmp
                  f"train.output_dir={tmp_path / 'out'}", "train.deepspeed_config=null", "train.max_steps=3",
                  "train.eval_every=1", "train.save_every=0"])
     assert proc.returncode == 0, proc.log
+
+
+def test_fp16_step_keeps_the_gradient_with_the_loss_scale_folded_in(work, sp_tokenizer):
+    """model.dtype=float16 under DeepSpeed's dynamic loss scale (2^16 at first): the fused
+    loss writes S x the gradient in the forward (S = loss scale x world size, read from
+    the engine each micro-batch), so the step's gradient norm is the fp32 one within fp16
+    rounding (without the fold it was zero or inf: tests/test_loss.py, fp16)."""
+    out = work["root"] / "fp16"
+    proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                 "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}",
+                 "model.dtype=float16", "train.deepspeed_config=null", "train.max_steps=1",
+                 "train.gradient_accumulation_steps=2", "train.max_grad_norm=0", "train.eval_every=0",
+                 "train.warmup_steps=0"])
+    assert proc.returncode == 0, proc.log
+    assert json.loads((out / "ds_config.json").read_text())["fp16"]["enabled"] is True
+    (rec,) = read_metrics(out / "metrics.jsonl")
+    assert rec["grad_norm"] == pytest.approx(_reference_grad_norm(work, sp_tokenizer), rel=2e-2), rec

@@ -518,7 +518,17 @@ class RadisRecipe:
         counts = batch.get("step_counts")
         if counts is not None:
             kw["normalizer"] = {"mt": counts["mt"], "rd": counts["rd"]}
+        kw["grad_scale"] = self._grad_scale()
         return kw
+
+    def _grad_scale(self) -> float:
+        """What the backward multiplies this micro-batch's loss by: the world size (see
+        train) times DeepSpeed's fp16 loss scale, which changes as it finds overflows. The
+        fused loss writes its gradient in the forward, so it must know it (radis.loss, fp16)."""
+        scale = 1.0
+        if self.engine.fp16_enabled():
+            scale = float(self.engine.optimizer.loss_scale)
+        return self.world * scale
 
     def _any_rank(self, flag: torch.Tensor) -> bool:
         """True on every rank when `flag` (a bool tensor) is true on any (one sync)."""
