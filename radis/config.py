@@ -48,7 +48,7 @@ class ModelConfig:
     # "auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # "auto": flash_attention_2 when installed on CUDA, else sdpa with a packed 4D mask.
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = False
     # Where converted models (GGUF -> safetensors) are cached.
     cache_dir: str = "~/.cache/radis"

@@ -177,6 +177,8 @@ class RadisCausalLM(nn.Module):
                                    only those rows go through the head (found by a sync if None)
         grad_scale                 what the caller multiplies the loss by before backward (fp16's
                                    loss scale x world size; radis.loss, fp16)
+        **attention_kwargs         on to the base model: flash varlen boundaries (cu_seq_lens_q/k,
+                                   max_length_q/k; radis.data.packing.model_forward_kwargs)
     """
 
     def __init__(
@@ -212,9 +214,12 @@ class RadisCausalLM(nn.Module):
         teacher_logprobs: torch.Tensor | None = None,
         target_rows: torch.Tensor | None = None,
         grad_scale: float = 1.0,
+        **attention_kwargs: Any,
     ) -> RadisLossOutput:
         base = getattr(self.model, self.model.base_model_prefix)
-        out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        attention_kwargs.pop("use_cache", None)  # never a cache in training
+        out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                   **attention_kwargs)
         return fused_head_loss(
             self.model.get_output_embeddings(), out.last_hidden_state, labels, spans, normalizer=normalizer,
             teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, target_rows=target_rows,

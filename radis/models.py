@@ -144,10 +144,28 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def default_attn_implementation(name: str = "auto") -> str:
-    """"auto": flash_attention_2 where installed on CUDA, else sdpa (packed 4D mask)."""
+def flex_attention_available() -> bool:
+    """PyTorch's flex_attention on a CUDA device (it compiles a fused kernel there; on a CPU
+    it runs, but unfused, so sdpa with the 4D mask is the CPU choice)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def default_attn_implementation(name: str = "auto", packed: bool = True) -> str:
+    """The attention implementation for `model.attn_implementation`.
+
+    Packed training (`packed=True`), "auto": flash_attention_2 where flash-attn is
+    installed on CUDA, else flex_attention on CUDA (a document block mask from the
+    pack's segments: fused kernels without flash-attn's wheel), else sdpa with the packed
+    4D mask (radis.data.packing). Generation and evaluation (`packed=False`) run one
+    example per row with a KV cache: "auto" is flash_attention_2 or sdpa, and
+    flex_attention, a packing backend here, becomes sdpa.
+    """
     if name == "auto":
-        return "flash_attention_2" if flash_attn_available() else "sdpa"
+        if flash_attn_available():
+            return "flash_attention_2"
+        return "flex_attention" if packed and flex_attention_available() else "sdpa"
+    if name == "flex_attention" and not packed:
+        return "sdpa"
     return name
 
 
@@ -172,5 +190,6 @@ def load_model(
     path = resolve_model_path(name_or_path, cache_dir)
     with loading(path, "model"):
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=default_dtype(dtype), attn_implementation=default_attn_implementation(attn_implementation)
+            path, dtype=default_dtype(dtype),
+            attn_implementation=default_attn_implementation(attn_implementation, packed=False)
         )

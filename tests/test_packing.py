@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radis.data.example import IGNORE_INDEX, Segment
+from radis.loss_head import RadisCausalLM
 from radis.data.packing import (
     Pack,
     PackedDataset,
@@ -198,9 +199,120 @@ def test_packed_logits_equal_unpacked_with_4d_mask(attn):
     assert packed_vs_alone(model, attn, mask=False) > 1e-2
 
 
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """transformers' flex_attention without torch.compile: the same mask semantics through
+    PyTorch's unfused reference path, so that a CPU test needs no minute-long compile."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as hf_flex
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", lambda q, k, v, training=False, **kw:
+                        flex_attention(q, k, v, **kw))
+
+
+def test_packed_logits_equal_unpacked_with_flex_block_mask(eager_flex):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch = collate_packs([PackedDataset.from_segments(random_segments(3, seed=2), 32, 4, 0).pack(0)], 0,
+                          attn="flex_attention", pad_to=32)
+    assert "attention_mask" not in batch and batch["sequence_ids"].dtype == torch.int32
+    assert isinstance(model_forward_kwargs(batch)["attention_mask"], BlockMask)
+    model = tiny_llama("flex_attention")
+    assert packed_vs_alone(model, "flex_attention") < 1e-5
+
+
+def _loss_and_grads(attn: str, batch: dict, device: str = "cpu", dtype=torch.float32, grads: bool = True):
+    """The trainer's route: model_forward_kwargs -> RadisCausalLM -> loss (and every gradient)."""
+    model = tiny_llama(attn, device, dtype).train()
+    wrapper = RadisCausalLM(model, impl="torch", mode="span", w_rd=0.5)
+    with torch.set_grad_enabled(grads):
+        out = wrapper(labels=batch["labels"].to(device), spans=batch["spans"].to(device),
+                      target_rows=batch["target_rows"].to(device), **model_forward_kwargs(batch, device))
+    if not grads:
+        return out.loss, {}
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def _same_loss_and_grads(attn: str, device: str = "cpu", dtype=torch.float32, grads: bool = True, tol: float = 1e-6,
+                         layout: str | None = None):
+    """`attn` (its batches collated for `layout`, default attn) through the trainer's route
+    against sdpa with the packed 4D mask."""
+    ds = PackedDataset.from_segments(random_segments(9, seed=1), max_tokens=32, window=16, seed=0)
+    packs = [ds.pack(p) for p in range(ds.num_packs)]
+    ref = _loss_and_grads("sdpa", collate_packs(packs, 0, attn="sdpa", dtype=dtype, pad_to=32), device, dtype, grads)
+    got = _loss_and_grads(attn, collate_packs(packs, 0, attn=layout or attn, dtype=dtype, pad_to=32), device, dtype,
+                          grads)
+    torch.testing.assert_close(got[0], ref[0], atol=tol, rtol=tol)
+    assert ref[1].keys() == got[1].keys()
+    for name in ref[1]:
+        torch.testing.assert_close(got[1][name], ref[1][name], atol=tol, rtol=max(tol, 1e-5), msg=name)
+
+
+def test_flex_and_sdpa_give_the_same_loss(eager_flex):
+    """flex_attention's block mask trains what sdpa with the 4D mask does (the loss; PyTorch
+    has no flex_attention backward on a CPU: the gradients are the GPU test's)."""
+    _same_loss_and_grads("flex_attention", grads=False)
+
+
+@pytest.mark.gpu
+def test_flex_and_sdpa_give_the_same_loss_and_gradients_on_cuda():
+    """Compiled flex_attention (transformers compiles it) against sdpa, loss and gradients, bf16."""
+    _same_loss_and_grads("flex_attention", device="cuda", dtype=torch.bfloat16, tol=2e-2)
+
+
+def _reference_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A varlen attention in plain PyTorch, registered like flash_attention_2 would be: it
+    reads the boundaries the caller passed (cu_seq_lens_q over the flattened B*T tokens)
+    and attends within each sequence only. Without them a row is one sequence."""
+    import torch.nn.functional as F
+
+    B, H, T, D = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    _VARLEN_CALLS.append(cu is not None and kwargs.get("max_length_q") is not None)
+    key = key.repeat_interleave(H // key.shape[1], dim=1)
+    value = value.repeat_interleave(H // value.shape[1], dim=1)
+    flat = [x.transpose(1, 2).reshape(B * T, H, D) for x in (query, key, value)]
+    bounds = cu.tolist() if cu is not None else list(range(0, B * T + 1, T))
+    out = torch.empty_like(flat[0])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[s:e].transpose(0, 1)[None] for x in flat)
+        out[s:e] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)[0].transpose(0, 1)
+    return out.reshape(B, T, H, D), None
+
+
+_VARLEN_CALLS: list[bool] = []
+
+
+def test_varlen_boundaries_reach_every_attention_layer():
+    """The flash path's route on a CPU: a varlen attention registered under its own name gets
+    cu_seq_lens / max_length from model_forward_kwargs in every layer (no rebuilding from
+    position_ids), and the packed loss and gradients equal sdpa's with the 4D mask."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("radis_reference_varlen", _reference_varlen_attention)
+    ds = PackedDataset.from_segments(random_segments(9, seed=1), max_tokens=32, window=16, seed=0)
+    packs = [ds.pack(p) for p in range(ds.num_packs)]
+    batch = collate_packs(packs, 0, attn="flash_attention_2", pad_to=32)
+    kw = model_forward_kwargs(batch)
+    assert kw["cu_seq_lens_q"] is kw["cu_seq_lens_k"] and kw["max_length_q"] == batch["max_seqlen"]
+    _VARLEN_CALLS.clear()
+    _loss_and_grads("radis_reference_varlen", batch)
+    assert _VARLEN_CALLS == [True, True]  # 2 layers, each with the boundaries
+    _same_loss_and_grads("radis_reference_varlen", layout="flash_attention_2")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed")
 def test_packed_logits_equal_unpacked_flash_attention_2():
     model = tiny_llama("flash_attention_2", device="cuda", dtype=torch.bfloat16)
     # bf16 kernels: packed and alone differ only by rounding (same math, other tiling)
     assert packed_vs_alone(model, "flash_attention_2", device="cuda", dtype=torch.bfloat16) < 5e-2
+    # the trainer's route (explicit varlen boundaries) against sdpa: loss and gradients
+    _same_loss_and_grads("flash_attention_2", device="cuda", dtype=torch.bfloat16, tol=2e-2)
+
+
+@pytest.mark.gpu
+def test_packed_logits_equal_unpacked_compiled_flex_attention():
+    model = tiny_llama("flex_attention", device="cuda", dtype=torch.bfloat16)
+    assert packed_vs_alone(model, "flex_attention", device="cuda", dtype=torch.bfloat16) < 5e-2

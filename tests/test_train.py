@@ -280,6 +280,10 @@ def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, caps
         ((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\nloss: {{method: vanilla, "
          "kd_weight: 0.5}\n"), "loss.kd_weight > 0 needs loss.method=radis"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((f"model: {{name_or_path: {model}, attn_implementation: flex_attention}}\n"
+                      f"data: {{train: [{{path: {data}}}]}}\n",
+                      "model.attn_implementation=flex_attention: PyTorch's flex_attention has no backward pass"))
     (tmp_path / "bad_ds.json").write_text(json.dumps({"gradient_accumulation_steps": 3}))
     cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"
                   f"train: {{deepspeed_config: {tmp_path / 'bad_ds.json'}}}\n"),

@@ -69,9 +69,11 @@ cache object is created, which switches off transformers' packed-sequence detect
 or with a 2D all-ones mask, the second example attends to the first (logit error
 ~0.2). The 4D additive float mask isolates them in every case, for sdpa and eager; a
 4D bool mask works for sdpa only. With flash_attention_2, transformers derives varlen
-boundaries from position_ids only when B == 1: the trainer lays the B packs end to end
-as one row [1, B*T] (radis.train.recipe); `model_forward_kwargs` shows the other way,
-passing the boundaries explicitly (cu_seq_lens_q/k and max_length_q/k).
+boundaries from position_ids only when B == 1 (and again in every layer); the trainer
+passes them explicitly instead (cu_seq_lens_q/k and max_length_q/k, see
+`model_forward_kwargs`). flex_attention gets a BlockMask built from the same sequence
+ids (`document_block_mask`): the 4D mask's rule without the [T, T] tensor, and a
+fused kernel on CUDA where flash-attn is not installed.
 """
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ from radis.data.example import IGNORE, IGNORE_INDEX, MT, RD, Segment
 
 MASKED_ATTN = ("sdpa", "eager")
 VARLEN_ATTN = ("flash_attention_2", "flash_attention_3")
+FLEX_ATTN = ("flex_attention",)
 # A bin of a packing window with more than this share of free slots is carried over.
 CARRY_SLACK = 0.01
 
@@ -408,6 +411,8 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
         target_rows [M] int64                     flat indices (over B*T) where labels != -100
         cu_seqlens [n_seqs + 1] int32, max_seqlen int   (over the flattened B*T tokens)
         attention_mask [B, 1, T, T] `dtype`      only for attn "sdpa" / "eager"
+        sequence_ids [B, T] int32                 only for attn "flex_attention": the example
+                                                  index of each token (the padding tail its own)
         teacher_ids [B, T, k] int64, teacher_logprobs [B, T, k] float32,
         teacher_mask [B, T] bool                  only when a pack carries a top-k
         example_ids list[list[str]] per pack, num_seqs int (real examples),
@@ -417,8 +422,8 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
     mask is built on `mask_device` (default CPU; the GPU builds it far faster), all
     other tensors on the CPU.
     """
-    if attn not in MASKED_ATTN + VARLEN_ATTN:
-        raise ValueError(f"attn: expected one of {list(MASKED_ATTN + VARLEN_ATTN)}, got {attn!r}")
+    if attn not in MASKED_ATTN + VARLEN_ATTN + FLEX_ATTN:
+        raise ValueError(f"attn: expected one of {list(MASKED_ATTN + VARLEN_ATTN + FLEX_ATTN)}, got {attn!r}")
     if not packs:
         raise ValueError("collate_packs: no packs")
     longest = max(len(p) for p in packs)
@@ -501,6 +506,8 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
     out["num_targets"] = {"mt": n_mt, "rd": n_rd, "total": n_mt + n_rd}
     if attn in MASKED_ATTN:
         out["attention_mask"] = block_causal_mask(torch.from_numpy(seq_ids).to(mask_device or "cpu"), dtype)
+    if attn in FLEX_ATTN:  # the block mask is built where the model runs (model_forward_kwargs)
+        out["sequence_ids"] = torch.from_numpy(seq_ids.astype(np.int32))
     if with_teacher:
         out["teacher_ids"] = torch.from_numpy(t_ids)
         out["teacher_logprobs"] = torch.from_numpy(t_lp)
@@ -508,13 +515,32 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
     return out
 
 
+def document_block_mask(sequence_ids: torch.Tensor) -> Any:
+    """[B, T] example index per token -> flex_attention's BlockMask of the packed layout:
+    query q sees key k when both belong to the same example and k <= q (the 4D mask's
+    rule, kept as a predicate: blocks of 128 x 128 that no query may see are skipped
+    whole, and nothing [T, T] is materialised). Built on `sequence_ids.device`.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = sequence_ids.shape
+
+    def same_example_causal(b, h, q, k):
+        return (sequence_ids[b, q] == sequence_ids[b, k]) & (q >= k)
+
+    return create_block_mask(same_example_causal, B, None, T, T, device=sequence_ids.device)
+
+
 def model_forward_kwargs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
-    """The keyword arguments of a transformers causal-LM forward for a collated batch.
+    """The attention inputs of a transformers causal-LM forward for a collated batch, on
+    `device`: what the trainer (radis.train.recipe) gives the model.
 
     sdpa / eager: input_ids, position_ids, attention_mask (the 4D float mask).
-    flash_attention_2: input_ids, position_ids and the varlen boundaries
-    (cu_seq_lens_q/k, max_length_q/k), which transformers passes to
-    flash_attn_varlen_func for any B (from position_ids alone it does so only for B=1).
+    flex_attention: input_ids, position_ids, attention_mask = the document BlockMask.
+    flash_attention_2: input_ids, position_ids and the varlen boundaries (cu_seq_lens_q/k,
+    max_length_q/k), which transformers hands to flash_attn_varlen_func for any B: without
+    them it rebuilds the boundaries from position_ids in every layer (a host sync each),
+    and only when B == 1.
     `use_cache=False` always: training has no use for a cache.
     """
     to = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
@@ -522,6 +548,8 @@ def model_forward_kwargs(batch: dict[str, Any], device: torch.device | str | Non
                           "use_cache": False}
     if "attention_mask" in batch:
         kw["attention_mask"] = to(batch["attention_mask"])
+    elif "sequence_ids" in batch:
+        kw["attention_mask"] = document_block_mask(to(batch["sequence_ids"]))
     else:
         cu = to(batch["cu_seqlens"])
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])

@@ -93,6 +93,9 @@ def preflight(cfg: RadisConfig) -> None:
                     raise ConfigError(f"data.{split}[{i}].{key}: {value}: no such file or directory")
     if cfg.loss.kd_weight > 0 and cfg.loss.method == "vanilla":
         raise ConfigError("loss.kd_weight > 0 needs loss.method=radis (vanilla data has no rationales)")
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError("model.attn_implementation=flex_attention: PyTorch's flex_attention has no backward pass "
+                          "on a CPU; train with sdpa there (attn_implementation: auto picks it)")
     if cfg.loss.kd_weight > 0:
         _check_teacher_sources(cfg)
     check_values(cfg, "train config")  # value ranges (load_config checks them too; API callers may not)
@@ -497,24 +500,20 @@ class RadisRecipe:
     def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Engine (RadisCausalLM) kwargs for a collated micro-batch, on the engine's device.
 
-        flash_attention_2 gets the B packs laid end to end as one row [1, B*T]: its varlen
-        path then follows position_ids (which restart per example) for any B.
+        The attention inputs are radis.data.packing.model_forward_kwargs' (the 4D mask,
+        flex_attention's block mask, or flash's varlen boundaries); the loss inputs
+        (labels, spans, teacher top-k, target rows, normaliser, fp16 scale) come on top.
         """
+        from radis.data.packing import model_forward_kwargs
+
         dev = self.device
-        kw: dict[str, Any] = {"input_ids": batch["input_ids"], "labels": batch["labels"], "spans": batch["spans"],
-                              "position_ids": batch["position_ids"]}
-        if "attention_mask" in batch:
-            kw["attention_mask"] = batch["attention_mask"]
-        else:
-            kw = {k: v.reshape(1, -1) for k, v in kw.items()}
+        kw: dict[str, Any] = {"labels": batch["labels"], "spans": batch["spans"]}
         if "teacher_ids" in batch and self.cfg.loss.kd_weight > 0:
             lp = batch["teacher_logprobs"].masked_fill(~batch["teacher_mask"][..., None], float("-inf"))
             kw["teacher_ids"], kw["teacher_logprobs"] = batch["teacher_ids"], lp
-            if "attention_mask" not in batch:
-                kw["teacher_ids"] = kw["teacher_ids"].reshape(1, -1, lp.shape[-1])
-                kw["teacher_logprobs"] = kw["teacher_logprobs"].reshape(1, -1, lp.shape[-1])
-        kw["target_rows"] = batch["target_rows"]  # flat over B*T: the same in the [1, B*T] layout
+        kw["target_rows"] = batch["target_rows"]  # flat over B*T
         kw = {k: v.to(dev, non_blocking=True) for k, v in kw.items()}
+        kw.update(model_forward_kwargs(batch, dev))
         counts = batch.get("step_counts")
         if counts is not None:
             kw["normalizer"] = {"mt": counts["mt"], "rd": counts["rd"]}
