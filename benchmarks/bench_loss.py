@@ -16,6 +16,7 @@ pays for the same outputs:
     compiled_ce           the naive step under torch.compile
     liger_flce            Liger-Kernel's fused linear cross entropy (if importable; plain
                           CE over MT u RD = the pooled loss with w_mt = w_rd = 1)
+    cce                   apple's cut-cross-entropy `linear_cross_entropy` (if importable), same loss
 
 Targets: `--spans-from DIR` takes the span layout of real packed data (a cache entry
 that `radis build-data` wrote, e.g. ALMA de-en with rationales): its packs are collated
@@ -48,6 +49,7 @@ median of `--repeats` further steps (CUDA: synchronised).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -62,7 +64,9 @@ import torch.nn.functional as F
 from radis.models import DTYPES
 
 CPU_VARIANTS = ["naive", "radis_torch", "radis_linear_torch_all", "radis_linear_torch"]
-GPU_VARIANTS = CPU_VARIANTS + ["radis_triton", "radis_linear_triton", "compiled_ce", "liger_flce"]
+GPU_VARIANTS = CPU_VARIANTS + ["radis_triton", "radis_linear_triton", "compiled_ce", "liger_flce", "cce"]
+# variants from other packages: the module each needs
+OPTIONAL = {"liger_flce": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
 def real_spans(cache_entry: str, n: int) -> torch.Tensor:
@@ -158,6 +162,11 @@ def step_fn(variant: str, chunk: int):
         )
 
         return lambda h, w, t, s: liger_fused_linear_cross_entropy(h, w, torch.where(s > 0, t, -100))
+    if variant == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, t, s: linear_cross_entropy(h, w, torch.where(s > 0, t, -100), ignore_index=-100,
+                                                       reduction="mean")
     raise ValueError(f"--variant: unknown {variant!r}")
 
 
@@ -272,12 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in args.n:
         for variant in variants:
-            if variant == "liger_flce":
-                try:
-                    import liger_kernel  # noqa: F401
-                except ImportError:
-                    print(f"skip {variant}: liger-kernel not installed", file=sys.stderr)
-                    continue
+            if variant in OPTIONAL and importlib.util.find_spec(OPTIONAL[variant]) is None:
+                print(f"skip {variant}: {OPTIONAL[variant]} not installed", file=sys.stderr)
+                continue
             if device == "cpu":
                 row = run_cpu_worker(args, variant, n)
             else:
@@ -285,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(f"  {variant:22s} N={n:6d}: {row['time_s']:.3f} s, {row['peak_extra_mib']:.0f} MiB", file=sys.stderr)
-    if rows:
-        print(f"targets: {rows[0]['spans']} of the rows" + (f" (span layout of {args.spans_from})" if args.spans_from
-                                                            else " (synthetic)"))
+    origin = f"span layout of {args.spans_from}" if args.spans_from else "synthetic"
+    for n in args.n:
+        mix = next((r["spans"] for r in rows if r["n"] == n), None)
+        if mix:
+            print(f"N={n}: targets {mix} of the rows ({origin})")
     print(table(rows))
     for n in args.n:
         by = {r["variant"]: r for r in rows if r["n"] == n}

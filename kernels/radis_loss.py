@@ -380,7 +380,7 @@ class RadisLinearLossFunction(torch.autograd.Function):
     """Loss from hidden states and the LM head, chunk by chunk over tokens.
 
         for each chunk of rows [s, e):
-            logits_c  = hidden[s:e] @ weight.T (+ bias)        [c, V]   the only O(V) buffer
+            logits_c  = hidden[s:e] @ weight.T (+ bias)        [c, V]   the only O(V) buffer (reused)
             rows_loss_and_grad(logits_c)                        logits_c <- dloss/dlogits_c
             grad_hidden[s:e]  = logits_c @ weight               [c, d]
             grad_weight      += logits_c.T @ hidden[s:e]        [V, d]   (in weight.dtype)
@@ -407,10 +407,17 @@ class RadisLinearLossFunction(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         h_all, w = hidden.detach(), weight.detach()
         scale = scale * grad_scale  # the gradients, grad_scale times too large (see unfold_factor)
+        # One [chunk, V] buffer serves every chunk: a fresh one per chunk costs an
+        # allocation (on a CPU, page faults on hundreds of MB) for no gain.
+        buf = torch.empty(min(chunk_size, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = h_all[s:e]
-            logits = torch.addmm(bias.detach(), h, w.t()) if bias is not None else h @ w.t()
+            logits = buf[: e - s]
+            if bias is not None:
+                torch.addmm(bias.detach(), h, w.t(), out=logits)
+            else:
+                torch.mm(h, w.t(), out=logits)
             tc = None if t_ids is None else t_ids[s:e]
             lc = None if t_lp is None else t_lp[s:e]
             loss[s:e], nll[s:e], kl[s:e] = rows_loss_and_grad(
@@ -423,7 +430,7 @@ class RadisLinearLossFunction(torch.autograd.Function):
                 grad_w.addmm_(logits.t(), h)
             if need_b:
                 grad_b += logits.float().sum(0)
-            del logits
+        del buf
         ctx.grads = (grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype))
         ctx.grad_scale = grad_scale
         ctx.mark_non_differentiable(nll, kl)

@@ -547,6 +547,28 @@ def test_cuda_linear_loss_with_given_rows_has_no_host_sync():
 
 
 @pytest.mark.gpu
+def test_cuda_kernel_past_two_to_the_31_logit_entries():
+    """N * V > 2^31 (a 7B step's logits easily are): rows past that offset must be read and
+    written at int64 offsets. The last rows' gradients equal the torch path's on those rows."""
+    v = 32000
+    n = 2**31 // v + 257
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, generator=g)  # 4.4 GB
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    s = torch.full((n,), 2, device="cuda", dtype=torch.int8)
+    norm = {"mt": 0, "rd": 1}  # weight 1 per row: gradients ~ p, far above bf16's rounding floor
+    tail = slice(n - 256, n)
+    ref = x[tail].clone().requires_grad_()
+    radis_loss(ref, t[tail], s[tail], impl="torch", normalizer=norm).loss.backward()
+    xx = x.requires_grad_()
+    out = radis_loss(xx, t, s, impl="triton", normalizer=norm, validate=False)
+    out.loss.backward()
+    assert int(out.n_rd) == n and torch.isfinite(out.loss)
+    torch.testing.assert_close(xx.grad[tail].float(), ref.grad.float(), atol=1e-6, rtol=2e-2)
+    assert xx.grad[tail].abs().max() > 0
+
+
+@pytest.mark.gpu
 def test_cuda_triton_matches_torch_without_host_sync():
     x, t, s, tid, tlp = (a.cuda() for a in make_inputs(n=67, v=5000))
     tk = {"teacher_ids": tid, "teacher_logprobs": tlp, "kd_weight": 0.5}
