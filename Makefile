@@ -18,7 +18,7 @@ DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo bench gpu-assets gpu-check lint clean
 
 install: $(STAMP)
 
@@ -51,6 +51,18 @@ demo: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+# What gpu-check needs on a GPU machine without network (wheels, tokenizer, a data
+# slice), prepared here where pip reaches an index: .gpu_assets/ (git-ignored).
+gpu-assets: install
+	$(PY) benchmarks/gpu_assets.py $(GPU_ASSETS_ARGS)
+
+# Every check that needs a CUDA GPU, in at most 8 minutes (benchmarks/gpu_check.py); says
+# so and exits 0 without one. No `install` prerequisite: a GPU machine may have no network,
+# so it runs with the venv's python where there is one, else the machine's python3.
+GPU_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_packing.py

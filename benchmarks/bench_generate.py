@@ -18,7 +18,11 @@ beforehand, the model is loaded once). "agree" is the share of examples whose gr
 tokens are identical on both sides: batching must not change the output.
 
 On a CUDA machine the same comparison runs again in bf16 on the GPU with larger
-batches (`--gpu-batch-sizes`).
+batches (`--gpu-batch-sizes`); `--devices cuda` runs only that part. `--random-weights`
+builds the model from the directory's config.json with random weights (a machine that
+has the config and tokenizer but not the weights, e.g. the GPU check's assets): the
+throughput is the shape's, and rows rarely stop early, so every row decodes about
+--max-new-tokens tokens.
 """
 from __future__ import annotations
 
@@ -176,6 +180,18 @@ def batch_pair(text: str) -> tuple[int, int]:
     return pair
 
 
+def _model(args, dtype: str):
+    from radis.models import DTYPES, load_model, resolve_model_path
+
+    if not args.random_weights:
+        return load_model(args.model, dtype=dtype, attn_implementation="sdpa")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -192,22 +208,27 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of every batched method, interleaved; the table has the median (default 3)")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"],
+                   help="where to run (cuda only where available; default both)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model from its config.json with random weights (seed 0) instead of its weights")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.data.is_file():
         print(f"data file {args.data} not found (../shared/data beside the checkout); pass --data", file=sys.stderr)
         return 2
 
-    from radis.models import load_model
-
     tok, fmt, requests = build(args)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else fmt.stop_token_ids[0]
     rows = []
-    model = load_model(args.model, dtype="float32", attn_implementation="sdpa").eval()
-    rows += compare(f"CPU fp32, {torch.get_num_threads()} threads", model, requests, fmt, pad_id, args, args.batch_sizes, args.hf_batch_sizes)
-    if torch.cuda.is_available():
-        model = load_model(args.model, dtype="bfloat16", attn_implementation="sdpa").to("cuda").eval()
-        rows += compare(f"{torch.cuda.get_device_name()} bf16", model, requests, fmt, pad_id, args, args.gpu_batch_sizes, args.hf_batch_sizes)
+    if "cpu" in args.devices:
+        model = _model(args, "float32").eval()
+        rows += compare(f"CPU fp32, {torch.get_num_threads()} threads", model, requests, fmt, pad_id, args,
+                        args.batch_sizes, args.hf_batch_sizes)
+    if "cuda" in args.devices and torch.cuda.is_available():
+        model = _model(args, "bfloat16").to("cuda").eval()
+        rows += compare(f"{torch.cuda.get_device_name()} bf16", model, requests, fmt, pad_id, args, args.gpu_batch_sizes,
+                        args.hf_batch_sizes)
 
     print(f"{len(requests)} prompts from {args.data.name}, model {args.model}, greedy, "
           f"max_new_tokens={args.max_new_tokens}, min_rationale_tokens={args.min_rationale_tokens}\n")

@@ -17,6 +17,10 @@ pays for the same outputs:
     liger_flce            Liger-Kernel's fused linear cross entropy (if importable; plain
                           CE over MT u RD = the pooled loss with w_mt = w_rd = 1)
     cce                   apple's cut-cross-entropy `linear_cross_entropy` (if importable), same loss
+  the floor, both devices:
+    matmuls               only the three matmuls a head must do on the target rows: logits =
+                          h_t @ W.T, then logits @ W and logits.T @ h_t (the logits standing in
+                          for their gradient): what no fused loss can go below
 
 Targets: `--spans-from DIR` takes the span layout of real packed data (a cache entry
 that `radis build-data` wrote, e.g. ALMA de-en with rationales): its packs are collated
@@ -63,7 +67,7 @@ import torch.nn.functional as F
 
 from radis.models import DTYPES
 
-CPU_VARIANTS = ["naive", "radis_torch", "radis_linear_torch_all", "radis_linear_torch"]
+CPU_VARIANTS = ["naive", "radis_torch", "radis_linear_torch_all", "radis_linear_torch", "matmuls"]
 GPU_VARIANTS = CPU_VARIANTS + ["radis_triton", "radis_linear_triton", "compiled_ce", "liger_flce", "cce"]
 # variants from other packages: the module each needs
 OPTIONAL = {"liger_flce": "liger_kernel", "cce": "cut_cross_entropy"}
@@ -121,6 +125,22 @@ def naive_loss(h, w, targets, spans):
 
 
 _COMPILED = None
+
+
+class MatmulsOnly(torch.autograd.Function):
+    """logits = h @ W.T forward; grad_h = logits @ W, grad_W = logits.T @ h backward: the
+    three matmuls of a head, with the logits as a stand-in gradient, and nothing else."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        logits = h @ w.t()
+        ctx.save_for_backward(h, w, logits)
+        return logits.float().sum()  # the sum is O(M x V) reads, a small share of the matmuls' time
+
+    @staticmethod
+    def backward(ctx, _grad):
+        h, w, logits = ctx.saved_tensors
+        return logits @ w, logits.t() @ h
 _ROWS: dict[int, torch.Tensor] = {}  # target rows per targets tensor (found once, outside the timing)
 
 
@@ -138,6 +158,16 @@ def step_fn(variant: str, chunk: int):
             return radis_loss(h @ w.t(), t, s, impl=impl, inplace=True, validate=False, chunk_size=chunk).loss
 
         return fn
+    if variant == "matmuls":
+        def floor(h, w, t, s):
+            rows = _ROWS.get(id(t))
+            if rows is None:
+                rows = _ROWS[id(t)] = target_rows_of(t, s)
+            # gathering the rows is outside the autograd graph's matmuls but inside the time,
+            # as it is for radis_linear_*: their floor
+            return MatmulsOnly.apply(h.index_select(0, rows), w)
+
+        return floor
     if variant == "radis_linear_torch_all":
         return lambda h, w, t, s: radis_linear_loss(h, w, t, s, impl="torch", validate=False, chunk_size=chunk,
                                                     skip_ignored=False).loss
@@ -180,7 +210,7 @@ def measure(variant: str, n: int, v: int, d: int, dtype: torch.dtype, device: st
     """Peak extra memory (first step) and median time (next `repeats` steps) of one variant."""
     h, w, t, s = make_inputs(n, v, d, dtype, device, spans_from=spans_from)
     fn = step_fn(variant, chunk)
-    if variant in ("radis_linear_torch", "radis_linear_triton"):
+    if variant in ("radis_linear_torch", "radis_linear_triton", "matmuls"):
         fn(h, w, t, s)  # finds the target rows once (the collator's job), outside the measurement
         h.grad = w.grad = None
     cuda = device.startswith("cuda")
@@ -299,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     for n in args.n:
         by = {r["variant"]: r for r in rows if r["n"] == n}
+        for fused in ("radis_linear_torch", "radis_linear_triton"):
+            if fused in by and "matmuls" in by:
+                print(f"N={n}: {fused} time {by[fused]['time_s'] / by['matmuls']['time_s']:.2f} x the head's own "
+                      "matmuls (GPU goal <= 1.10)")
+        for peer in ("cce", "liger_flce"):
+            if peer in by and "radis_linear_triton" in by:
+                print(f"N={n}: radis_linear_triton time {by['radis_linear_triton']['time_s'] / by[peer]['time_s']:.2f} x "
+                      f"{peer}, peak memory {by['radis_linear_triton']['peak_extra_mib'] / max(by[peer]['peak_extra_mib'], 1e-9):.2f} x")
         if "naive" in by and "radis_linear_torch" in by:
             mem = _excl(by["radis_linear_torch"]) / _excl(by["naive"])
             tim = by["radis_linear_torch"]["time_s"] / by["naive"]["time_s"]

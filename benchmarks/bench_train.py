@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per pack (CPU 512, GPU 4096)")
     p.add_argument("--accum", type=int, default=2, help="gradient accumulation steps")
     p.add_argument("--pairs", type=int, default=2000, help="ALMA de-en pairs to pack")
+    p.add_argument("--data-dir", type=Path, default=ALMA, help="folder with train.de-en.de / .en (default ALMA de-en)")
+    p.add_argument("--tokenizer", default="smollm2", help="tokenizer of the random model (default SmolLM2's)")
     p.add_argument("--out", default="outputs/bench_train")
     p.add_argument("--only", choices=["ours", "hf"], default=None)
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
@@ -64,11 +66,12 @@ def prepare(args: argparse.Namespace, out: Path) -> Path:
 
     from radis.models import resolve_model_path
 
-    if not (ALMA / "train.de-en.de").is_file():
-        sys.exit(f"bench_train: needs the ALMA data at {ALMA}")
+    data = args.data_dir
+    if not (data / "train.de-en.de").is_file():
+        sys.exit(f"bench_train: needs the ALMA de-en data at {data} (--data-dir)")
     model_dir = out / f"model-{'1b' if args.gpu else 'tiny'}"
     if not (model_dir / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
         hidden, layers, heads, kv, inter = MODELS["1b" if args.gpu else "tiny"]
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
@@ -87,8 +90,8 @@ model:
   chat_template: chatml
 data:
   train:
-    - path: {ALMA / 'train.de-en.de'}
-      target_path: {ALMA / 'train.de-en.en'}
+    - path: {data / 'train.de-en.de'}
+      target_path: {data / 'train.de-en.en'}
       src_lang: de
       tgt_lang: en
       limit: {args.pairs}
@@ -190,8 +193,11 @@ def hf_worker(args: argparse.Namespace) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    from radis.data.packing import model_forward_kwargs
+
     dtype = default_dtype("auto")
     attn = default_attn_implementation("auto")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     tok = load_tokenizer(cfg.model.name_or_path)
     ds = load_or_build(cfg, "train", tok, progress=False, log=None)
     loader = PackedLoader(ds, rank=rank, world_size=world, packs_per_micro_batch=cfg.data.packs_per_micro_batch,
@@ -202,9 +208,9 @@ def hf_worker(args: argparse.Namespace) -> None:
     for b in loader:
         labels = torch.full_like(b["labels"], -100)
         labels[:, 1:] = b["labels"][:, :-1]  # HF shifts labels inside the model's loss
-        item = {"input_ids": b["input_ids"], "labels": labels, "position_ids": b["position_ids"]}
-        if "attention_mask" in b:
-            item["attention_mask"] = b["attention_mask"]
+        # the attention inputs radis train gives its model (4D mask, flex block mask or flash
+        # varlen boundaries), built where the model runs
+        item = {**model_forward_kwargs(b, device), "labels": labels.to(device)}
         micro.append((item, b["num_tokens"], b["cu_seqlens"], b["example_ids"]))
         if len(micro) >= args.steps * cfg.train.gradient_accumulation_steps:
             break
@@ -297,7 +303,7 @@ def main(argv=None) -> int:
         results["radis train"] = run_ours(args, config, out)
     if args.only in (None, "hf"):
         results["HF Trainer"] = run_hf(args, config, out)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {os.cpu_count()} cores"
     print(f"\n{device}, {args.ranks} ranks, ZeRO-{args.zero}, {args.max_tokens}-token packs, "
           f"accumulation {args.accum}, {args.steps} steps (first {args.warmup} left out)\n")

@@ -1,0 +1,65 @@
+"""`make gpu-check` (benchmarks/gpu_check.py): what it does on a machine without a GPU,
+how it plans and reports, and that every step's bookkeeping holds (ok, failed, timed
+out, skipped with its reason)."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_it_says_so_and_exits_0(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "gpu-check needs a CUDA GPU" in proc.stdout and "nothing was run" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_names_what_is_missing(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--plan", "--assets", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    names = [ln.split()[0] for ln in lines if not ln.startswith(" ")]
+    assert names == ["install", "env", "gpu_tests", "bench_loss", "bench_generate", "bench_train"]
+    assert "test_loss.py" in proc.stdout and "test_packing.py" in proc.stdout  # the modules with gpu tests
+    assert proc.stdout.count("not found (make gpu-assets)") == 2  # generate and train need the assets
+    assert sum(gc.limit_s for gc in _module().plan(tmp_path, tmp_path)) <= 480  # the 8-minute budget
+
+
+def test_steps_report_ok_failed_timed_out_and_skipped(tmp_path):
+    gc = _module()
+    py = sys.executable
+    steps = [
+        gc.Step("bench_ok", 30, "prints a table", command=[py, "-c", "print('| a | b |'); print('|---|---|')"]),
+        gc.Step("failing", 30, "exits 3", command=[py, "-c", "import sys; sys.exit(3)"]),
+        gc.Step("slow", 1, "sleeps", command=[py, "-c", "import time; time.sleep(30)"]),
+        gc.Step("needs", 30, "needs what is absent", needs_modules=("no_such_module_xyz",),
+                needs_paths=(tmp_path / "absent",), command=[py, "-c", "pass"]),
+    ]
+    for s in steps:
+        gc.run_step(s, tmp_path, left_s=60)
+    assert [s.status for s in steps] == ["ok", "failed", "timed out", "skipped"]
+    assert steps[1].note == "exit status 3; see failing.log"
+    assert "no_such_module_xyz not importable" in steps[3].note and "absent not found" in steps[3].note
+    text = gc.summary(steps, tmp_path, started=0.0)
+    assert "| failing | failed |" in text and "| slow | timed out |" in text
+    assert "## bench_ok" in text and "| a | b |" in text  # the benchmark's own table is carried over
+    assert (tmp_path / "bench_ok.log").read_text().startswith("+ ")
