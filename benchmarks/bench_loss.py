@@ -141,11 +141,11 @@ class MatmulsOnly(torch.autograd.Function):
     def backward(ctx, _grad):
         h, w, logits = ctx.saved_tensors
         return logits @ w, logits.t() @ h
-_ROWS: dict[int, torch.Tensor] = {}  # target rows per targets tensor (found once, outside the timing)
 
 
-def step_fn(variant: str, chunk: int):
-    """The function (h, w, targets, spans) -> scalar loss for one variant."""
+def step_fn(variant: str, chunk: int, rows: torch.Tensor | None = None):
+    """The function (h, w, targets, spans) -> scalar loss for one variant. `rows`: the target
+    rows of those targets, found beforehand as the trainer's collator does (else per call)."""
     from radis.loss import radis_linear_loss, radis_loss, target_rows_of
 
     if variant == "naive":
@@ -160,12 +160,9 @@ def step_fn(variant: str, chunk: int):
         return fn
     if variant == "matmuls":
         def floor(h, w, t, s):
-            rows = _ROWS.get(id(t))
-            if rows is None:
-                rows = _ROWS[id(t)] = target_rows_of(t, s)
             # gathering the rows is outside the autograd graph's matmuls but inside the time,
             # as it is for radis_linear_*: their floor
-            return MatmulsOnly.apply(h.index_select(0, rows), w)
+            return MatmulsOnly.apply(h.index_select(0, rows if rows is not None else target_rows_of(t, s)), w)
 
         return floor
     if variant == "radis_linear_torch_all":
@@ -176,10 +173,8 @@ def step_fn(variant: str, chunk: int):
 
         def linear(h, w, t, s):
             # the trainer's collator finds the target rows on the host; the step gets them ready
-            rows = _ROWS.get(id(t))
-            if rows is None:
-                rows = _ROWS[id(t)] = target_rows_of(t, s)
-            return radis_linear_loss(h, w, t, s, impl=impl, validate=False, chunk_size=chunk, target_rows=rows).loss
+            return radis_linear_loss(h, w, t, s, impl=impl, validate=False, chunk_size=chunk,
+                                     target_rows=rows if rows is not None else target_rows_of(t, s)).loss
 
         return linear
     if variant == "compiled_ce":
@@ -208,11 +203,10 @@ def _rss_bytes() -> int:
 def measure(variant: str, n: int, v: int, d: int, dtype: torch.dtype, device: str, chunk: int, repeats: int,
             spans_from: str | None = None) -> dict:
     """Peak extra memory (first step) and median time (next `repeats` steps) of one variant."""
+    from radis.loss import target_rows_of
+
     h, w, t, s = make_inputs(n, v, d, dtype, device, spans_from=spans_from)
-    fn = step_fn(variant, chunk)
-    if variant in ("radis_linear_torch", "radis_linear_triton", "matmuls"):
-        fn(h, w, t, s)  # finds the target rows once (the collator's job), outside the measurement
-        h.grad = w.grad = None
+    fn = step_fn(variant, chunk, rows=target_rows_of(t, s))  # the collator's job, outside the measurement
     cuda = device.startswith("cuda")
 
     def one_step():

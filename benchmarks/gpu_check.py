@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -131,11 +132,17 @@ def run_step(step: Step, out: Path, left_s: float) -> None:
     with open(log, "w", encoding="utf-8") as f:
         f.write("+ " + " ".join(step.command) + "\n")
         f.flush()
+        # its own session: a timeout ends the whole tree (torchrun's ranks, pytest's children),
+        # not only the direct child, so nothing keeps the GPU busy into the next step
+        proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(step.command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit)
-            step.status = "ok" if proc.returncode == 0 else "failed"
-            step.note = "" if proc.returncode == 0 else f"exit status {proc.returncode}; see {log.name}"
+            rc = proc.wait(timeout=limit)
+            step.status = "ok" if rc == 0 else "failed"
+            step.note = "" if rc == 0 else f"exit status {rc}; see {log.name}"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             step.status, step.note = "timed out", f"after its {limit} s; see {log.name}"
     step.seconds = time.monotonic() - t0
 
@@ -163,9 +170,12 @@ def install(assets: Path) -> int:
     pip = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", "--disable-pip-version-check"]
     wanted = {"deepspeed": "deepspeed", "liger_kernel": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy",
               "hjson": "hjson", "pydantic": "pydantic", "pydantic_core": "pydantic_core",
-              "annotated_types": "annotated_types", "typing_inspection": "typing_inspection"}
+              "annotated_types": "annotated_types", "typing_inspection": "typing_inspection",
+              "typing_extensions": "typing_extensions"}
     absent = set(unimportable(tuple(wanted.values())))
-    missing = [w for w in wheels if wanted.get(w.name.split("-")[0].lower()) in absent]
+    # typing_extensions is always there, maybe older than pydantic's floor: the wheel replaces it
+    missing = [w for w in wheels if (m := wanted.get(w.name.split("-")[0].lower())) in absent
+               or (m == "typing_extensions" and "pydantic" in absent)]
     if wheels and missing:
         print("installing", ", ".join(w.name for w in missing), flush=True)
         if subprocess.run(pip + [str(w) for w in missing]).returncode != 0:
@@ -210,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--env", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.assets = args.assets.resolve()  # the steps run in ROOT: relative paths would move
+    if args.out is not None:
+        args.out = args.out.resolve()
     if args.install:
         return install(args.assets)
     if args.env:

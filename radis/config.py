@@ -47,7 +47,8 @@ class ModelConfig:
     chat_template: Literal["auto", "model", "llama2", "mistral", "chatml"] = "auto"
     # "auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # "auto": flash_attention_2 when installed on CUDA, else sdpa with a packed 4D mask.
+    # "auto": flash_attention_2 when installed on CUDA, else flex_attention on CUDA (packed
+    # training; generation and evaluation use sdpa), else sdpa with a packed 4D mask.
     attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = False
     # Where converted models (GGUF -> safetensors) are cached.

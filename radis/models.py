@@ -150,6 +150,20 @@ def flex_attention_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
+def supports_flex_attention(name_or_path: str, cache_dir: str = "~/.cache/radis") -> bool:
+    """Whether transformers implements flex_attention for this model's architecture
+    (`_supports_flex_attn` of its causal-LM class; read from config.json, no weights)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path, cache_dir))
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return False
+    return bool(getattr(model_class, "_supports_flex_attn", False))
+
+
 def default_attn_implementation(name: str = "auto", packed: bool = True) -> str:
     """The attention implementation for `model.attn_implementation`.
 

@@ -158,8 +158,11 @@ def _leave_before_interpreter_exit() -> None:
     def leave() -> None:
         import torch
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        dist = torch.distributed
+        # gloo only: the abort is gloo's, and an NCCL group whose peer died can block in
+        # destroy (the commands' own cleanup handles NCCL)
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
 
     atexit.register(leave)
     _EXIT_HOOK = True

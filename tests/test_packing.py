@@ -221,6 +221,23 @@ def test_packed_logits_equal_unpacked_with_flex_block_mask(eager_flex):
     assert packed_vs_alone(model, "flex_attention") < 1e-5
 
 
+def test_auto_picks_flex_only_where_transformers_has_it(tmp_path):
+    """attn "auto" may pick flex_attention on CUDA: only for an architecture whose
+    transformers class implements it (Llama / Mistral do, GPT-2 does not)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from radis.models import default_attn_implementation, supports_flex_attention
+
+    LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "l")
+    GPT2Config(vocab_size=10, n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "g")
+    assert supports_flex_attention(str(tmp_path / "l")) and not supports_flex_attention(str(tmp_path / "g"))
+    # generation and evaluation never use it; an explicit choice is kept for training
+    assert default_attn_implementation("flex_attention", packed=False) == "sdpa"
+    assert default_attn_implementation("flex_attention") == "flex_attention"
+    if not torch.cuda.is_available():
+        assert default_attn_implementation("auto") == "sdpa"
+
+
 def _loss_and_grads(attn: str, batch: dict, device: str = "cpu", dtype=torch.float32, grads: bool = True):
     """The trainer's route: model_forward_kwargs -> RadisCausalLM -> loss (and every gradient)."""
     model = tiny_llama(attn, device, dtype).train()

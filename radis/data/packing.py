@@ -518,8 +518,10 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int, attn: str = "sdpa", 
 def document_block_mask(sequence_ids: torch.Tensor) -> Any:
     """[B, T] example index per token -> flex_attention's BlockMask of the packed layout:
     query q sees key k when both belong to the same example and k <= q (the 4D mask's
-    rule, kept as a predicate: blocks of 128 x 128 that no query may see are skipped
-    whole, and nothing [T, T] is materialised). Built on `sequence_ids.device`.
+    rule, kept as a predicate; the attention kernel skips 128 x 128 blocks that no query
+    may see). Built on `sequence_ids.device`. On CUDA the mask builder is compiled, so no
+    dense [B, T, T] tensor is made (eager, it makes one per call: 128 MiB at B = 8,
+    T = 4096); on a CPU it runs eagerly (tests' small shapes, no compile wait).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -528,7 +530,20 @@ def document_block_mask(sequence_ids: torch.Tensor) -> Any:
     def same_example_causal(b, h, q, k):
         return (sequence_ids[b, q] == sequence_ids[b, k]) & (q >= k)
 
-    return create_block_mask(same_example_causal, B, None, T, T, device=sequence_ids.device)
+    build = _compiled_block_mask() if sequence_ids.is_cuda else create_block_mask
+    return build(same_example_causal, B, None, T, T, device=sequence_ids.device)
+
+
+_COMPILED_BLOCK_MASK = None
+
+
+def _compiled_block_mask() -> Any:
+    global _COMPILED_BLOCK_MASK
+    if _COMPILED_BLOCK_MASK is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _COMPILED_BLOCK_MASK = torch.compile(create_block_mask)
+    return _COMPILED_BLOCK_MASK
 
 
 def model_forward_kwargs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:

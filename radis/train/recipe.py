@@ -3,11 +3,12 @@
 One optimizer step, as the loop in `train` runs it on every rank:
 
     loader ──> G micro-batches of this rank (same plan on all ranks, radis.data.loader)
-                │   each: input_ids / labels / spans / position_ids [B, T] + packed 4D mask
+                │   each: input_ids / labels / spans / position_ids [B, T], target_rows, the
+                │   attention inputs (4D mask, flex block mask or flash varlen boundaries)
                 │   and step_counts = GLOBAL {mt, rd} target tokens of the whole step
                 ▼
-    engine(RadisCausalLM)  base transformer -> hidden [B, T, d] -> fused loss with the
-                │          (ZeRO-3-gathered) lm_head:  loss_g = Σ_tokens(g) w·nll / N_global
+    engine(RadisCausalLM)  base transformer -> hidden [B, T, d] -> target rows -> fused loss
+                │          with the (ZeRO-3-gathered) lm_head:  loss_g = Σ_tokens(g) w·nll / N_global
                 ▼
     engine.backward(loss_g * world_size, scale_wrt_gas=False)
                 │   DeepSpeed would divide by G (we switch that off) and averages gradients
@@ -93,6 +94,11 @@ def preflight(cfg: RadisConfig) -> None:
                     raise ConfigError(f"data.{split}[{i}].{key}: {value}: no such file or directory")
     if cfg.loss.kd_weight > 0 and cfg.loss.method == "vanilla":
         raise ConfigError("loss.kd_weight > 0 needs loss.method=radis (vanilla data has no rationales)")
+    if default_dtype(cfg.model.dtype) == torch.float16 and cfg.train.zero_stage == 0:
+        # DeepSpeed 0.19's engine.backward applies the fp16 loss scale only through a ZeRO
+        # optimizer; the fused loss folds that scale into its forward (radis.loss, fp16)
+        raise ConfigError("model.dtype=float16 needs train.zero_stage >= 1 (at stage 0 DeepSpeed does not scale the "
+                          "loss the way the fused loss expects); use zero_stage 1-3, or bfloat16")
     if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise ConfigError("model.attn_implementation=flex_attention: PyTorch's flex_attention has no backward pass "
                           "on a CPU; train with sdpa there (attn_implementation: auto picks it)")
@@ -215,12 +221,16 @@ class RadisRecipe:
             default_attn_implementation,
             default_dtype,
             load_tokenizer,
+            supports_flex_attention,
         )
 
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
         self.dtype = default_dtype(cfg.model.dtype)
         self.attn = default_attn_implementation(cfg.model.attn_implementation)
+        if self.attn == "flex_attention" and cfg.model.attn_implementation == "auto" \
+                and not supports_flex_attention(cfg.model.name_or_path, cfg.model.cache_dir):
+            self.attn = "sdpa"  # auto's choice, for an architecture transformers has no flex path for
         train_ds, valid_ds = self._build_data()
         # padding never has a loss and is masked out; the data builder chose the id
         pad_id = int(train_ds.meta.get("pad_token_id", 0))
