@@ -11,7 +11,8 @@ import pytest
 
 from radis import cli
 from radis.config import load_config
-from radis.data.build import load_or_build, read_packed, write_packed
+from radis.data.build import load_or_build
+from radis.data.packed_files import read_packed, write_packed
 from radis.data.example import Segment
 from radis.data.inspect import inspect_examples
 from radis.data.packing import PackedDataset
@@ -96,6 +97,51 @@ def test_concurrent_builders_agree(tmp_path, sp_tokenizer):
     assert sorted(r.meta["reused"] for r in results) == [False, True]  # the lock let one build
     assert np.array_equal(results[0].tokens, results[1].tokens)
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_a_spilled_build_writes_the_same_entry_as_one_in_memory(tmp_path, monkeypatch):
+    """The build spills segments to disk in chunks and writes the entry in pack order from
+    there (radis.data.packed_files.SegmentSpill / write_spilled), a slice at a time: the
+    entry is the one `from_segments` + `write_packed` would write, array for array, and the
+    slices of the copy, the hash and the pack statistics all cross their boundaries here."""
+    import radis.data.packed_files as pf
+    import radis.data.packing as pk
+    from radis.data.packed_files import SegmentSpill, write_spilled
+    from radis.data.packing import pack_segments
+
+    monkeypatch.setattr(pf, "_SLICE_SEGMENTS", 3)
+    monkeypatch.setattr(pk, "HASH_SLICE_BYTES", 40)
+    monkeypatch.setattr(pk, "PACK_STATS_SLICE", 2)
+    rng = np.random.default_rng(1)
+    segs = []
+    for i in range(40):
+        L = int(rng.integers(4, 30))
+        s = Segment(f"e{i}", rng.integers(0, 99, L).tolist(), [0, 0] + [1] * (L - 4) + [2, 2])
+        if i % 3:
+            s.teacher_ids = rng.integers(0, 99, (2, 4)).astype(np.int32)
+            s.teacher_logprobs = rng.normal(size=(2, 4)).astype(np.float32)
+            s.teacher_start = L - 2
+        segs.append(s)
+    ref = PackedDataset.from_segments(segs, max_tokens=48, window=8, seed=0)
+    write_packed(ref, tmp_path / "ref")
+    spill = SegmentSpill(tmp_path / "spill")
+    for start in range(0, len(segs), 7):  # chunks, as the build adds them
+        spill.add(segs[start:start + 7])
+    packs = pack_segments(spill.lengths, 48, 8, 0, spill.example_ids)
+    write_spilled(spill, packs, tmp_path / "new", 48, describe=lambda ds: ds.meta.update(pad_token_id=0))
+    a, b = read_packed(tmp_path / "ref"), read_packed(tmp_path / "new")
+    for name in ("tokens", "spans", "seq_offsets", "pack_offsets", "teacher_ids", "teacher_logprobs",
+                 "teacher_offsets", "teacher_start"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert list(a.example_ids) == list(b.example_ids)
+    np.testing.assert_array_equal(b.pack_stats(), ref.pack_stats())
+    assert b.meta["content_hash"] == a.meta["content_hash"] == ref.content_hash()
+    assert b.span_counts() == {code: int((ref.spans == code).sum()) for code in (0, 1, 2)}
+    # a segment whose top-k does not fit is refused, naming it
+    bad = Segment("bad", [1, 2, 3], [0, 1, 2])
+    bad.teacher_ids, bad.teacher_logprobs, bad.teacher_start = np.zeros((1, 5), np.int32), np.zeros((1, 5), np.float32), 2
+    with pytest.raises(ValueError, match="segment bad: teacher_ids"):
+        SegmentSpill(tmp_path / "spill2").add([segs[1], bad])
 
 
 def test_entry_round_trip_with_teacher_and_lost_rename(tmp_path):

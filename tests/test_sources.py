@@ -6,6 +6,7 @@ import pytest
 
 from radis.config import SourceConfig
 from radis.data.sources import DataError, detect_format, read_source, read_sources
+from radis.data.records import example_teacher
 
 PAIRS = [("Die Ware hat 20 Euro gekostet.", "The goods cost 20 euros."),
          ("Guten Morgen\u2028zusammen", "Good morning\u2028everyone"),  # U+2028 must not split a line
@@ -144,8 +145,8 @@ def test_rationale_records_with_meta_and_topk(tmp_path):
     assert exs[0].rationale == "Because 0." and exs[1].rationale is None and stats.empty_rationale == 1
     assert stats.skipped["duplicate_id"] == 1
     assert exs[0].meta["rationale_token_ids"] == [5, 6, 7] and exs[0].meta["tokenizer_fingerprint"] == "abc"
-    np.testing.assert_array_equal(exs[0].meta["teacher_topk_ids"], topk[0])
-    assert "teacher_topk_ids" not in exs[2].meta
+    np.testing.assert_array_equal(example_teacher(exs[0].meta)[0], topk[0])  # read lazily, from the file
+    assert example_teacher(exs[2].meta) is None
     # One shard file, sniffed by its records.
     one = write_jsonl(tmp_path / "shard.jsonl", recs[:1])
     assert detect_format(SourceConfig(path=str(one))) == "rationales"

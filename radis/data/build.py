@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,8 +42,9 @@ from radis.data.example import SPAN_NAMES
 from radis.data.packed_files import (
     FORMAT_VERSION,
     DataBuildError,
+    SegmentSpill,
     read_packed,
-    write_packed,
+    write_spilled,
 )
 from radis.data.packing import PackedDataset
 
@@ -148,19 +150,26 @@ def load_or_build(cfg: RadisConfig, split: str = "train", tokenizer: Any = None,
             log(f"[build-data] {split}: reusing cached packed data {entry}")
             return ds
         t0 = time.perf_counter()
-        ds = _build(cfg, split, fmt, tokenizer, progress=progress, log=log)
-        ds.meta.update(key=key, key_inputs=inputs, build_seconds=round(time.perf_counter() - t0, 2))
-        write_packed(ds, entry, progress=progress)
+        _build(cfg, split, fmt, tokenizer, entry, {"key": key, "key_inputs": inputs}, progress=progress, log=log,
+               started=t0)
     ds = read_packed(entry)
     ds.meta["reused"] = False
     log(f"[build-data] {split}: wrote {entry} ({ds.num_packs} packs) in {ds.meta.get('build_seconds')} s")
     return ds
 
 
-def _build(cfg: RadisConfig, split: str, fmt: Any, tokenizer: Any, progress: bool,
-           log: Callable[[str], None]) -> PackedDataset:
+def _build(cfg: RadisConfig, split: str, fmt: Any, tokenizer: Any, entry: Path, extra_meta: dict[str, Any],
+           progress: bool, log: Callable[[str], None], started: float) -> None:
+    """Sources -> segments (spilled to disk chunk by chunk) -> packs -> the cache entry.
+
+    The segments are not held in memory: each chunk's token ids, spans and teacher rows
+    go to raw files beside the entry (radis.data.packed_files.SegmentSpill) and the
+    entry is written from them in pack order, so the build's memory grows only with
+    what is kept per example (its text and recorded ids), not with its top-k.
+    """
     from tqdm.auto import tqdm
 
+    from radis.data.packing import pack_segments
     from radis.data.segments import SegmentStats, build_segments
     from radis.data.sources import read_sources
 
@@ -169,30 +178,42 @@ def _build(cfg: RadisConfig, split: str, fmt: Any, tokenizer: Any, progress: boo
     examples, source_stats = read_sources(_split_sources(cfg, split), d.on_empty)
     if not examples:
         raise DataBuildError(f"data.{split}: the sources gave no examples ({_plain(source_stats)})")
-    segments, seg_stats = [], SegmentStats()
+    seg_stats = SegmentStats()
     with_rationale = cfg.loss.method == "radis"
-    bar = tqdm(total=len(examples), desc=f"tokenise {split}", unit="ex", disable=not progress, file=sys.stderr)
-    for start in range(0, len(examples), SEGMENT_CHUNK):
-        chunk = examples[start:start + SEGMENT_CHUNK]
-        segs, st = build_segments(fmt, chunk, separator=d.separator, max_tokens=d.max_tokens,
-                                  with_rationale=with_rationale)
-        segments += segs
-        seg_stats.merge(st)
-        bar.update(len(chunk))
-    bar.close()
-    if not segments:
-        raise DataBuildError(f"data.{split}: no example fits data.max_tokens={d.max_tokens} ({_plain(seg_stats)})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ds = PackedDataset.from_segments(segments, max_tokens=d.max_tokens, window=d.pack_window, seed=d.seed)
-    ds.meta.update(split=split, pad_token_id=int(pad if pad is not None else 0), chat_template=fmt.template,
-                   tokenizer_fingerprint=fmt.fingerprint)
-    ds.meta["stats"] = summary(ds, _plain(source_stats), _plain(seg_stats))
-    return ds
+    spill_dir = Path(tempfile.mkdtemp(prefix=f".{entry.name}-segments-", dir=entry.parent))
+    try:
+        spill = SegmentSpill(spill_dir)
+        bar = tqdm(total=len(examples), desc=f"tokenise {split}", unit="ex", disable=not progress, file=sys.stderr)
+        for start in range(0, len(examples), SEGMENT_CHUNK):
+            chunk = examples[start:start + SEGMENT_CHUNK]
+            segs, st = build_segments(fmt, chunk, separator=d.separator, max_tokens=d.max_tokens,
+                                      with_rationale=with_rationale)
+            spill.add(segs)
+            seg_stats.merge(st)
+            examples[start:start + SEGMENT_CHUNK] = [None] * len(chunk)  # done with them: let them go
+            bar.update(len(chunk))
+            del chunk, segs
+        bar.close()
+        if not len(spill):
+            raise DataBuildError(f"data.{split}: no example fits data.max_tokens={d.max_tokens} ({_plain(seg_stats)})")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        packs = pack_segments(spill.lengths, d.max_tokens, d.pack_window, d.seed, spill.example_ids)
+
+        def describe(ds: PackedDataset) -> None:
+            ds.meta.update(split=split, pad_token_id=int(pad if pad is not None else 0), chat_template=fmt.template,
+                           tokenizer_fingerprint=fmt.fingerprint, **extra_meta,
+                           build_seconds=round(time.perf_counter() - started, 2))
+            ds.meta["stats"] = summary(ds, _plain(source_stats), _plain(seg_stats))
+
+        write_spilled(spill, packs, entry, d.max_tokens, describe, progress=progress)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 def summary(ds: PackedDataset, source_stats: dict[str, Any], segment_stats: dict[str, Any]) -> dict[str, Any]:
     """The statistics of one built split (saved as stats.json, printed by `format_summary`)."""
-    span_tokens = {name: int((ds.spans == code).sum()) for code, name in SPAN_NAMES.items()}
+    counts = ds.span_counts()
+    span_tokens = {name: counts.get(code, 0) for code, name in SPAN_NAMES.items()}
     targets = ds.pack_stats()
     return {
         "sources": source_stats,

@@ -153,17 +153,10 @@ def encode_ids(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None:
-    """Write `ds` as a cache entry at `entry`, atomically (temp dir + rename).
-
-    Every file is fsynced before meta.json is written, and meta.json before the
-    rename, so a crash leaves either no entry or a whole one. A concurrent writer that
-    loses the rename discards its copy.
-    """
+    """Write `ds` (arrays in memory) as a cache entry at `entry`, atomically (see `_write_entry`)."""
     from tqdm.auto import tqdm
 
-    entry = Path(entry)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
+    def fill(tmp: Path) -> PackedDataset:
         blob, id_offsets = encode_ids(ds.example_ids)
         arrays = {"tokens": ds.tokens, "spans": ds.spans, "seq_offsets": ds.seq_offsets,
                   "pack_offsets": ds.pack_offsets, "pack_stats": ds.pack_stats(),
@@ -174,6 +167,24 @@ def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None
         for name, array in bar:
             _write_synced(tmp / f"{name}.npy", lambda f, a=array: np.save(f, np.ascontiguousarray(a),
                                                                            allow_pickle=False))
+        return ds
+
+    _write_entry(Path(entry), fill)
+
+
+def _write_entry(entry: Path, fill: Any) -> None:
+    """Write a cache entry atomically: `fill(tmp)` writes the arrays into a temporary
+    directory beside `entry` and returns the PackedDataset they hold (its meta has the
+    build's statistics and descriptive fields); then stats.json, then meta.json (with
+    the sizes and the content hash), then the rename.
+
+    Every file is fsynced before meta.json is written, and meta.json before the
+    rename, so a crash leaves either no entry or a whole one. A concurrent writer that
+    loses the rename discards its copy.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        ds = fill(tmp)
         meta = {k: v for k, v in ds.meta.items() if k not in ("stats", "reused", "cache_dir")}
         meta.update(format_version=FORMAT_VERSION, max_tokens=ds.max_tokens, packs=ds.num_packs,
                     segments=ds.num_segments, tokens=ds.num_tokens, teacher_rows=ds.num_teacher_rows,
@@ -189,6 +200,172 @@ def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- building without holding the data
+
+
+class SegmentSpill:
+    """The segments of a split on disk while it is built, so that the build's memory does
+    not grow with the data set (measured by benchmarks/bench_build_memory.py).
+
+        spill = SegmentSpill(directory)
+        spill.add(segments)          # per chunk: token ids, spans, teacher rows appended to raw
+                                     # files in build order; per segment only its length, teacher
+                                     # rows and start, and id stay in memory
+        write_spilled(spill, packs, entry, max_tokens, describe)   # the entry, in pack order
+
+    The raw files are (build order, S segments, N tokens, R teacher rows, k top-k):
+        tokens.bin [N] int32, spans.bin [N] int8, teacher_ids.bin [R, k] int32,
+        teacher_logprobs.bin [R, k] float32
+    """
+
+    RAW = {"tokens": np.int32, "spans": np.int8, "teacher_ids": np.int32, "teacher_logprobs": np.float32}
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in self.RAW}
+        self.lengths: list[int] = []
+        self.teacher_rows: list[int] = []
+        self.teacher_start: list[int] = []
+        self.example_ids: list[str] = []
+        self.k = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, segments: Sequence[Any]) -> None:
+        """Append `segments` (radis.data.example.Segment) in order; checks what from_segments checks."""
+        for seg in segments:
+            n = len(seg.input_ids)
+            if len(seg.spans) != n:
+                raise ValueError(f"segment {seg.example_id}: {n} input_ids but {len(seg.spans)} spans")
+            rows = 0
+            if seg.teacher_ids is not None:
+                ids, lp = np.asarray(seg.teacher_ids), np.asarray(seg.teacher_logprobs)
+                rows = len(ids)
+                k = self.k or (ids.shape[1] if ids.ndim == 2 else -1)
+                if ids.shape != (rows, k) or lp.shape != (rows, k) or not 0 <= seg.teacher_start <= n - rows:
+                    raise ValueError(
+                        f"segment {seg.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape} from token "
+                        f"{seg.teacher_start}, expected [rows, {k}] like the other segments, inside its {n} tokens")
+                self.k = k
+                self._files["teacher_ids"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+                self._files["teacher_logprobs"].write(np.ascontiguousarray(lp, dtype=np.float32).tobytes())
+            self._files["tokens"].write(np.asarray(seg.input_ids, dtype=np.int32).tobytes())
+            self._files["spans"].write(np.asarray(seg.spans, dtype=np.int8).tobytes())
+            self.lengths.append(n)
+            self.teacher_rows.append(rows)
+            self.teacher_start.append(int(seg.teacher_start) if rows else 0)
+            self.example_ids.append(seg.example_id)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def raw(self, name: str) -> np.memmap | np.ndarray:
+        """A read-only map of one raw file ([N] or [R, k]); after `close`."""
+        dtype = np.dtype(self.RAW[name])
+        size = os.path.getsize(self.dir / f"{name}.bin")
+        width = self.k if name.startswith("teacher") else 1
+        count = size // (dtype.itemsize * max(width, 1))
+        if count == 0:
+            return np.zeros((0, width) if name.startswith("teacher") else 0, dtype=dtype)
+        shape = (count, width) if name.startswith("teacher") else (count,)
+        return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
+
+
+# segments copied per slice when an entry is written from a spill; the pages of both
+# maps are dropped after each slice, so the resident memory stays that of one slice
+_SLICE_SEGMENTS = 4096
+
+
+def write_spilled(spill: SegmentSpill, packs: Sequence[Sequence[int]], entry: Path, max_tokens: int,
+                  describe: Any, progress: bool = False) -> None:
+    """Write the cache entry of a spilled split, segments in pack order, atomically.
+
+    `packs` lists segment indices (build order) per pack (radis.data.packing.pack_segments);
+    `describe(ds)` gets the PackedDataset the written arrays hold (memory-mapped) and
+    sets its meta (pad id, template, statistics: radis.data.build) before meta.json.
+    """
+    from tqdm.auto import tqdm
+
+    spill.close()
+    order = np.fromiter((i for p in packs for i in p), dtype=np.int64, count=sum(len(p) for p in packs))
+    lengths = np.asarray(spill.lengths, dtype=np.int64)
+    rows = np.asarray(spill.teacher_rows, dtype=np.int64)
+    src_tok = np.concatenate([[0], np.cumsum(lengths)])  # where segment i starts in the raw files
+    src_row = np.concatenate([[0], np.cumsum(rows)])
+    seq_offsets = np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
+    pack_offsets = np.concatenate([[0], np.cumsum([len(p) for p in packs])]).astype(np.int64)
+    with_teacher = bool(rows.sum())
+
+    def fill(tmp: Path) -> PackedDataset:
+        copies = [("tokens", src_tok, seq_offsets, (int(seq_offsets[-1]),))]
+        if with_teacher:
+            t_offsets = np.concatenate([[0], np.cumsum(rows[order])]).astype(np.int64)
+            for name in ("teacher_ids", "teacher_logprobs"):
+                copies.append((name, src_row, t_offsets, (int(t_offsets[-1]), spill.k)))
+        copies.insert(1, ("spans", src_tok, seq_offsets, (int(seq_offsets[-1]),)))
+        bar = tqdm(total=len(copies) * len(order), desc="write packed data", unit="seg", disable=not progress,
+                   file=sys.stderr, leave=False)
+        for name, src_offsets, dst_offsets, shape in copies:
+            _copy_in_order(spill.raw(name), tmp / f"{name}.npy", np.dtype(spill.RAW[name]), shape, order,
+                           src_offsets, dst_offsets, bar)
+        bar.close()
+        blob, id_offsets = encode_ids([spill.example_ids[i] for i in order])
+        small = {"seq_offsets": seq_offsets, "pack_offsets": pack_offsets, "example_ids": blob,
+                 "example_id_offsets": id_offsets}
+        if with_teacher:
+            small.update(teacher_offsets=t_offsets,
+                         teacher_start=np.asarray(spill.teacher_start, dtype=np.int32)[order])
+        for name, array in small.items():
+            _write_synced(tmp / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+        maps = MappedArrays()
+        names = ("tokens", "spans") + (("teacher_ids", "teacher_logprobs") if with_teacher else ())
+        mapped = {name: maps.open(tmp / f"{name}.npy") for name in names}
+        teacher = {} if not with_teacher else {
+            "teacher_ids": mapped["teacher_ids"], "teacher_logprobs": mapped["teacher_logprobs"],
+            "teacher_offsets": small["teacher_offsets"], "teacher_start": small["teacher_start"]}
+        ds = PackedDataset(tokens=mapped["tokens"], spans=mapped["spans"], seq_offsets=seq_offsets,
+                           pack_offsets=pack_offsets, example_ids=ExampleIds(blob, id_offsets), max_tokens=max_tokens,
+                           release_pages=maps.release, **teacher)
+        stats = ds.pack_stats()
+        maps.release()
+        _write_synced(tmp / "pack_stats.npy", lambda f: np.save(f, stats, allow_pickle=False))
+        describe(ds)
+        return ds
+
+    _write_entry(Path(entry), fill)
+
+
+def _copy_in_order(src: np.ndarray, path: Path, dtype: np.dtype, shape: tuple[int, ...], order: np.ndarray,
+                   src_offsets: np.ndarray, dst_offsets: np.ndarray, bar: Any) -> None:
+    """dst[dst_offsets[j] : dst_offsets[j+1]] = src[src_offsets[order[j]] : ...] for every j,
+    into a new .npy at `path`, a slice of segments at a time, the pages of both maps dropped
+    after each slice (fsynced at the end)."""
+    if shape[0] == 0:
+        _write_synced(path, lambda f: np.save(f, np.zeros(shape, dtype=dtype), allow_pickle=False))
+        bar.update(len(order))
+        return
+    dst = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    maps = [m for m in (getattr(src, "_mmap", None), getattr(dst, "_mmap", None)) if m is not None]
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    for j0 in range(0, len(order), _SLICE_SEGMENTS):
+        for j in range(j0, min(j0 + _SLICE_SEGMENTS, len(order))):
+            i = order[j]
+            a, b = src_offsets[i], src_offsets[i + 1]
+            dst[dst_offsets[j]:dst_offsets[j + 1]] = src[a:b]
+        dst.flush()
+        if advice is not None:
+            for m in maps:
+                m.madvise(advice)
+        bar.update(min(_SLICE_SEGMENTS, len(order) - j0))
+    dst.flush()
+    del dst
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _write_synced(path: Path, write: Any) -> None:

@@ -92,6 +92,9 @@ VARLEN_ATTN = ("flash_attention_2", "flash_attention_3")
 FLEX_ATTN = ("flex_attention",)
 # A bin of a packing window with more than this share of free slots is carried over.
 CARRY_SLACK = 0.01
+# Bytes of an array read at a time when a whole data set is scanned (hash, counts).
+HASH_SLICE_BYTES = 64 * 2**20
+PACK_STATS_SLICE = 1024  # packs per slice of compute_pack_stats
 
 
 # --------------------------------------------------------------------------- bin packing
@@ -264,11 +267,28 @@ class PackedDataset:
         arrays = [self.tokens, self.spans, self.seq_offsets, self.pack_offsets, self.teacher_ids,
                   self.teacher_logprobs, self.teacher_offsets, self.teacher_start]
         for a in arrays:
-            h.update(b"-" if a is None else memoryview(np.ascontiguousarray(a)).cast("B"))
+            if a is None:
+                h.update(b"-")
+                continue
+            # a slice at a time, pages dropped after each: the same bytes in the same order
+            # (the same hash), without making a mapped entry resident all at once
+            step = max(1, HASH_SLICE_BYTES // max(1, a[:1].nbytes))
+            for i in range(0, len(a), step):
+                h.update(memoryview(np.ascontiguousarray(a[i:i + step])).cast("B"))
+                self.release_pages()
         for eid in self.example_ids:
             h.update(eid.encode("utf-8") + b"\n")
         self.release_pages()
         return h.hexdigest()[:16]
+
+    def span_counts(self) -> dict[int, int]:
+        """{span code: tokens}, counted a slice at a time (pages dropped after each)."""
+        counts = np.zeros(256, dtype=np.int64)
+        step = HASH_SLICE_BYTES
+        for i in range(0, len(self.spans), step):
+            counts += np.bincount(np.asarray(self.spans[i:i + step], dtype=np.uint8), minlength=256)
+            self.release_pages()
+        return {code: int(n) for code, n in enumerate(counts) if n}
 
     def __len__(self) -> int:
         return self.num_packs
@@ -281,7 +301,7 @@ class PackedDataset:
     def pack_stats(self) -> np.ndarray:
         """[P, 3] int64 per pack: tokens, MT targets, RD targets (targets as in `labels`)."""
         if self._pack_stats is None:
-            self._pack_stats = compute_pack_stats(self.spans, self.seq_offsets, self.pack_offsets)
+            self._pack_stats = compute_pack_stats(self.spans, self.seq_offsets, self.pack_offsets, self.release_pages)
         return self._pack_stats
 
     def _teacher_rows(self, s0: int, s1: int, t0: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -366,24 +386,32 @@ class PackedDataset:
                    example_ids=[s.example_id for s in ordered], max_tokens=max_tokens, meta=dict(meta or {}), **teacher)
 
 
-def compute_pack_stats(spans: np.ndarray, seq_offsets: np.ndarray, pack_offsets: np.ndarray) -> np.ndarray:
+def compute_pack_stats(spans: np.ndarray, seq_offsets: np.ndarray, pack_offsets: np.ndarray,
+                       release: Callable[[], None] = lambda: None) -> np.ndarray:
     """[P, 3] int64 per pack: tokens, MT targets, RD targets (targets as in `labels`).
 
     A token is a target when its span is not IGNORE and it is not the first token of
-    its segment (nothing before it in the same example predicts it).
+    its segment (nothing before it in the same example predicts it). Computed
+    `PACK_STATS_SLICE` packs at a time (`release()` after each), so the temporaries are
+    those of one slice, not of the data set.
     """
-    is_first = np.zeros(len(spans), dtype=bool)
-    is_first[seq_offsets[:-1]] = True
-    mt = (spans == MT) & ~is_first
-    rd = (spans == RD) & ~is_first
-    bounds = seq_offsets[pack_offsets]  # token offset of each pack
-
-    def csum(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(x, dtype=np.int64)])
-
-    c_mt, c_rd = csum(mt), csum(rd)
-    return np.stack([np.diff(bounds), c_mt[bounds[1:]] - c_mt[bounds[:-1]], c_rd[bounds[1:]] - c_rd[bounds[:-1]]],
-                    axis=1)
+    P = len(pack_offsets) - 1
+    bounds = np.asarray(seq_offsets)[np.asarray(pack_offsets)]  # token offset of each pack
+    out = np.zeros((P, 3), dtype=np.int64)
+    out[:, 0] = np.diff(bounds)
+    for p0 in range(0, P, PACK_STATS_SLICE):
+        p1 = min(P, p0 + PACK_STATS_SLICE)
+        t0, t1 = int(bounds[p0]), int(bounds[p1])
+        sp = np.asarray(spans[t0:t1])
+        first = np.asarray(seq_offsets[int(pack_offsets[p0]):int(pack_offsets[p1])]) - t0
+        local = bounds[p0:p1 + 1] - t0
+        for col, code in ((1, MT), (2, RD)):
+            hit = sp == code
+            hit[first] = False
+            c = np.concatenate([[0], np.cumsum(hit, dtype=np.int64)])
+            out[p0:p1, col] = c[local[1:]] - c[local[:-1]]
+        release()
+    return out
 
 
 # --------------------------------------------------------------------------- collation

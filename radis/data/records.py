@@ -49,7 +49,10 @@ span and has no RD span. Both keep every other field in `Example.meta`.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +155,14 @@ def check_record(rec: Any, where: str) -> str:
     return strategy
 
 
-def record_to_example(rec: dict[str, Any], teacher: tuple[np.ndarray, np.ndarray] | None = None) -> Example:
+def record_to_example(rec: dict[str, Any], teacher: Any = None) -> Example:
     """The Example training uses for a checked record (see the module docstring).
 
-    `teacher` (the record's top-k arrays) is attached to a rationale record as
-    meta["teacher_topk_ids"] / ["teacher_topk_logprobs"] ([n_rationale_tokens, k]),
-    which radis.data.segments aligns to the rationale tokens.
+    `teacher` (the record's top-k arrays, or a function that reads them: see
+    `TopkReader.lazy`) is attached to a rationale record as meta["teacher_topk_ids"] /
+    ["teacher_topk_logprobs"] ([n_rationale_tokens, k]), or as meta["teacher_topk"] when
+    lazy; radis.data.segments aligns them to the rationale tokens (`example_teacher`
+    reads either).
     """
     strategy = rec.get("strategy", "continue")
     meta = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS and k not in _TEXT_FIELDS}
@@ -170,9 +175,29 @@ def record_to_example(rec: dict[str, Any], teacher: tuple[np.ndarray, np.ndarray
     if not (rationale or "").strip():
         rationale = None
     if teacher is not None and rationale is not None:
-        meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = teacher
+        if callable(teacher):  # read when the segment is built, not held by every example
+            meta["teacher_topk"] = teacher
+        else:
+            meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = teacher
     return Example(id=rec["id"], src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"], source=rec["source"],
                    reference=rec["reference"], rationale=rationale, meta=meta)
+
+
+def example_teacher(meta: dict[str, Any] | None) -> tuple[Any, Any] | None:
+    """The (ids, log-probs) top-k an example's meta carries, read now if it is lazy; None without."""
+    meta = meta or {}
+    lazy = meta.get("teacher_topk")
+    if lazy is not None:
+        return lazy()
+    if meta.get("teacher_topk_ids") is not None and meta.get("teacher_topk_logprobs") is not None:
+        return meta["teacher_topk_ids"], meta["teacher_topk_logprobs"]
+    return None
+
+
+def has_teacher(meta: dict[str, Any] | None) -> bool:
+    """Whether an example's meta carries a top-k (without reading a lazy one)."""
+    meta = meta or {}
+    return meta.get("teacher_topk") is not None or meta.get("teacher_topk_ids") is not None
 
 
 def training_target(example: Example) -> str:
@@ -243,18 +268,49 @@ class TopkReader:
 
     >>> reader = TopkReader("outputs/rationales/rationales.topk.safetensors")   # doctest: +SKIP
     >>> ids, logprobs = reader.get("deen/train:17:de-en")                        # doctest: +SKIP
+
+    The safetensors header (8-byte length, then JSON: name -> dtype, shape, byte range)
+    is parsed here and checked against the file's size; each `get` reads its two
+    tensors with one positioned read each (os.pread). No memory map: a build that reads
+    every example's top-k leaves the file in the page cache, not in the process's
+    resident memory (a map's touched pages count there until it is closed).
     """
 
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
+    _DTYPES = {"I32": np.int32, "F32": np.float32}
 
+    def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         _check_topk_file(path)
         try:
-            self._file = safe_open(self.path, framework="numpy")
-        except Exception as err:  # noqa: BLE001 -- safetensors raises its own plain Exception types
+            self._file = open(self.path, "rb")
+            size = os.fstat(self._file.fileno()).st_size
+            head = self._file.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"a header of {n} bytes does not fit the file's {size}")
+            header = json.loads(self._file.read(n).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            self._tensors = {name: self._entry(name, info, 8 + n, size)
+                             for name, info in header.items() if name != "__metadata__"}
+        except (OSError, ValueError, UnicodeDecodeError) as err:
             raise RecordError(f"{path}: unreadable top-k file ({type(err).__name__}: {err})") from None
-        self._keys = {name.rpartition("/")[0] for name in self._file.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        self._keys = {name.rpartition("/")[0] for name in self._tensors}
+
+    def _entry(self, name: str, info: Any, base: int, size: int) -> tuple[Any, tuple[int, ...], int, int]:
+        """(dtype, shape, first byte, end byte) of one tensor, checked against the file."""
+        if not isinstance(info, dict) or info.get("dtype") not in self._DTYPES:
+            raise ValueError(f"tensor {name!r}: expected dtype I32 or F32, got {info!r:.80}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r} or data_offsets {offsets!r}")
+        dtype = self._DTYPES[info["dtype"]]
+        start, end = base + offsets[0], base + offsets[1]
+        if not base <= start <= end <= size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"tensor {name!r}: bytes {offsets} do not hold a {shape} {info['dtype']} array "
+                             f"inside the file's {size} bytes")
+        return dtype, tuple(shape), start, end
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self._keys
@@ -262,10 +318,24 @@ class TopkReader:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def _read(self, name: str) -> np.ndarray:
+        dtype, shape, start, end = self._tensors[name]
+        data = bytearray(os.pread(self._file.fileno(), end - start, start))
+        if len(data) != end - start:
+            raise RecordError(f"{self.path}: truncated while reading {name!r}")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
     def get(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
         if example_id not in self._keys:
             raise KeyError(f"{self.path}: no top-k for example {example_id!r}")
-        return self._file.get_tensor(f"{example_id}/ids"), self._file.get_tensor(f"{example_id}/logprobs")
+        return self._read(f"{example_id}/ids"), self._read(f"{example_id}/logprobs")
+
+    def lazy(self, example_id: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """A function that reads one example's top-k when called (building its segment):
+        a data set's top-k is then never in memory all at once."""
+        if example_id not in self._keys:
+            raise KeyError(f"{self.path}: no top-k for example {example_id!r}")
+        return functools.partial(self.get, example_id)
 
 
 def topk_path(records_file: Path) -> Path | None:

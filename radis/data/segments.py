@@ -20,7 +20,8 @@ reference is never cut.
 
 Recorded rationale tokens and teacher top-k
 -------------------------------------------
-The rationale generator may store, in `example.meta`:
+The rationale generator may store, in `example.meta` (the top-k either as arrays or, read
+from a records file, as "teacher_topk": a function that reads them, radis.data.records):
 
     "tokenizer_fingerprint": prompts.tokenizer_fingerprint(tokenizer) of the generator
     "separator":             the separator it placed after the reference (optional)
@@ -50,7 +51,7 @@ import numpy as np
 
 from radis.data.example import IGNORE, MT, RD, SPAN_NAMES, Example, Segment
 from radis.data.prompts import ChatFormat
-from radis.data.records import RecordError
+from radis.data.records import RecordError, example_teacher, has_teacher
 
 
 @dataclass
@@ -115,7 +116,7 @@ def build_segments(
         recorded = _recorded_rationale(ex, fmt, separator)
         if isinstance(recorded, str):  # ids were recorded, but for another context: why
             stats.retokenised[recorded] = stats.retokenised.get(recorded, 0) + 1
-            stats.teacher_dropped += (ex.meta or {}).get("teacher_topk_ids") is not None
+            stats.teacher_dropped += has_teacher(ex.meta)
             to_tokenise.append(i)
         elif recorded is None:
             to_tokenise.append(i)
@@ -200,10 +201,11 @@ def _recorded_rationale(
         raise RecordError(f"example {ex.id}: rationale_token_ids has ids outside the tokenizer's vocabulary "
                           f"[0, {vocab}): {bad[:5]}")
     teacher = None
-    if meta.get("teacher_topk_ids") is not None and meta.get("teacher_topk_logprobs") is not None:
+    recorded = example_teacher(meta)  # reads a lazy top-k from its file now
+    if recorded is not None:
         try:
-            tids = np.asarray(meta["teacher_topk_ids"], dtype=np.int32)
-            tlp = np.asarray(meta["teacher_topk_logprobs"], dtype=np.float32)
+            tids = np.asarray(recorded[0], dtype=np.int32)
+            tlp = np.asarray(recorded[1], dtype=np.float32)
         except (ValueError, TypeError) as err:  # ragged lists, strings
             raise RecordError(f"example {ex.id}: teacher top-k is not a rectangular numeric array ({err})") from None
         if tids.ndim != 2 or tids.shape != tlp.shape or tids.shape[0] != len(ids):

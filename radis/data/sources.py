@@ -556,7 +556,7 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> li
                 stats.skipped[reason] += 1
                 continue
             seen.add(ex_id)
-            ex = record_to_example(rec, topk.get(ex_id) if topk is not None and ex_id in topk else None)
+            ex = record_to_example(rec, topk.lazy(ex_id) if topk is not None and ex_id in topk else None)
             if ex.meta["strategy"] in RATIONALE_STRATEGIES and ex.rationale is None:
                 stats.empty_rationale += 1  # kept as a pair without rationale
             if ex.meta.get("target_from") == "reference":
