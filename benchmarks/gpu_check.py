@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -79,7 +78,7 @@ def unimportable(modules: tuple[str, ...]) -> list[str]:
     if not modules:
         return []
     probe = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
-    proc = subprocess.run([PY, "-c", probe, *modules], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([PY, "-c", probe, *modules], cwd=ROOT, capture_output=True, text=True, check=False)
     return proc.stdout.split() if proc.returncode == 0 else list(modules)
 
 
@@ -90,7 +89,7 @@ def gpu_test_files() -> list[str]:
 
 
 def plan(out: Path, assets: Path) -> list[Step]:
-    wheels, smollm2, alma, spans = assets / "wheels", assets / "smollm2", assets / "alma-deen", assets / "spans"
+    smollm2, alma, spans = assets / "smollm2", assets / "alma-deen", assets / "spans"
     spans_args = ["--spans-from", str(spans)] if spans.is_dir() else []
     return [
         Step("install", 45, "wheels from ASSETS/wheels and this checkout (pip, no index)",
@@ -178,14 +177,14 @@ def install(assets: Path) -> int:
                or (m == "typing_extensions" and "pydantic" in absent)]
     if wheels and missing:
         print("installing", ", ".join(w.name for w in missing), flush=True)
-        if subprocess.run(pip + [str(w) for w in missing]).returncode != 0:
+        if subprocess.run([*pip, *(str(w) for w in missing)], check=False).returncode != 0:
             return 1
     elif not wheels:
         print(f"no wheels in {assets / 'wheels'} (make gpu-assets): DeepSpeed, liger-kernel and cut-cross-entropy "
               "stay as they are here", flush=True)
     if unimportable(("radis.kernels",)):
         print("installing this checkout (editable, no index)", flush=True)
-        return subprocess.run(pip + ["--no-build-isolation", "-e", str(ROOT)]).returncode
+        return subprocess.run([*pip, "--no-build-isolation", "-e", str(ROOT)], check=False).returncode
     return 0
 
 
@@ -203,7 +202,7 @@ def write_env(path: Path) -> int:
     smi = shutil.which("nvidia-smi")
     if smi:
         q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         info["nvidia_smi"] = q.stdout.strip()
     path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(info, indent=1))

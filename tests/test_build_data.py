@@ -12,9 +12,9 @@ import pytest
 from radis import cli
 from radis.config import load_config
 from radis.data.build import load_or_build
-from radis.data.packed_files import read_packed, write_packed
 from radis.data.example import Segment
 from radis.data.inspect import inspect_examples
+from radis.data.packed_files import read_packed, write_packed
 from radis.data.packing import PackedDataset
 
 PAIRS = [

@@ -35,7 +35,7 @@ def test_a_group_left_alive_is_destroyed_at_exit():
     """The atexit hook destroys the group while the interpreter is still whole."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--single", "--report"], capture_output=True, text=True,
                           env=_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                   MASTER_PORT=_free_port()), timeout=120)
+                                   MASTER_PORT=_free_port()), timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "group left before teardown: True" in proc.stdout
 
@@ -45,6 +45,6 @@ def test_two_ranks_exiting_with_their_group_alive_never_abort():
     """Before the hook, 4 of 30 such 2-rank runs aborted on this machine (exit -6)."""
     for trial in range(6):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(SCRIPT)], capture_output=True, text=True, env=_env(), timeout=180)
+                               str(SCRIPT)], capture_output=True, text=True, env=_env(), timeout=180, check=False)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "terminate called" not in text, f"trial {trial}:\n{text[-3000:]}"

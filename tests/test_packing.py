@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radis.data.example import IGNORE_INDEX, Segment
-from radis.loss_head import RadisCausalLM
 from radis.data.packing import (
     Pack,
     PackedDataset,
@@ -19,6 +19,7 @@ from radis.data.packing import (
     model_forward_kwargs,
     pack_segments,
 )
+from radis.loss_head import RadisCausalLM
 
 
 def seg(eid: str, ids: list[int], spans: list[int], k: int = 0) -> Segment:
@@ -292,7 +293,7 @@ def _reference_varlen_attention(module, query, key, value, attention_mask, scali
     flat = [x.transpose(1, 2).reshape(B * T, H, D) for x in (query, key, value)]
     bounds = cu.tolist() if cu is not None else list(range(0, B * T + 1, T))
     out = torch.empty_like(flat[0])
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         q, k, v = (x[s:e].transpose(0, 1)[None] for x in flat)
         out[s:e] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)[0].transpose(0, 1)
     return out.reshape(B, T, H, D), None

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from radis.config import SourceConfig
-from radis.data.sources import DataError, detect_format, read_source, read_sources
 from radis.data.records import example_teacher
+from radis.data.sources import DataError, detect_format, read_source, read_sources
 
 PAIRS = [("Die Ware hat 20 Euro gekostet.", "The goods cost 20 euros."),
          ("Guten Morgen\u2028zusammen", "Good morning\u2028everyone"),  # U+2028 must not split a line

@@ -280,11 +280,11 @@ def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, caps
         ((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\nloss: {{method: vanilla, "
          "kd_weight: 0.5}\n"), "loss.kd_weight > 0 needs loss.method=radis"),
     ]
-    cases.append((f"model: {{name_or_path: {model}, dtype: float16}}\ndata: {{train: [{{path: {data}}}]}}\n"
-                  "train: {zero_stage: 0}\n", "model.dtype=float16 needs train.zero_stage >= 1"))
+    cases.append(((f"model: {{name_or_path: {model}, dtype: float16}}\ndata: {{train: [{{path: {data}}}]}}\n"
+                   "train: {zero_stage: 0}\n"), "model.dtype=float16 needs train.zero_stage >= 1"))
     if not torch.cuda.is_available():
-        cases.append((f"model: {{name_or_path: {model}, attn_implementation: flex_attention}}\n"
-                      f"data: {{train: [{{path: {data}}}]}}\n",
+        cases.append(((f"model: {{name_or_path: {model}, attn_implementation: flex_attention}}\n"
+                       f"data: {{train: [{{path: {data}}}]}}\n"),
                       "model.attn_implementation=flex_attention: PyTorch's flex_attention has no backward pass"))
     (tmp_path / "bad_ds.json").write_text(json.dumps({"gradient_accumulation_steps": 3}))
     cases.append(((f"model: {{name_or_path: {model}}}\ndata: {{train: [{{path: {data}}}]}}\n"

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 import numpy as np
 
@@ -220,12 +220,14 @@ class SegmentSpill:
         teacher_logprobs.bin [R, k] float32
     """
 
-    RAW = {"tokens": np.int32, "spans": np.int8, "teacher_ids": np.int32, "teacher_logprobs": np.float32}
+    RAW: ClassVar[dict[str, Any]] = {"tokens": np.int32, "spans": np.int8, "teacher_ids": np.int32,
+                                     "teacher_logprobs": np.float32}
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in self.RAW}
+        # open for the spill's life, closed by `close` (write_spilled calls it)
+        self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in self.RAW}  # noqa: SIM115
         self.lengths: list[int] = []
         self.teacher_rows: list[int] = []
         self.teacher_start: list[int] = []

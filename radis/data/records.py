@@ -54,7 +54,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -276,13 +276,13 @@ class TopkReader:
     resident memory (a map's touched pages count there until it is closed).
     """
 
-    _DTYPES = {"I32": np.int32, "F32": np.float32}
+    _DTYPES: ClassVar[dict[str, Any]] = {"I32": np.int32, "F32": np.float32}
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         _check_topk_file(path)
         try:
-            self._file = open(self.path, "rb")
+            self._file = open(self.path, "rb")  # noqa: SIM115 -- read from for the reader's life
             size = os.fstat(self._file.fileno()).st_size
             head = self._file.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -290,7 +290,7 @@ class TopkReader:
                 raise ValueError(f"a header of {n} bytes does not fit the file's {size}")
             header = json.loads(self._file.read(n).decode("utf-8"))
             if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
+                raise ValueError("the header is not a JSON object")  # noqa: TRY004 -- a bad file, reported below
             self._tensors = {name: self._entry(name, info, 8 + n, size)
                              for name, info in header.items() if name != "__metadata__"}
         except (OSError, ValueError, UnicodeDecodeError) as err:
