@@ -148,6 +148,9 @@ def step_fn(variant: str, chunk: int, rows: torch.Tensor | None = None):
     rows of those targets, found beforehand as the trainer's collator does (else per call)."""
     from radis.loss import radis_linear_loss, radis_loss, target_rows_of
 
+    def rows_of(t, s):
+        return rows if rows is not None else target_rows_of(t, s)
+
     if variant == "naive":
         return naive_loss
     if variant in ("radis_torch", "radis_triton"):
@@ -162,7 +165,7 @@ def step_fn(variant: str, chunk: int, rows: torch.Tensor | None = None):
         def floor(h, w, t, s):
             # gathering the rows is outside the autograd graph's matmuls but inside the time,
             # as it is for radis_linear_*: their floor
-            return MatmulsOnly.apply(h.index_select(0, rows if rows is not None else target_rows_of(t, s)), w)
+            return MatmulsOnly.apply(h.index_select(0, rows_of(t, s)), w)
 
         return floor
     if variant == "radis_linear_torch_all":
@@ -174,7 +177,7 @@ def step_fn(variant: str, chunk: int, rows: torch.Tensor | None = None):
         def linear(h, w, t, s):
             # the trainer's collator finds the target rows on the host; the step gets them ready
             return radis_linear_loss(h, w, t, s, impl=impl, validate=False, chunk_size=chunk,
-                                     target_rows=rows if rows is not None else target_rows_of(t, s)).loss
+                                     target_rows=rows_of(t, s)).loss
 
         return linear
     if variant == "compiled_ce":

@@ -167,14 +167,11 @@ def install(assets: Path) -> int:
     """pip-install what is missing from ASSETS/wheels and this checkout, without an index."""
     wheels = sorted((assets / "wheels").glob("*.whl"))
     pip = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", "--disable-pip-version-check"]
-    wanted = {"deepspeed": "deepspeed", "liger_kernel": "liger_kernel", "cut_cross_entropy": "cut_cross_entropy",
-              "hjson": "hjson", "pydantic": "pydantic", "pydantic_core": "pydantic_core",
-              "annotated_types": "annotated_types", "typing_inspection": "typing_inspection",
-              "typing_extensions": "typing_extensions"}
-    absent = set(unimportable(tuple(wanted.values())))
+    # a wheel's name starts with its distribution's name, "-" spelled "_": here also the module's
+    module = {w: w.name.split("-")[0].lower() for w in wheels}
+    absent = set(unimportable(tuple(module.values())))
     # typing_extensions is always there, maybe older than pydantic's floor: the wheel replaces it
-    missing = [w for w in wheels if (m := wanted.get(w.name.split("-")[0].lower())) in absent
-               or (m == "typing_extensions" and "pydantic" in absent)]
+    missing = [w for w in wheels if module[w] in absent or (module[w] == "typing_extensions" and "pydantic" in absent)]
     if wheels and missing:
         print("installing", ", ".join(w.name for w in missing), flush=True)
         if subprocess.run([*pip, *(str(w) for w in missing)], check=False).returncode != 0:

@@ -337,9 +337,14 @@ def _check_common(x, name, targets, spans, teacher_ids, teacher_logprobs, mode, 
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
 
 
+def _is_target(targets: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the row is a target (targets != -100, span MT or RD)."""
+    return (targets != IGNORE_INDEX) & ((spans == 1) | (spans == 2))
+
+
 def target_rows_of(targets: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
-    """[M] int64, sorted: the rows that are targets (targets != -100, span MT or RD). One host sync."""
-    return ((targets != IGNORE_INDEX) & ((spans == 1) | (spans == 2))).nonzero().squeeze(1)
+    """[M] int64, sorted: the rows that are targets (`_is_target`). One host sync."""
+    return _is_target(targets, spans).nonzero().squeeze(1)
 
 
 def _check_rows(rows, x) -> None:
@@ -362,7 +367,7 @@ def _check_values(targets, spans, teacher_ids, vocab: int, target_rows=None) -> 
         flags.append(((teacher_ids < 0) | (teacher_ids >= vocab)).any())
     if target_rows is not None:
         # exactly the target rows, each once, in order: anything else drops or repeats loss terms
-        is_target = (targets != IGNORE_INDEX) & ((spans == 1) | (spans == 2))
+        is_target = _is_target(targets, spans)
         in_range = ((target_rows >= 0) & (target_rows < targets.shape[0])).all()
         picked = is_target[target_rows.clamp(0, max(targets.shape[0] - 1, 0))].all() if targets.shape[0] else in_range
         ordered = (target_rows[1:] > target_rows[:-1]).all()

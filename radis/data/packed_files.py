@@ -35,7 +35,7 @@ from typing import Any, ClassVar, overload
 
 import numpy as np
 
-from radis.data.packing import PackedDataset
+from radis.data.packing import PackedDataset, check_segment
 from radis.errors import InputError
 
 FORMAT_VERSION = 2
@@ -88,10 +88,15 @@ class MappedArrays:
         faults them back in from the page cache, so the data never changes. A no-op
         where the platform has no madvise.
         """
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if advice is None:
-            return
-        for m in self._maps:
+        drop_pages(self._maps)
+
+
+def drop_pages(maps: Sequence[mmap.mmap]) -> None:
+    """madvise(MADV_DONTNEED) on each map: its pages leave this process's resident memory
+    (a file mapping's data stays in the file and the page cache). No-op without madvise."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is not None:
+        for m in maps:
             m.madvise(advice)
 
 
@@ -238,26 +243,18 @@ class SegmentSpill:
         return len(self.lengths)
 
     def add(self, segments: Sequence[Any]) -> None:
-        """Append `segments` (radis.data.example.Segment) in order; checks what from_segments checks."""
+        """Append `segments` (radis.data.example.Segment) in order, each checked by
+        radis.data.packing.check_segment (as from_segments checks them)."""
         for seg in segments:
-            n = len(seg.input_ids)
-            if len(seg.spans) != n:
-                raise ValueError(f"segment {seg.example_id}: {n} input_ids but {len(seg.spans)} spans")
-            rows = 0
-            if seg.teacher_ids is not None:
-                ids, lp = np.asarray(seg.teacher_ids), np.asarray(seg.teacher_logprobs)
-                rows = len(ids)
-                k = self.k or (ids.shape[1] if ids.ndim == 2 else -1)
-                if ids.shape != (rows, k) or lp.shape != (rows, k) or not 0 <= seg.teacher_start <= n - rows:
-                    raise ValueError(
-                        f"segment {seg.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape} from token "
-                        f"{seg.teacher_start}, expected [rows, {k}] like the other segments, inside its {n} tokens")
-                self.k = k
-                self._files["teacher_ids"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-                self._files["teacher_logprobs"].write(np.ascontiguousarray(lp, dtype=np.float32).tobytes())
+            self.k = check_segment(seg, self.k)
+            rows = 0 if seg.teacher_ids is None else len(seg.teacher_ids)
+            if rows:
+                self._files["teacher_ids"].write(np.ascontiguousarray(seg.teacher_ids, dtype=np.int32).tobytes())
+                self._files["teacher_logprobs"].write(
+                    np.ascontiguousarray(seg.teacher_logprobs, dtype=np.float32).tobytes())
             self._files["tokens"].write(np.asarray(seg.input_ids, dtype=np.int32).tobytes())
             self._files["spans"].write(np.asarray(seg.spans, dtype=np.int8).tobytes())
-            self.lengths.append(n)
+            self.lengths.append(len(seg.input_ids))
             self.teacher_rows.append(rows)
             self.teacher_start.append(int(seg.teacher_start) if rows else 0)
             self.example_ids.append(seg.example_id)
@@ -269,13 +266,11 @@ class SegmentSpill:
     def raw(self, name: str) -> np.memmap | np.ndarray:
         """A read-only map of one raw file ([N] or [R, k]); after `close`."""
         dtype = np.dtype(self.RAW[name])
-        size = os.path.getsize(self.dir / f"{name}.bin")
-        width = self.k if name.startswith("teacher") else 1
-        count = size // (dtype.itemsize * max(width, 1))
+        row = (self.k,) if name.startswith("teacher") else ()  # teacher files hold [R, k]
+        count = os.path.getsize(self.dir / f"{name}.bin") // (dtype.itemsize * max(1, int(np.prod(row))))
         if count == 0:
-            return np.zeros((0, width) if name.startswith("teacher") else 0, dtype=dtype)
-        shape = (count, width) if name.startswith("teacher") else (count,)
-        return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
+            return np.zeros((0, *row), dtype=dtype)
+        return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(count, *row))
 
 
 # segments copied per slice when an entry is written from a spill; the pages of both
@@ -304,12 +299,12 @@ def write_spilled(spill: SegmentSpill, packs: Sequence[Sequence[int]], entry: Pa
     with_teacher = bool(rows.sum())
 
     def fill(tmp: Path) -> PackedDataset:
-        copies = [("tokens", src_tok, seq_offsets, (int(seq_offsets[-1]),))]
+        n = (int(seq_offsets[-1]),)
+        copies = [("tokens", src_tok, seq_offsets, n), ("spans", src_tok, seq_offsets, n)]
         if with_teacher:
             t_offsets = np.concatenate([[0], np.cumsum(rows[order])]).astype(np.int64)
-            for name in ("teacher_ids", "teacher_logprobs"):
-                copies.append((name, src_row, t_offsets, (int(t_offsets[-1]), spill.k)))
-        copies.insert(1, ("spans", src_tok, seq_offsets, (int(seq_offsets[-1]),)))
+            copies += [(name, src_row, t_offsets, (int(t_offsets[-1]), spill.k))
+                       for name in ("teacher_ids", "teacher_logprobs")]
         bar = tqdm(total=len(copies) * len(order), desc="write packed data", unit="seg", disable=not progress,
                    file=sys.stderr, leave=False)
         for name, src_offsets, dst_offsets, shape in copies:
@@ -353,16 +348,12 @@ def _copy_in_order(src: np.ndarray, path: Path, dtype: np.dtype, shape: tuple[in
         return
     dst = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     maps = [m for m in (getattr(src, "_mmap", None), getattr(dst, "_mmap", None)) if m is not None]
-    advice = getattr(mmap, "MADV_DONTNEED", None)
     for j0 in range(0, len(order), _SLICE_SEGMENTS):
         for j in range(j0, min(j0 + _SLICE_SEGMENTS, len(order))):
             i = order[j]
-            a, b = src_offsets[i], src_offsets[i + 1]
-            dst[dst_offsets[j]:dst_offsets[j + 1]] = src[a:b]
-        dst.flush()
-        if advice is not None:
-            for m in maps:
-                m.madvise(advice)
+            dst[dst_offsets[j]:dst_offsets[j + 1]] = src[src_offsets[i]:src_offsets[i + 1]]
+        dst.flush()  # written back, so dropping the dirty pages loses nothing
+        drop_pages(maps)
         bar.update(min(_SLICE_SEGMENTS, len(order) - j0))
     dst.flush()
     del dst

@@ -78,6 +78,7 @@ fused kernel on CUDA where flash-attn is not installed.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,9 +351,9 @@ class PackedDataset:
     def from_segments(cls, segments: Sequence[Segment], max_tokens: int, window: int, seed: int,
                       meta: dict[str, Any] | None = None) -> PackedDataset:
         """Pack `segments` (see `pack_segments`) and lay them out flat."""
+        k = 0
         for seg in segments:
-            if len(seg.spans) != len(seg.input_ids):
-                raise ValueError(f"segment {seg.example_id}: {len(seg.input_ids)} input_ids but {len(seg.spans)} spans")
+            k = check_segment(seg, k)
         packs = pack_segments([len(s) for s in segments], max_tokens, window, seed, [s.example_id for s in segments])
         ordered = [segments[i] for p in packs for i in p]
         lens = np.array([len(s) for s in ordered], dtype=np.int64)
@@ -364,16 +365,7 @@ class PackedDataset:
         teacher: dict[str, np.ndarray] = {}
         with_teacher = [s for s in ordered if s.teacher_ids is not None]
         if with_teacher:
-            k = int(np.asarray(with_teacher[0].teacher_ids).shape[1])
             rows = np.array([0 if s.teacher_ids is None else len(s.teacher_ids) for s in ordered], dtype=np.int64)
-            for s in with_teacher:
-                ids, lp = np.asarray(s.teacher_ids), np.asarray(s.teacher_logprobs)
-                r = len(ids)
-                if ids.shape != (r, k) or lp.shape != (r, k) or not 0 <= s.teacher_start <= len(s) - r:
-                    raise ValueError(
-                        f"segment {s.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape} from token "
-                        f"{s.teacher_start}, expected [rows, {k}] like the other segments, inside its {len(s)} tokens"
-                    )
             teacher = {
                 "teacher_ids": np.concatenate([np.asarray(s.teacher_ids, dtype=np.int32) for s in with_teacher]),
                 "teacher_logprobs": np.concatenate([np.asarray(s.teacher_logprobs, dtype=np.float32)
@@ -384,6 +376,25 @@ class PackedDataset:
             }
         return cls(tokens=tokens, spans=spans, seq_offsets=seq_offsets, pack_offsets=pack_offsets,
                    example_ids=[s.example_id for s in ordered], max_tokens=max_tokens, meta=dict(meta or {}), **teacher)
+
+
+def check_segment(seg: Segment, k: int = 0) -> int:
+    """Check one segment's arrays before it is laid out: a span per token, and teacher rows
+    [rows, k] like the other segments' (`k`; 0 = none seen yet) that lie inside its tokens
+    from `teacher_start`. Returns the top-k width so far. ValueError naming the segment."""
+    n = len(seg.input_ids)
+    if len(seg.spans) != n:
+        raise ValueError(f"segment {seg.example_id}: {n} input_ids but {len(seg.spans)} spans")
+    if seg.teacher_ids is None:
+        return k
+    ids, lp = np.asarray(seg.teacher_ids), np.asarray(seg.teacher_logprobs)
+    rows = len(ids)
+    k = k or (int(ids.shape[1]) if ids.ndim == 2 else -1)
+    if ids.shape != (rows, k) or lp.shape != (rows, k) or not 0 <= seg.teacher_start <= n - rows:
+        raise ValueError(
+            f"segment {seg.example_id}: teacher_ids {ids.shape} / teacher_logprobs {lp.shape} from token "
+            f"{seg.teacher_start}, expected [rows, {k}] like the other segments, inside its {n} tokens")
+    return k
 
 
 def compute_pack_stats(spans: np.ndarray, seq_offsets: np.ndarray, pack_offsets: np.ndarray,
@@ -562,16 +573,11 @@ def document_block_mask(sequence_ids: torch.Tensor) -> Any:
     return build(same_example_causal, B, None, T, T, device=sequence_ids.device)
 
 
-_COMPILED_BLOCK_MASK = None
-
-
+@functools.cache
 def _compiled_block_mask() -> Any:
-    global _COMPILED_BLOCK_MASK
-    if _COMPILED_BLOCK_MASK is None:
-        from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
 
-        _COMPILED_BLOCK_MASK = torch.compile(create_block_mask)
-    return _COMPILED_BLOCK_MASK
+    return torch.compile(create_block_mask)  # compiled once per process
 
 
 def model_forward_kwargs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
