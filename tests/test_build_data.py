@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def test_build_twice_hits_cache_and_changes_rebuild(tmp_path, sp_tokenizer):
     assert third.meta["reused"] is False and third.meta["cache_dir"] != first.meta["cache_dir"]
     # nothing half-written is left behind
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") and p.is_dir()]
+
+
+def test_a_build_removes_what_a_killed_build_of_its_entry_left(tmp_path, sp_tokenizer):
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files)
+    entry = Path(load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None).meta["cache_dir"])
+    shutil.rmtree(entry)
+    # as a SIGKILL leaves them: a segment spill and an unfinished copy of this entry, with files
+    spill, copy = entry.parent / f".{entry.name}-segments-k1ll3d", entry.parent / f".{entry.name}-x7q2"
+    other = entry.parent / ".valid-0123456789abcdef-segments-k1ll3d"  # another entry's: not ours to touch
+    for d in (spill, copy, other):
+        d.mkdir()
+        (d / "tokens.raw").write_bytes(b"\0" * 64)
+    logs: list[str] = []
+    rebuilt = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=logs.append)
+    assert rebuilt.meta["reused"] is False and (entry / "meta.json").is_file()
+    assert not spill.exists() and not copy.exists() and other.is_dir()
+    assert sum("left by an interrupted build" in line for line in logs) == 2
+    assert (entry.parent / f".train-{entry.name.split('-')[1]}.lock").is_file()  # the lock file is kept
 
 
 def test_concurrent_builders_agree(tmp_path, sp_tokenizer):

@@ -141,7 +141,9 @@ def load_or_build(cfg: RadisConfig, split: str = "train", tokenizer: Any = None,
     root = Path(os.path.expanduser(cfg.data.cache_dir))
     entry = root / f"{split}-{key}"
     root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{split}-{key}.lock"):
+    with _lock(root / f".{split}-{key}.lock") as held:
+        if held:
+            _remove_leftovers(entry, log)
         if force and entry.exists():
             shutil.rmtree(entry)
         if (entry / "meta.json").is_file():
@@ -265,23 +267,37 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (no-op where the platform has none)."""
+def _lock(path: Path) -> Iterator[bool]:
+    """An exclusive flock on `path`; yields whether it is held (False where the platform
+    or file system has none: then the atomic rename alone keeps entries whole)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: the atomic rename alone keeps entries whole
-        yield
+    except ImportError:  # not POSIX
+        yield False
         return
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
         except OSError:  # e.g. a file system without locks
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(entry: Path, log: Callable[[str], None]) -> None:
+    """Remove what a killed build of `entry` left beside it: its segment spill
+    (`.<entry>-segments-*`) and its unfinished copy (`.<entry>-*`, radis.data.packed_files).
+
+    Called only while holding the entry's lock: every builder of the entry holds it for
+    its whole build, so any such directory then belongs to a build that is gone.
+    """
+    for leftover in sorted(entry.parent.glob(f".{entry.name}-*")):
+        if leftover.is_dir():
+            log(f"[build-data] removing {leftover.name}, left by an interrupted build")
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- command
