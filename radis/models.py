@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,17 +85,57 @@ def resolve_model_path(name_or_path: str, cache_dir: str = "~/.cache/radis") -> 
     return name_or_path  # a hub id, resolved by transformers
 
 
+# Bumped when convert_gguf writes something different: 2 = special tokens from the file
+GGUF_CONVERSION = 2
+# GGUF metadata key -> the tokenizer attribute it names
+GGUF_SPECIAL_TOKENS = {"bos_token_id": "bos_token", "eos_token_id": "eos_token",
+                       "unknown_token_id": "unk_token", "padding_token_id": "pad_token"}
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file's metadata names: {"eos_token": 2, ...}
+    (`tokenizer.ggml.<name>_token_id`; those the file does not set are absent)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    ids = {}
+    for key, attr in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field.data:
+            ids[attr] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def set_special_tokens_from_gguf(tok: Any, gguf: Path) -> None:
+    """Give `tok` the special tokens the GGUF file names.
+
+    transformers' GGUF tokenizer conversion is not the same across versions: 5.17 reads
+    SmolLM2's eos as <|im_start|> (id 1, its bos) and sets no pad token, where 5.24 reads
+    <|im_end|> (id 2) for both, as the file says. Generation then never stops at the end
+    of a turn. The file's own ids are the truth; this sets them on every version.
+    """
+    ids = gguf_special_token_ids(gguf)
+    for attr, token_id in ids.items():  # all checked before any is set
+        if not 0 <= token_id < len(tok):
+            raise ModelLoadError(f"{gguf}: tokenizer.ggml.{attr}_id = {token_id} is outside the vocabulary "
+                                 f"(size {len(tok)})")
+    for attr, token_id in ids.items():
+        setattr(tok, attr, tok.convert_ids_to_tokens(token_id))
+
+
 def convert_gguf(gguf: Path, cache_dir: str) -> Path:
     """Dequantise a GGUF checkpoint into a cached HF safetensors directory (once).
 
     The directory name carries a hash of the file's path, size and mtime so that a
-    changed file is converted again. The conversion writes into a temporary directory
-    and renames it into place, so a killed conversion never leaves a half directory.
+    changed file is converted again, and of GGUF_CONVERSION, so that a conversion made
+    by older code (before the special tokens were set from the file) is made again. The
+    conversion writes into a temporary directory and renames it into place, so a killed
+    conversion never leaves a half directory.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_CONVERSION}".encode()).hexdigest()[:12]
     root = Path(os.path.expanduser(cache_dir)) / "models"
     out = root / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
@@ -103,6 +144,7 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=root))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        set_special_tokens_from_gguf(tok, gguf)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # A model loaded from GGUF is marked quantised and refuses save_pretrained;
         # its weights are already dequantised, so copy them into a plain model.

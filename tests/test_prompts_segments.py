@@ -201,6 +201,35 @@ def test_recorded_rationale_ids_and_teacher_topk_are_aligned(smol_tokenizer):
         build_segment(fmt, bad, separator=SEP, max_tokens=4096)
 
 
+def test_smollm2_special_tokens_are_the_gguf_files(smol_tokenizer):
+    # transformers 5.17's GGUF conversion reads eos as <|im_start|> and no pad; the
+    # conversion sets what the file says (radis.models.set_special_tokens_from_gguf)
+    from radis.models import gguf_special_token_ids, smollm2_gguf_path
+
+    ids = gguf_special_token_ids(smollm2_gguf_path())
+    assert ids == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+    tok = smol_tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (1, 2, 0, 2)
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_a_gguf_special_token_outside_the_vocabulary_is_a_clear_error(tmp_path, smol_tokenizer):
+    from gguf import GGUFWriter
+
+    from radis.models import ModelLoadError, set_special_tokens_from_gguf
+
+    path = tmp_path / "bad.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_eos_token_id(10**6)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"bad.gguf: tokenizer.ggml.eos_token_id = 1000000 is outside"):
+        set_special_tokens_from_gguf(smol_tokenizer, path)
+    assert smol_tokenizer.eos_token_id == 2  # left as it was
+
+
 def test_model_template_equals_apply_chat_template(smol_tokenizer):
     tok = smol_tokenizer
     for system in (None, "Be brief."):
