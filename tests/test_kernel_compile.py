@@ -39,7 +39,7 @@ def test_launch_config_keeps_the_teacher_tile_in_registers():
             cfg = launch_config(v, k)
             assert cfg.block_k >= k and cfg.block_k & (cfg.block_k - 1) == 0
             assert cfg.block_v * cfg.block_k <= 16384 or cfg.block_v == 64
-            assert cfg.num_warps == (8 if cfg.block_v >= 2048 else 4)
+            assert cfg.num_warps == (8 if cfg.block_v >= 2048 or cfg.block_k >= 64 else 4)
     assert launch_config(32000, 20, block_v=128).block_v == 128  # a test's explicit choice
 
 
@@ -53,7 +53,7 @@ def test_the_variants_are_every_choice_of_the_launcher():
 
 SUBSET = [
     Variant("bf16", True, True, 512, 32, 4),  # k = 20, the default top-k: the launcher's capped tile
-    Variant("fp32", True, True, 256, 64, 4),  # the largest k it supports
+    Variant("fp32", True, True, 256, 64, 8),  # the largest k it supports (spilled at 4 warps on triton 3.6)
     Variant("bf16", False, True, 4096, 2, 8),  # vanilla fine-tuning
     Variant("fp16", True, False, 4096, 4, 8),  # no gradient (validation), the widest teacher tile
 ] if HAVE_BACKEND else []
