@@ -192,7 +192,7 @@ def _model(args, dtype: str):
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -212,7 +212,11 @@ def main(argv=None) -> int:
                    help="where to run (cuda only where available; default both)")
     p.add_argument("--random-weights", action="store_true",
                    help="the model from its config.json with random weights (seed 0) instead of its weights")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.data.is_file():
         print(f"data file {args.data} not found (../shared/data beside the checkout); pass --data", file=sys.stderr)

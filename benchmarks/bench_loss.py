@@ -279,7 +279,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[2048, 8192], help="tokens per step")
     p.add_argument("--v", type=int, default=32000, help="vocabulary size")
@@ -293,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="span layout of real packed data: a cache entry of `radis build-data` (default: synthetic)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = DTYPES[args.dtype]

@@ -63,3 +63,43 @@ def test_steps_report_ok_failed_timed_out_and_skipped(tmp_path):
     assert "| failing | failed |" in text and "| slow | timed out |" in text
     assert "## bench_ok" in text and "| a | b |" in text  # the benchmark's own table is carried over
     assert (tmp_path / "bench_ok.log").read_text().startswith("+ ")
+
+
+def _load(script: Path):
+    spec = importlib.util.spec_from_file_location(f"_gpu_check_{script.stem}", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_benchmark_step_is_a_command_line_its_script_accepts(tmp_path):
+    # The GPU day has minutes: a flag a script does not know would cost the whole step there.
+    gc = _module()
+    assets = tmp_path / "assets"
+    (assets / "spans").mkdir(parents=True)  # present: the loss step then reads the real span layout
+    steps = {s.name: s for s in gc.plan(tmp_path / "out", assets)}
+    parsed = {}
+    for name in ("bench_loss", "bench_generate", "bench_train"):
+        script = Path(steps[name].command[1])
+        assert script == ROOT / "benchmarks" / f"{name}.py"
+        parsed[name] = _load(script).parse_args(steps[name].command[2:])  # argparse exits on a bad flag
+    loss, gen, train = parsed["bench_loss"], parsed["bench_generate"], parsed["bench_train"]
+    assert (loss.device, loss.dtype, loss.d, loss.spans_from) == ("cuda", "bfloat16", 4096, str(assets / "spans"))
+    assert gen.devices == ["cuda"] and gen.random_weights and gen.model == str(assets / "smollm2")
+    assert train.gpu and train.data_dir == assets / "alma-deen" and train.tokenizer == str(assets / "smollm2")
+
+
+def test_the_gpu_tests_step_collects_every_gpu_test(tmp_path):
+    gc = _module()
+    step = next(s for s in gc.plan(tmp_path / "out", tmp_path / "assets") if s.name == "gpu_tests")
+    proc = subprocess.run([*step.command, "--collect-only"], cwd=ROOT, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = {ln.split("::")[1].split("[")[0] for ln in proc.stdout.splitlines() if "::" in ln}
+    marked = set()  # every test function under a gpu mark, read from the sources
+    for path in ROOT.glob("tests/test_*.py"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("def test_") and any("mark.gpu" in ln for ln in lines[max(0, i - 4):i]):
+                marked.add(line[4:].split("(")[0])
+    assert len(marked) >= 6 and collected == marked
