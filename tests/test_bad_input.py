@@ -184,6 +184,19 @@ def test_recorded_ids_and_top_k_are_checked(smol_tokenizer, tmp_path):
             build_segments(fmt, examples, separator="\n\n", max_tokens=512)
 
 
+def test_recorded_ids_of_the_wrong_kind_name_the_file_and_line(tmp_path):
+    from radis.data.sources import DataError, read_sources
+
+    cases = [([5, 6.0], "expected a list of integers"), ([5, True], "expected a list of integers"),
+             ("5 6", "expected a list of integers"), ([5, -1], r"token ids are in \[0, 2\^31\), got -1"),
+             ([2**31], r"token ids are in .*, got 2147483648")]
+    for i, (ids, expected) in enumerate(cases):
+        path = tmp_path / f"case{i}.rationales.jsonl"
+        path.write_text(json.dumps(_record(0)) + "\n" + json.dumps(_record(1, rationale_token_ids=ids)) + "\n")
+        with pytest.raises(DataError, match=rf"{path.name}:2: 'rationale_token_ids': {expected}"):
+            read_sources([SourceConfig(path=str(path))])
+
+
 def test_damaged_parts_fail_the_merge_without_touching_what_it_wrote_before(tmp_path):
     from radis.data.records import MERGED, MERGED_TOPK
     from radis.generation.store import GenerationStore, OutputMismatchError
@@ -261,3 +274,16 @@ def test_train_reports_data_and_model_problems(sp_tokenizer, tmp_path, capsys):
         shutil.copy(model / f, no_tok)
     _fails(capsys, ["train", "--config", str(cfg), *base, f"model.name_or_path={no_tok}",
                     f"train.output_dir={tmp_path / 'o2'}"], f"{no_tok}: cannot load the tokenizer")
+
+
+def test_records_are_read_a_line_at_a_time_and_bad_bytes_name_their_line_and_offset(tmp_path):
+    good = [json.dumps(_record(i)).encode() + b"\n" for i in range(3)]
+    for bad, expected in ((b'{"id": "\x00"}\n', "a NUL byte at byte offset"), (b'{"id": "\xff"}\n', "not valid UTF-8 at byte offset")):
+        path = tmp_path / "r.rationales.jsonl"
+        path.write_bytes(good[0] + good[1] + bad + good[2])
+        offset = len(good[0]) + len(good[1]) + bad.index(b"\x00" if b"\x00" in bad else b"\xff")
+        with pytest.raises(DataError, match=rf"r.rationales.jsonl:3: {expected} {offset}\b"):
+            read_source(SourceConfig(path=str(path)))
+    array = tmp_path / "a.rationales.json"  # a JSON array, after a BOM, is read whole
+    array.write_bytes(b"\xef\xbb\xbf \n[" + b",".join(g.strip() for g in good) + b"]")
+    assert [ex.id for ex in read_source(SourceConfig(path=str(array), format="rationales"))] == ["r:0", "r:1", "r:2"]

@@ -132,7 +132,8 @@ def test_rationale_records_with_meta_and_topk(tmp_path):
     out = tmp_path / "rationales"
     out.mkdir()
     recs = [{"id": f"deen/x:{i}:de-en", "src_lang": "de", "tgt_lang": "en", "source": s, "reference": t,
-             "rationale": f"Because {i}.", "rationale_token_ids": [5, 6, 7], "tokenizer_fingerprint": "abc"}
+             "rationale": f"Because {i}.", "rationale_token_ids": [5, 6, 7], "tokenizer_fingerprint": "abc",
+             "decoding": {"temperature": 0.0, "max_new_tokens": 8}, "note": f"only record {i} says this"}
             for i, (s, t) in enumerate(PAIRS)]
     recs[1]["rationale"] = ""
     recs.append(dict(recs[0]))  # written twice by a resumed run
@@ -144,7 +145,12 @@ def test_rationale_records_with_meta_and_topk(tmp_path):
     assert [e.id for e in exs] == [r["id"] for r in recs[:3]]
     assert exs[0].rationale == "Because 0." and exs[1].rationale is None and stats.empty_rationale == 1
     assert stats.skipped["duplicate_id"] == 1
-    assert exs[0].meta["rationale_token_ids"] == [5, 6, 7] and exs[0].meta["tokenizer_fingerprint"] == "abc"
+    ids = exs[0].meta["rationale_token_ids"]  # held compactly: an int32 array (record_to_example)
+    assert ids.dtype == np.int32 and ids.tolist() == [5, 6, 7] and exs[0].meta["tokenizer_fingerprint"] == "abc"
+    # what every record of a run repeats is held once, not once per record (json makes new objects)
+    assert exs[0].meta["decoding"] is exs[2].meta["decoding"] == {"temperature": 0.0, "max_new_tokens": 8}
+    assert exs[0].meta["tokenizer_fingerprint"] is exs[2].meta["tokenizer_fingerprint"]
+    assert [e.meta["note"] for e in exs] == [f"only record {i} says this" for i in range(3)]
     np.testing.assert_array_equal(example_teacher(exs[0].meta)[0], topk[0])  # read lazily, from the file
     assert example_teacher(exs[2].meta) is None
     # One shard file, sniffed by its records.

@@ -94,7 +94,7 @@ FLEX_ATTN = ("flex_attention",)
 # A bin of a packing window with more than this share of free slots is carried over.
 CARRY_SLACK = 0.01
 # Bytes of an array read at a time when a whole data set is scanned (hash, counts).
-HASH_SLICE_BYTES = 64 * 2**20
+HASH_SLICE_BYTES = 16 * 2**20
 PACK_STATS_SLICE = 1024  # packs per slice of compute_pack_stats
 
 

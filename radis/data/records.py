@@ -152,10 +152,18 @@ def check_record(rec: Any, where: str) -> str:
         target = rec.get("target")
         if not isinstance(target, str):
             raise RecordError(f"{where}: a {strategy} record needs 'target' (a string), got {type(target).__name__}")
+    ids = rec.get("rationale_token_ids")
+    if ids is not None:
+        # int exactly: bool is an int too, and a float would be truncated by the int32 copy
+        if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+            raise RecordError(f"{where}: 'rationale_token_ids': expected a list of integers")
+        if ids and (min(ids) < 0 or max(ids) >= 2**31):
+            raise RecordError(f"{where}: 'rationale_token_ids': token ids are in [0, 2^31), got "
+                              f"{min(ids) if min(ids) < 0 else max(ids)}")
     return strategy
 
 
-def record_to_example(rec: dict[str, Any], teacher: Any = None) -> Example:
+def record_to_example(rec: dict[str, Any], teacher: Any = None, shared: dict[Any, Any] | None = None) -> Example:
     """The Example training uses for a checked record (see the module docstring).
 
     `teacher` (the record's top-k arrays, or a function that reads them: see
@@ -163,9 +171,19 @@ def record_to_example(rec: dict[str, Any], teacher: Any = None) -> Example:
     ["teacher_topk_logprobs"] ([n_rationale_tokens, k]), or as meta["teacher_topk"] when
     lazy; radis.data.segments aligns them to the rationale tokens (`example_teacher`
     reads either).
+
+    A build holds every Example of a split at once, so the meta is kept compact:
+    "rationale_token_ids" becomes an int32 array [n] (4 bytes a token, not a Python
+    int's 28 + 8), and with `shared` (one dict per file read) the meta keys and the
+    values that repeat from record to record ("decoding", "prompt", "generator",
+    "direction", ...) are one object for all of them (`_shared_value`; json makes new
+    strings for every record). Meta values are read, never mutated.
     """
     strategy = rec.get("strategy", "continue")
-    meta = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS and k not in _TEXT_FIELDS}
+    meta = {_shared_value(k, shared): _shared_value(v, shared) for k, v in rec.items()
+            if k not in REQUIRED_FIELDS and k not in _TEXT_FIELDS}
+    if meta.get("rationale_token_ids") is not None:  # checked ints in [0, 2^31) (check_record)
+        meta["rationale_token_ids"] = np.asarray(rec["rationale_token_ids"], dtype=np.int32)
     meta["strategy"] = strategy
     if strategy in TARGET_STRATEGIES:
         meta["human_reference"] = rec["reference"]
@@ -181,6 +199,22 @@ def record_to_example(rec: dict[str, Any], teacher: Any = None) -> Example:
             meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = teacher
     return Example(id=rec["id"], src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"], source=rec["source"],
                    reference=rec["reference"], rationale=rationale, meta=meta)
+
+
+def _shared_value(value: Any, shared: dict[Any, Any] | None) -> Any:
+    """`value`, or the equal value seen before in `shared`: strings by value, dicts and
+    lists by their JSON text. Numbers are left alone (small ints are shared by Python)."""
+    if shared is None:
+        return value
+    if isinstance(value, str):
+        return shared.setdefault(value, value)
+    if isinstance(value, (dict, list)) and value:
+        try:
+            key = ("json", json.dumps(value, sort_keys=True))
+        except (TypeError, ValueError):
+            return value
+        return shared.setdefault(key, value)
+    return value
 
 
 def example_teacher(meta: dict[str, Any] | None) -> tuple[Any, Any] | None:

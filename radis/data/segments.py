@@ -194,7 +194,9 @@ def _recorded_rationale(
         if key in prompt and prompt[key] != current[key]:
             return why
     vocab = len(fmt.tokenizer)
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":  # from a records file
+        ids = ids.tolist()
+    elif not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RecordError(f"example {ex.id}: rationale_token_ids: expected a list of integers")
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:

@@ -180,8 +180,8 @@ def detect_format(cfg: SourceConfig) -> str:
 # --------------------------------------------------------------------------- file reading
 
 
-def read_text_file(path: Path) -> str:
-    """UTF-8 text of a regular file; a decoding error names the byte offset and line.
+def _check_text_file(path: Path) -> None:
+    """Raise unless `path` is a regular file that can be read.
 
     Not a regular file (a FIFO, a socket, a device: reading could block forever), a
     directory, a symbolic-link loop and a missing file are DataErrors naming the path.
@@ -196,6 +196,12 @@ def read_text_file(path: Path) -> str:
         raise DataError(f"{path}: is a directory, expected a file")
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file (a FIFO, socket or device; reading it could block forever)")
+
+
+def read_text_file(path: Path) -> str:
+    """UTF-8 text of a regular file (checked by `_check_text_file`); a decoding error or a
+    NUL byte names the byte offset and line."""
+    _check_text_file(path)
     data = path.read_bytes()
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file to UTF-8")
@@ -225,22 +231,70 @@ def _lines(text: str, path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def _streamed_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, read a line at a time: the checks of
+    `read_text_file` and `_lines` (BOM, NUL bytes, UTF-8, CR-only endings), each error
+    naming the line and byte offset, without holding the file. A records file of the
+    paper's size is hundreds of MB of text; held whole, as bytes, text and lines at
+    once, it was the largest part of a build's peak memory."""
+    _check_text_file(path)
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file "
+                                "to UTF-8")
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"{path}:{lineno}: a NUL byte at byte offset {offset + nul}; expected a text file")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 at byte offset {offset + err.start} "
+                                f"({raw[err.start:err.start + 4]!r}: {err.reason}); convert the file to UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a BOM is not data
+                if not line.endswith("\n") and "\r" in line.rstrip("\r"):
+                    raise DataError(f"{path}: its lines end in CR only (classic Mac OS line endings); convert them "
+                                    "to LF")
+            offset += len(raw)
+            yield lineno, line.removesuffix("\n").removesuffix("\r")
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    """Whether the file's first non-blank byte is "[" (a JSON array, not JSON Lines)."""
+    _check_text_file(path)
+    with open(path, "rb") as f:
+        first = True
+        while chunk := f.read(4096):
+            stripped = (chunk.removeprefix(b"\xef\xbb\xbf") if first else chunk).lstrip()
+            first = False
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
 def _json_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
-    """(record index, line number or None, record) of a JSON array or JSON Lines file."""
-    text = read_text_file(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
-        for i, rec in enumerate(data):
-            yield i, None, rec
+    """(record index, line number or None, record) of a JSON array or JSON Lines file.
+    JSON Lines are read a line at a time (`_streamed_lines`); an array is read whole."""
+    if not _starts_with_bracket(path):
+        yield from _json_lines(path)
         return
+    text = read_text_file(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
+    del text
+    for i, rec in enumerate(data):
+        yield i, None, rec
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, int, Any]]:
     index = 0
-    for lineno, line in enumerate(_lines(text, path), start=1):
+    for lineno, line in _streamed_lines(path):
         if not line.strip():
             continue
         try:
@@ -531,6 +585,7 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> li
     wanted = set(cfg.directions)
     examples: list[Example] = []
     seen: set[str] = set()
+    shared: dict = {}  # the meta values every record of a run repeats, held once (record_to_example)
     for path in files:
         side = topk_path(path)
         topk = TopkReader(side) if side is not None else None
@@ -556,7 +611,7 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> li
                 stats.skipped[reason] += 1
                 continue
             seen.add(ex_id)
-            ex = record_to_example(rec, topk.lazy(ex_id) if topk is not None and ex_id in topk else None)
+            ex = record_to_example(rec, topk.lazy(ex_id) if topk is not None and ex_id in topk else None, shared)
             if ex.meta["strategy"] in RATIONALE_STRATEGIES and ex.rationale is None:
                 stats.empty_rationale += 1  # kept as a pair without rationale
             if ex.meta.get("target_from") == "reference":
