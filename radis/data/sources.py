@@ -220,21 +220,12 @@ def read_text_file(path: Path) -> str:
     return text.removeprefix("\ufeff")  # a BOM is not data
 
 
-def _lines(text: str, path: Path) -> list[str]:
-    """Split on "\\n" only; a final newline does not make an extra empty line. A file whose
-    lines end in a lone CR (classic Mac OS) would be one line: a DataError instead."""
-    if "\n" not in text and "\r" in text.rstrip("\r"):  # a CR between lines, and never an LF
-        raise DataError(f"{path}: its lines end in CR only (classic Mac OS line endings); convert them to LF")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
 def _streamed_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file, read a line at a time: the checks of
-    `read_text_file` and `_lines` (BOM, NUL bytes, UTF-8, CR-only endings), each error
-    naming the line and byte offset, without holding the file. A records file of the
+    """(line number, line) of a UTF-8 text file, read a line at a time, split on "\n" only
+    (a final newline makes no extra empty line; a "\r" before it is dropped): the checks
+    of `read_text_file` (BOM, NUL bytes, UTF-8) and CR-only line endings (a file that has
+    them would be one line: a DataError instead), each error naming the line and byte
+    offset, without holding the file. A records file of the
     paper's size is hundreds of MB of text; held whole, as bytes, text and lines at
     once, it was the largest part of a build's peak memory."""
     _check_text_file(path)
@@ -313,8 +304,9 @@ def json_records(path: Path) -> list[Any]:
 
 
 def text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file; errors name the file (and line, for bad bytes)."""
-    return _lines(read_text_file(path), path)
+    """The lines of a UTF-8 text file (without their "\n" / "\r\n"), read a line at a time;
+    errors name the file (and line, for bad bytes: `_streamed_lines`)."""
+    return [line for _, line in _streamed_lines(path)]
 
 
 def _where(path: Path, index: int, lineno: int | None) -> str:
@@ -351,8 +343,7 @@ def _read_text_pair(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | N
     src_path, tgt_path = Path(cfg.path), Path(cfg.target_path or "")
     if not cfg.target_path:
         raise DataError(f"{src_path}: a line-aligned text source needs target_path (the target-side file)")
-    src_lines = _lines(read_text_file(src_path), src_path)
-    tgt_lines = _lines(read_text_file(tgt_path), tgt_path)
+    src_lines, tgt_lines = text_lines(src_path), text_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(
             f"line-aligned pair does not align: {src_path} has {len(src_lines)} lines, "
@@ -373,7 +364,7 @@ def _read_text_pair(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | N
 
 
 def _read_tsv(path: Path, cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | None]:
-    lines = _lines(read_text_file(path), path)
+    lines = text_lines(path)
     langs = _langs_from_name(path.name)
     start = 0
     if lines:
