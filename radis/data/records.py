@@ -175,15 +175,15 @@ def record_to_example(rec: dict[str, Any], teacher: Any = None, shared: dict[Any
     A build holds every Example of a split at once, so the meta is kept compact:
     "rationale_token_ids" becomes an int32 array [n] (4 bytes a token, not a Python
     int's 28 + 8), and with `shared` (one dict per file read) the meta keys and the
-    values that repeat from record to record ("decoding", "prompt", "generator",
-    "direction", ...) are one object for all of them (`_shared_value`; json makes new
-    strings for every record). Meta values are read, never mutated.
+    values of REPEATED_META, the same in every record of a run, are one object for all
+    of them (`_shared_value`; json makes new ones for every record). Only those: a value
+    unique to its record would only add its key to `shared`. Meta is read, never mutated.
     """
     strategy = rec.get("strategy", "continue")
-    meta = {_shared_value(k, shared): _shared_value(v, shared) for k, v in rec.items()
-            if k not in REQUIRED_FIELDS and k not in _TEXT_FIELDS}
+    meta = {_shared_value(k, shared): _shared_value(v, shared) if k in REPEATED_META else v
+            for k, v in rec.items() if k not in REQUIRED_FIELDS and k not in _TEXT_FIELDS}
     if meta.get("rationale_token_ids") is not None:  # checked ints in [0, 2^31) (check_record)
-        meta["rationale_token_ids"] = np.asarray(rec["rationale_token_ids"], dtype=np.int32)
+        meta["rationale_token_ids"] = np.asarray(meta["rationale_token_ids"], dtype=np.int32)
     meta["strategy"] = strategy
     if strategy in TARGET_STRATEGIES:
         meta["human_reference"] = rec["reference"]
@@ -199,6 +199,11 @@ def record_to_example(rec: dict[str, Any], teacher: Any = None, shared: dict[Any
             meta["teacher_topk_ids"], meta["teacher_topk_logprobs"] = teacher
     return Example(id=rec["id"], src_lang=rec["src_lang"], tgt_lang=rec["tgt_lang"], source=rec["source"],
                    reference=rec["reference"], rationale=rationale, meta=meta)
+
+
+# the meta fields radis generate writes with one value for a whole run (radis.generation)
+REPEATED_META = frozenset({"direction", "strategy", "generator", "decoding", "stop_reason", "tokenizer_fingerprint",
+                           "config_hash", "separator", "prompt", "topk"})
 
 
 def _shared_value(value: Any, shared: dict[Any, Any] | None) -> Any:
