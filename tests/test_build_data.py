@@ -296,3 +296,19 @@ def test_packing_efficiency_on_alma_deen_train(tmp_path, shared_data):
     for max_tokens in (2048, 4096):
         ds = PackedDataset.from_segments(segments, max_tokens=max_tokens, window=cfg.data.pack_window, seed=0)
         assert ds.efficiency >= 0.99, (max_tokens, ds.efficiency)
+
+
+def test_a_spill_shorter_than_its_offsets_is_a_clear_error(tmp_path):
+    from tqdm import tqdm
+
+    from radis.data import packed_files as pf
+
+    src = tmp_path / "tokens.bin"
+    np.arange(10, dtype=np.int32).tofile(src)
+    order, offsets = np.array([1, 0]), np.array([0, 4, 12])  # segment 1 claims rows 4-12 of a 10-row file
+    with pytest.raises(pf.DataBuildError, match=r"tokens.bin: segment spill ends early \(40 of 48 bytes\)"):
+        pf._copy_in_order(src, tmp_path / "tokens.npy", np.dtype(np.int32), (12,), order, offsets,
+                          np.array([0, 8, 12]), tqdm(disable=True))
+    pf._copy_in_order(src, tmp_path / "ok.npy", np.dtype(np.int32), (10,), order, np.array([0, 4, 10]),
+                      np.array([0, 6, 10]), tqdm(disable=True))
+    assert np.load(tmp_path / "ok.npy").tolist() == [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]

@@ -268,8 +268,7 @@ class SegmentSpill:
         return self.dir / f"{name}.bin"
 
 
-# segments copied per write when an entry is written from a spill (the buffer of one
-# slice is all the copy holds: 4096 segments' teacher rows, about 20 MB at k = 20)
+# segments copied between progress updates when an entry is written from a spill
 _SLICE_SEGMENTS = 4096
 
 
@@ -336,7 +335,7 @@ def _copy_in_order(src: Path, path: Path, dtype: np.dtype, shape: tuple[int, ...
                    src_offsets: np.ndarray, dst_offsets: np.ndarray, bar: Any) -> None:
     """dst[dst_offsets[j] : dst_offsets[j+1]] = src[src_offsets[order[j]] : ...] for every j:
     the raw file `src` ([N] or [R, k] rows of `dtype`) copied in `order` into a new .npy
-    of `shape` at `path` (fsynced), a slice of segments per write.
+    of `shape` at `path` (fsynced); the progress bar moves a slice of segments at a time.
 
     By positioned reads and sequential writes, not memory maps: pack order visits the
     spill's segments scattered over it, and each fault of a map of a cached file brings
@@ -351,15 +350,13 @@ def _copy_in_order(src: Path, path: Path, dtype: np.dtype, shape: tuple[int, ...
         np.lib.format.write_array_header_1_0(fout, header)  # what np.save writes
         start = fout.tell()
         for j0 in range(0, len(order), _SLICE_SEGMENTS):
-            chunk = []
             for i in order[j0:j0 + _SLICE_SEGMENTS]:
                 offset, size = int(src_offsets[i]) * row_bytes, int(src_offsets[i + 1] - src_offsets[i]) * row_bytes
                 data = os.pread(fin.fileno(), size, offset)
                 if len(data) != size:
                     raise DataBuildError(f"{src}: segment spill ends early ({offset + len(data)} of {offset + size} "
                                          "bytes); the disk may be full: build again")
-                chunk.append(data)
-            fout.write(b"".join(chunk))
+                fout.write(data)  # buffered: one segment's bytes at a time
             bar.update(min(_SLICE_SEGMENTS, len(order) - j0))
         written = fout.tell() - start
         if written != int(dst_offsets[-1]) * row_bytes:  # the offsets and the lengths disagree: a bug
