@@ -221,13 +221,15 @@ def read_text_file(path: Path) -> str:
 
 
 def _streamed_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file, read a line at a time, split on "\n" only
-    (a final newline makes no extra empty line; a "\r" before it is dropped): the checks
-    of `read_text_file` (BOM, NUL bytes, UTF-8) and CR-only line endings (a file that has
-    them would be one line: a DataError instead), each error naming the line and byte
-    offset, without holding the file. A records file of the
-    paper's size is hundreds of MB of text; held whole, as bytes, text and lines at
-    once, it was the largest part of a build's peak memory."""
+    """(line number, line) of a UTF-8 text file, read a line at a time, split on "\\n"
+    only (a final newline makes no extra empty line; a "\\r" before it is dropped).
+
+    The checks of `read_text_file` (BOM, NUL bytes, UTF-8) and CR-only line endings (a
+    file that has them would be one line: a DataError instead), each error naming the
+    line and byte offset, without holding the file: a records file of the paper's size
+    is hundreds of MB of text, and held whole, as bytes, text and lines at once, it was
+    the largest part of a build's peak memory.
+    """
     _check_text_file(path)
     with open(path, "rb") as f:
         offset = 0
