@@ -306,7 +306,7 @@ def json_records(path: Path) -> list[Any]:
 
 
 def text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (without their "\n" / "\r\n"), read a line at a time;
+    """The lines of a UTF-8 text file (without their "\\n" / "\\r\\n"), read a line at a time;
     errors name the file (and line, for bad bytes: `_streamed_lines`)."""
     return [line for _, line in _streamed_lines(path)]
 
