@@ -48,7 +48,7 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,58 +198,49 @@ def _check_text_file(path: Path) -> None:
         raise DataError(f"{path}: not a regular file (a FIFO, socket or device; reading it could block forever)")
 
 
+def _decode_text(raw: bytes, path: Path, offset: int, line_of: Callable[[int], int]) -> str:
+    """`raw` (the bytes of `path` from byte `offset` on) as text: a UTF-16 BOM, a NUL byte
+    or bad UTF-8 is a DataError naming the line (`line_of(position in raw)`) and the byte
+    offset in the file; a UTF-8 BOM at the file's start is dropped (it is not data)."""
+    if offset == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file to UTF-8")
+    nul = raw.find(b"\x00")
+    if nul >= 0:  # valid UTF-8, but no text file holds NUL bytes: a binary file, or a damaged one
+        raise DataError(f"{path}:{line_of(nul)}: a NUL byte at byte offset {offset + nul}; expected a text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}:{line_of(err.start)}: not valid UTF-8 at byte offset {offset + err.start} "
+            f"({raw[err.start:err.start + 4]!r}: {err.reason}); convert the file to UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff") if offset == 0 else text
+
+
 def read_text_file(path: Path) -> str:
-    """UTF-8 text of a regular file (checked by `_check_text_file`); a decoding error or a
-    NUL byte names the byte offset and line."""
+    """UTF-8 text of a regular file (checked by `_check_text_file` and `_decode_text`)."""
     _check_text_file(path)
     data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file to UTF-8")
-    nul = data.find(b"\x00")
-    if nul >= 0:  # valid UTF-8, but no text file holds NUL bytes: a binary file, or a damaged one
-        line = data.count(b"\n", 0, nul) + 1
-        raise DataError(f"{path}:{line}: a NUL byte at byte offset {nul}; expected a text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 at byte offset {err.start} "
-            f"({data[err.start:err.start + 4]!r}: {err.reason}); convert the file to UTF-8"
-        ) from None
-    return text.removeprefix("\ufeff")  # a BOM is not data
+    return _decode_text(data, path, 0, lambda pos: data.count(b"\n", 0, pos) + 1)
 
 
 def _streamed_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file, read a line at a time, split on "\\n"
     only (a final newline makes no extra empty line; a "\\r" before it is dropped).
 
-    The checks of `read_text_file` (BOM, NUL bytes, UTF-8) and CR-only line endings (a
-    file that has them would be one line: a DataError instead), each error naming the
-    line and byte offset, without holding the file: a records file of the paper's size
-    is hundreds of MB of text, and held whole, as bytes, text and lines at once, it was
-    the largest part of a build's peak memory.
+    The checks of `read_text_file` (`_decode_text`: BOM, NUL bytes, UTF-8) and CR-only
+    line endings (a file that has them would be one line: a DataError instead), each
+    error naming the line and byte offset, without holding the file: a records file of
+    the paper's size is hundreds of MB of text, and held whole, as bytes, text and lines
+    at once, it was the largest part of a build's peak memory.
     """
     _check_text_file(path)
     with open(path, "rb") as f:
         offset = 0
         for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); convert the file "
-                                "to UTF-8")
-            nul = raw.find(b"\x00")
-            if nul >= 0:
-                raise DataError(f"{path}:{lineno}: a NUL byte at byte offset {offset + nul}; expected a text file")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 at byte offset {offset + err.start} "
-                                f"({raw[err.start:err.start + 4]!r}: {err.reason}); convert the file to UTF-8") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")  # a BOM is not data
-                if not line.endswith("\n") and "\r" in line.rstrip("\r"):
-                    raise DataError(f"{path}: its lines end in CR only (classic Mac OS line endings); convert them "
-                                    "to LF")
+            line = _decode_text(raw, path, offset, lambda _pos, n=lineno: n)
+            if lineno == 1 and not line.endswith("\n") and "\r" in line.rstrip("\r"):
+                raise DataError(f"{path}: its lines end in CR only (classic Mac OS line endings); convert them to LF")
             offset += len(raw)
             yield lineno, line.removesuffix("\n").removesuffix("\r")
 
@@ -273,31 +264,30 @@ def _json_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
     if not _starts_with_bracket(path):
         yield from _json_lines(path)
         return
-    text = read_text_file(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
-    del text
-    for i, rec in enumerate(data):
+    for i, rec in enumerate(_parse_json(read_text_file(path), path, None)):
         yield i, None, rec
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, int, Any]]:
     index = 0
     for lineno, line in _streamed_lines(path):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
-        yield index, lineno, rec
-        index += 1
+        if line.strip():
+            yield index, lineno, _parse_json(line, path, lineno)
+            index += 1
+
+
+def _parse_json(text: str, path: Path, lineno: int | None) -> Any:
+    """json.loads of a whole file (`lineno` None) or of its line `lineno`; errors name both."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if lineno is None:
+            raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+        raise DataError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}") from None
+    except RecursionError:
+        if lineno is None:
+            raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
 
 
 def json_records(path: Path) -> list[Any]:
