@@ -275,7 +275,7 @@ def test_retention_proxies_of_two_loads_of_the_same_weights_are_zero(tiny_models
 
     from radis.data.prompts import ChatFormat
     from radis.evaluate import retention
-    from radis.evaluate.translate import pad_token_id
+    from radis.generation.decode import pad_token_id
 
     base, tuned_dir = tiny_models
     cfg = load_config(None, [])
@@ -343,7 +343,8 @@ def test_beam_search_translates_and_stops_cleanly(tiny_models):
 
     from radis.data.example import Example
     from radis.data.prompts import ChatFormat
-    from radis.evaluate.translate import pad_token_id, translate
+    from radis.evaluate.translate import translate
+    from radis.generation.decode import pad_token_id
 
     base, _ = tiny_models
     tok = AutoTokenizer.from_pretrained(base)

@@ -18,6 +18,7 @@ from radis.data.records import MERGED, MERGED_TOPK, TopkReader, load_topk
 from radis.generation.decode import (
     DecodingSettings,
     Request,
+    decode,
     example_seed,
     generate,
     length_sorted_batches,
@@ -87,6 +88,17 @@ def test_batched_greedy_equals_one_at_a_time_with_left_padding():
         assert got.topk_ids.dtype == np.int32 and got.topk_logprobs.dtype == np.float32
         reasons.add(got.stop_reason)
     assert reasons == {"eot", "max_length"}, "the fixture should exercise both stop reasons"
+
+
+def test_without_a_pad_id_the_padding_is_a_stop_id_and_changes_nothing():
+    """A tokenizer without a pad token gives None: left padding is masked out, so the
+    results are those of any explicit pad id, for the cached engine and for beam search."""
+    model = tiny_llama()
+    reqs = random_requests(5, seed=3)
+    for settings in (DecodingSettings(max_new_tokens=6), DecodingSettings(max_new_tokens=6, num_beams=2)):
+        explicit = decode(model, reqs, settings, stop_token_ids=STOPS, pad_token_id=7)
+        implicit = decode(model, reqs, settings, stop_token_ids=STOPS, pad_token_id=None)
+        assert [g.token_ids for g in implicit] == [g.token_ids for g in explicit]
 
 
 def test_topk_rows_are_log_softmax_of_teacher_forced_logits():

@@ -52,7 +52,8 @@ from radis.data.example import Example
 from radis.data.sources import json_records, text_lines
 from radis.evaluate import metrics, report, retention
 from radis.evaluate.general import GeneralSuite
-from radis.evaluate.translate import Translation, pad_token_id, translate
+from radis.evaluate.translate import Translation, translate
+from radis.generation.decode import pad_token_id
 from radis.io import write_json_atomic
 from radis.runtime import (
     add_config_arguments,

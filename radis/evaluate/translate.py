@@ -65,15 +65,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- decoding
 
 
-def pad_token_id(tokenizer: Any) -> int:
-    """Any id works for left padding (it is masked out); prefer the tokenizer's own."""
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def decode_batch(
     model: torch.nn.Module,
     prompts: Sequence[list[int]],

@@ -167,6 +167,23 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """Any id works for left padding (it is masked out); prefer the tokenizer's own."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _pad_or_stop_id(pad_token_id: int | None, stop_token_ids: Sequence[int]) -> int:
+    """The caller's pad id, else the first stop id, else 0: left padding is masked out, so any
+    id of the vocabulary works (a tokenizer without a pad token passes None)."""
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    return int(next(iter(stop_token_ids), 0))
+
+
 def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] input ids and attention mask with each prompt right-aligned."""
     width = max(len(p) for p in prompts)
@@ -385,14 +402,14 @@ def generate(
     settings: DecodingSettings,
     *,
     stop_token_ids: Sequence[int],
-    pad_token_id: int,
+    pad_token_id: int | None = None,
     prefill_batch_size: int | None = None,
 ) -> list[Generation]:
     """Decode one batch of requests with the KV cache; results in request order.
 
     `model` is an HF causal LM (eval mode, on its device); `stop_token_ids` end a
     row (e.g. the chat template's end-of-turn and the EOS); `pad_token_id` only
-    fills the left padding (masked out, so any id works). The prompts are prefilled
+    fills the left padding (masked out, so any id works; None: the first stop id). The prompts are prefilled
     in length-sorted micro-batches of `prefill_batch_size` (None: all at once) whose
     caches are merged, so that all requests decode together.
     """
@@ -414,7 +431,8 @@ def generate(
             g.manual_seed(example_seed(settings.seed, r.key))
             generators.append(g)
 
-    logits, cache, mask, next_pos, active = _prefill(model, requests, pad_token_id, prefill_batch_size,
+    pad_id = _pad_or_stop_id(pad_token_id, stop_token_ids)
+    logits, cache, mask, next_pos, active = _prefill(model, requests, pad_id, prefill_batch_size,
                                                      settings.max_new_tokens)
     cache_kw = _cache_keyword(model)
     stop_set = set(stop_ids.tolist())
@@ -504,7 +522,7 @@ def beam_search(
     settings: DecodingSettings,
     *,
     stop_token_ids: Sequence[int],
-    pad_token_id: int,
+    pad_token_id: int | None = None,
 ) -> list[Generation]:
     """Beam search with `settings.num_beams` beams over one left-padded batch (transformers' own).
 
@@ -518,11 +536,12 @@ def beam_search(
     if len(mins) > 1:
         raise ValueError(f"beam search: one min_new_tokens per batch, got {sorted(mins)}")
     device = _model_device(model)
-    ids, mask = _left_pad([r.prompt_ids for r in requests], pad_token_id, device)
+    pad_id = _pad_or_stop_id(pad_token_id, stop_token_ids)
+    ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id, device)
     out = model.generate(
         input_ids=ids, attention_mask=mask, num_beams=settings.num_beams, do_sample=False,
         max_new_tokens=settings.max_new_tokens, min_new_tokens=mins.pop() or None,
-        eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id,
+        eos_token_id=list(stop_token_ids), pad_token_id=pad_id,
     )
     stops = {int(t) for t in stop_token_ids}
     results = []
@@ -539,7 +558,7 @@ def decode(
     settings: DecodingSettings,
     *,
     stop_token_ids: Sequence[int],
-    pad_token_id: int,
+    pad_token_id: int | None = None,
     prefill_batch_size: int | None = None,
 ) -> list[Generation]:
     """`generate` (greedy / sampled) or, with settings.num_beams > 1, `beam_search`."""
