@@ -108,7 +108,10 @@ if HAS_TRITON:
                 offs = start + tl.arange(0, BLOCK_V)
                 x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(x, 0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                # A block of only -inf (masked ids) leaves m_new at -inf, and -inf - -inf is
+                # NaN: shift by 0 then, which adds exp(-inf) = 0 to s as it should.
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift), 0)
                 m = m_new
             lse = m + tl.log(s)
             nll = lse - tl.load(x_row + target).to(tl.float32)
@@ -295,7 +298,9 @@ def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, out=None):
         g.scatter_add_(1, t, -(1.0 - b).unsqueeze(1))
         if q is not None:
             g.scatter_add_(1, ids, -b.unsqueeze(1) * q)
-        g.mul_(c.unsqueeze(1))
+        # c is 0 on inactive rows, but 0 * NaN is NaN: a masked-out row whose logits are
+        # not finite (padding after an fp16 overflow) must still get a zero gradient
+        g.mul_(c.unsqueeze(1)).masked_fill_(~active.unsqueeze(1), 0.0)
         if g is not out:
             out.copy_(g)
     return loss, nll, kl

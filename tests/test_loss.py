@@ -202,6 +202,30 @@ def test_extreme_logits(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_masked_ids_at_minus_inf_and_non_finite_ignored_rows(impl):
+    """Logits of masked ids are -inf; here a whole vocabulary block of them (ids 0-127, one
+    block of 128), which the online log-sum-exp must skip without a NaN. An ignored row may
+    hold anything (padding after an fp16 overflow): its loss and gradient stay 0."""
+    x, t, s, _, _ = make_inputs(n=9, v=300)
+    x[:, :128] = float("-inf")
+    t = torch.where(t == -100, t, 128 + t % 172)  # targets past the masked block
+    s[:7] = torch.tensor([1, 2, 1, 2, 1, 2, 2], dtype=s.dtype)
+    t[7], s[7] = -100, 1  # ignored target inside an MT span
+    t[8], s[8] = 5, 0  # a target outside any span
+    x[7, 200], x[7, 201], x[8, 250] = float("inf"), float("nan"), float("nan")
+    xx = x.clone().requires_grad_()
+    out = radis_loss(xx, t, s, impl=impl, block_v=128)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(xx.grad).all()
+    assert not xx.grad[7:].any() and not xx.grad[:, :128].any()
+    x64 = x[:7].double().requires_grad_()
+    ref = oracle(x64, t[:7], s[:7])  # rows 7 and 8 are inactive: the same token count
+    ref[0].backward()
+    check_parts(out, ref)
+    torch.testing.assert_close(xx.grad[:7].double(), x64.grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_inplace_overwrites_logits_with_gradient(impl):
     x, t, s, _, _ = make_inputs(n=7, v=200)
     xx = x.clone().requires_grad_()
