@@ -222,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data file {args.data} not found (../shared/data beside the checkout); pass --data", file=sys.stderr)
         return 2
 
+    from radis.generation.decode import pad_token_id
+
     tok, fmt, requests = build(args)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else fmt.stop_token_ids[0]
+    pad_id = pad_token_id(tok)
     rows = []
     if "cpu" in args.devices:
         model = _model(args, "float32").eval()

@@ -98,22 +98,29 @@ def plan(out: Path, assets: Path) -> list[Step]:
              command=[PY, str(Path(__file__)), "--env", str(out / "env.json")]),
         Step("gpu_tests", 120, "pytest -m gpu (" + ", ".join(Path(f).name for f in gpu_test_files()) + ")",
              needs_modules=("pytest", "radis.kernels"),
-             command=[PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pytest.ini"),
-                      "--rootdir", str(ROOT), f"--junitxml={out / 'gpu_tests.xml'}", *gpu_test_files()]),
+             command=[PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-c", str(ROOT / "pytest.ini"),
+                      "--rootdir", str(ROOT), "-v", "--durations=0",  # each test as it ends, then where the time went
+                      f"--junitxml={out / 'gpu_tests.xml'}", *gpu_test_files()]),
         Step("bench_loss", 90, "fused loss at d 4096, V 32000, bf16, N 8192 / 16384" +
              (" (real span layout)" if spans_args else " (synthetic spans: no ASSETS/spans)"),
              needs_modules=("radis.kernels",),
              command=[PY, str(ROOT / "benchmarks" / "bench_loss.py"), "--device", "cuda", "--dtype", "bfloat16",
                       "--d", "4096", "--n", "8192", "16384", "--repeats", "5", *spans_args,
                       "--json", str(out / "bench_loss.json")]),
-        Step("bench_generate", 60, "generation, GPU rows, SmolLM2 shape with random weights",
+        # Random weights seldom stop a row, so every row decodes all its tokens, and HF's
+        # one-at-a-time baseline is bound by kernel launches (~15 ms a token at batch 1):
+        # 32 rows of 32 tokens keep it near 15 s, the batched methods a second or two each.
+        Step("bench_generate", 45, "generation, GPU rows, SmolLM2 shape with random weights",
              needs_modules=("radis.kernels",), needs_paths=(smollm2, alma / "valid.de-en.json"),
              command=[PY, str(ROOT / "benchmarks" / "bench_generate.py"), "--devices", "cuda", "--random-weights",
-                      "--model", str(smollm2), "--data", str(alma / "valid.de-en.json"), "--examples", "64",
-                      "--out", str(out / "bench_generate.json")]),
-        Step("bench_train", 150, "radis train vs HF Trainer, ~1B Llama, 4k packs, ZeRO-3, bf16",
+                      "--model", str(smollm2), "--data", str(alma / "valid.de-en.json"), "--examples", "32",
+                      "--max-new-tokens", "32", "--repeats", "2", "--gpu-batch-sizes", "16:16", "32:16", "32:32",
+                      "--hf-batch-sizes", "16", "32", "--out", str(out / "bench_generate.json")]),
+        # The longest step: two trainer start-ups (imports, ZeRO-3 load, flex attention's
+        # compile) around a few cheap steps; the steps themselves take well under a second.
+        Step("bench_train", 165, "radis train vs HF Trainer, ~1B Llama, 4k packs, ZeRO-3, bf16",
              needs_modules=("deepspeed", "radis.kernels"), needs_paths=(smollm2, alma / "train.de-en.de"),
-             command=[PY, str(ROOT / "benchmarks" / "bench_train.py"), "--gpu", "--steps", "8", "--warmup", "2",
+             command=[PY, str(ROOT / "benchmarks" / "bench_train.py"), "--gpu", "--steps", "6", "--warmup", "2",
                       "--tokenizer", str(smollm2), "--data-dir", str(alma), "--out", str(out / "bench_train")]),
     ]
 

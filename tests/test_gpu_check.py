@@ -92,7 +92,8 @@ def test_every_benchmark_step_is_a_command_line_its_script_accepts(tmp_path):
 def test_the_gpu_tests_step_collects_every_gpu_test(tmp_path):
     gc = _module()
     step = next(s for s in gc.plan(tmp_path / "out", tmp_path / "assets") if s.name == "gpu_tests")
-    proc = subprocess.run([*step.command, "--collect-only"], cwd=ROOT, capture_output=True, text=True, check=False,
+    # the step runs -v; -qq brings collect-only back to one node id per line
+    proc = subprocess.run([*step.command, "--collect-only", "-qq"], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     collected = {ln.split("::")[1].split("[")[0] for ln in proc.stdout.splitlines() if "::" in ln}
