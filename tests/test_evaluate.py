@@ -62,6 +62,39 @@ def test_comet_is_skipped_with_a_reason():
         assert "comet" in reason and "pip install" in reason
 
 
+def test_a_comet_that_cannot_be_imported_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """An installed but broken comet (a dependency missing) is skipped like a missing one."""
+    import sys
+
+    pkg = tmp_path / "comet"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import radis_no_such_dependency_xyz\n", encoding="utf-8")
+    monkeypatch.delitem(sys.modules, "comet", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reason = metrics.comet_unavailable_reason("Unbabel/wmt22-comet-da")
+    assert reason is not None and reason.startswith("COMET skipped: ")
+    assert "cannot be imported" in reason and "radis_no_such_dependency_xyz" in reason and "pip install" in reason
+
+
+def test_a_comet_model_that_cannot_load_names_eval_comet_model(monkeypatch):
+    """comet imports but the model cannot be had (offline download, bad checkpoint): an
+    InputError naming eval.comet_model, which `radis evaluate` reports without a traceback."""
+    import sys
+    import types
+
+    from radis.errors import InputError
+
+    def offline(name: str) -> str:
+        raise ConnectionError(f"cannot reach the hub for {name}")
+
+    fake = types.ModuleType("comet")
+    fake.download_model, fake.load_from_checkpoint = offline, lambda path: None
+    monkeypatch.setitem(sys.modules, "comet", fake)
+    with pytest.raises(InputError, match=r"eval.comet_model: 'Unbabel/wmt22-comet-da': cannot load the COMET model "
+                                         r"\(ConnectionError: cannot reach the hub .*only a path works"):
+        metrics.CometScorer("Unbabel/wmt22-comet-da")
+
+
 # --------------------------------------------------------------------------- shipped resources
 
 
@@ -220,6 +253,60 @@ def test_empty_line_is_an_error_when_on_empty_is_error(tmp_path):
     src.write_text("Guten Tag.\n   \n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"eval.test\[0\]: .*news.txt: line 2: empty"):
         read_test_set(SourceConfig(path=str(src), src_lang="de", tgt_lang="en"), "error", 0)
+
+
+def test_bleu_tokenizer_follows_a_hyphenated_source_code(tiny_models, tmp_path):
+    """pt-BR -> zh: direction "pt-BR-zh" cannot be split back into its languages; Chinese
+    is scored with the zh tokenizer all the same."""
+    from radis.evaluate.command import evaluate
+
+    base, _ = tiny_models
+    test_file = tmp_path / "t.jsonl"
+    test_file.write_text(json.dumps({"translation": {"pt-BR": "Bom dia.", "zh": "早上好。"}}, ensure_ascii=False) + "\n",
+                         encoding="utf-8")
+    cfg = _config(tmp_path, base, [f"base={base}"], [{"path": str(test_file), "src_lang": "pt-BR", "tgt_lang": "zh"}],
+                  retention="false", safety="false")
+    cfg.data.language_names = {"pt-BR": "Brazilian Portuguese"}
+    evaluate(cfg)
+    result = json.loads((tmp_path / "eval" / "base" / "results.json").read_text(encoding="utf-8"))
+    d = result["directions"]["pt-BR-zh"]
+    assert d["bleu_tokenizer"] == "zh" and "tok:zh" in d["raw"]["bleu_signature"]
+
+
+def test_language_names_are_part_of_the_translation_key():
+    """data.language_names fill {src_lang}/{tgt_lang} of the prompt: other names, new translations."""
+    from radis.config import SourceConfig
+    from radis.evaluate.command import part_keys
+
+    cut = (False, "r", "\n\n")
+    a = load_config(None, [])
+    b = load_config(None, ["data.language_names={de: Deutsch}"])
+    for cfg in (a, b):
+        cfg.eval.test = [SourceConfig(path="t.jsonl")]
+    assert part_keys(a, "fp", [], cut, None, None)["translation"] != part_keys(b, "fp", [], cut, None, None)["translation"]
+
+
+@pytest.mark.parametrize("setting", ["model.dtype=bfloat16", "model.attn_implementation=eager"])
+def test_original_answers_are_cached_per_dtype_and_attention(tiny_models, tmp_path, setting):
+    """The original's cached greedy answers are not reused under another dtype or kernel."""
+    from radis.evaluate import command, retention
+
+    base, _ = tiny_models
+    runs = []
+
+    def fake_greedy(model, prompts, fmt, tokenizer, max_new_tokens):
+        runs.append(len(prompts))
+        n = len(prompts)
+        return retention.Answers([p.id for p in prompts], [[1]] * n, [[2]] * n, ["a"] * n, ["eot"] * n)
+
+    for extra in ([], [setting], []):
+        cfg = load_config(None, [f"model.name_or_path={base}", f"eval.output_dir={tmp_path}", "eval.retention_limit=3",
+                                 *extra])
+        original = command._Original(cfg)
+        original._greedy = fake_greedy
+        original._cached_answers("retention", original.prompts, None, None, 8, None, lambda *a: None)
+    assert runs == [3, 3]  # the third run, like the first, reads the first's cache
+    assert len(list((tmp_path / "retention").glob("original.*.json"))) == 2
 
 
 def test_a_path_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):

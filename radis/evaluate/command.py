@@ -260,6 +260,8 @@ def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], 
     e, d = cfg.eval, cfg.data
     prompt = {"instruction": d.instruction, "system": d.system_prompt, "template": cfg.model.chat_template,
               "dtype": cfg.model.dtype}
+    if d.language_names:  # only when set: results from before the key existed keep their keys
+        prompt["language_names"] = dict(d.language_names)
     keys: dict[str, str | None] = {
         "translation": _key(model=model_fp, tests=test_sets, max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
                             comet=e.comet_model, cut=cut, **prompt) if e.test else None,
@@ -480,9 +482,11 @@ def _translation_part(ctx: _Context, result: dict[str, Any], name: str, model, f
     result["translate_s"] = round(time.time() - t0, 1)
     if ctx.rank == 0 and ctx.examples:
         directions = {}
-        for direction in ctx.by_direction:
+        for direction, exs in ctx.by_direction.items():
             items = [t for t in translations if t.direction == direction]
-            directions[direction] = score_direction(items, direction.split("-", 1)[1], ctx.comet)
+            # The examples' own tgt_lang: the direction string cannot be split back when a
+            # code holds a hyphen ("pt-BR-zh").
+            directions[direction] = score_direction(items, exs[0].tgt_lang, ctx.comet)
         result["average"] = {"raw": average(directions, "raw"), "cut": average(directions, "cut")}
         result["directions"] = {d: {k: (v.to_dict() if isinstance(v, metrics.Scores) else v) for k, v in r.items()}
                                 for d, r in directions.items()}
@@ -542,8 +546,11 @@ class _Original:
     def _cached_answers(self, kind: str, prompts, fmt, tokenizer, max_new_tokens: int, original, log) -> retention.Answers:
         """The original's greedy answers to `prompts`, cached in eval.output_dir/<kind>/."""
         cfg = self.cfg
+        # dtype and attention kernel change the greedy answers too (a bf16 run must not be
+        # compared with answers the original gave in fp32).
         settings = {"template": cfg.model.chat_template, "system": cfg.data.system_prompt,
-                    "max_new_tokens": max_new_tokens}
+                    "max_new_tokens": max_new_tokens, "dtype": cfg.model.dtype,
+                    "attn_implementation": cfg.model.attn_implementation}
         key = retention.answers_cache_key(retention.model_fingerprint(self.path), prompts, settings)
         cache = Path(cfg.eval.output_dir) / kind / f"original.{key}.json"
         answers = retention.load_cached_answers(cache)

@@ -21,6 +21,8 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
+from radis.errors import InputError
+
 
 def cut_at_separator(text: str, separator: str) -> str:
     """The translation part of a model output: everything before the first `separator`.
@@ -109,6 +111,13 @@ def comet_unavailable_reason(comet_model: str | None) -> str | None:
         return "COMET skipped: eval.comet_model is not set"
     if not _has("comet"):
         return "COMET skipped: the `comet` extra is not installed (pip install 'radis-train[comet]')"
+    try:
+        importlib.import_module("comet")
+    except Exception as err:  # noqa: BLE001 -- a broken dependency of comet may raise anything on import
+        # Installed but unusable (e.g. a missing or mismatched pytorch-lightning) is, for
+        # the evaluation, the same as not installed: skipped with the reason, not a crash.
+        return (f"COMET skipped: the `comet` package is installed but cannot be imported "
+                f"({type(err).__name__}: {err}); reinstall it (pip install 'radis-train[comet]')")
     return None
 
 
@@ -120,15 +129,23 @@ class CometScorer:
     """
 
     def __init__(self, comet_model: str, batch_size: int = 16):
+        """Load the model; InputError naming eval.comet_model when it cannot be (an
+        unknown name, no network for the download, not a COMET checkpoint)."""
         import os
 
         from comet import download_model, load_from_checkpoint
 
         path = os.path.expanduser(comet_model)
-        if not os.path.isfile(path):
-            path = download_model(comet_model)
+        try:
+            if not os.path.isfile(path):
+                path = download_model(comet_model)
+            self.model = load_from_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 -- comet, huggingface_hub and torch raise many types here
+            raise InputError(
+                f"eval.comet_model: {comet_model!r}: cannot load the COMET model ({type(err).__name__}: {err}); "
+                "expected a COMET model name that can be downloaded or the path of a downloaded .ckpt file "
+                "(offline, only a path works); unset eval.comet_model to skip COMET") from None
         self.name = comet_model
-        self.model = load_from_checkpoint(path)
         self.batch_size = batch_size
 
     def score(self, sources: list[str], hypotheses: list[str], references: list[str]) -> float:
