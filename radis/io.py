@@ -97,9 +97,14 @@ def read_json_object(path: str | os.PathLike, hint: str = "") -> dict | None:
 
 def iter_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-blank line of a JSON Lines file; FileFormatError
-    naming the file and line for a line that is not valid JSON or not an object."""
+    naming the file and line for a line that is not valid JSON or not an object.
+
+    Lines end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines would
+    also cut at U+2028, U+2029 and U+0085, which `write_jsonl_atomic` (ensure_ascii=False)
+    leaves raw inside strings.
+    """
     path = Path(path)
-    for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
+    for lineno, line in enumerate(read_user_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

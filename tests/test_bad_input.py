@@ -287,3 +287,20 @@ def test_records_are_read_a_line_at_a_time_and_bad_bytes_name_their_line_and_off
     array = tmp_path / "a.rationales.json"  # a JSON array, after a BOM, is read whole
     array.write_bytes(b"\xef\xbb\xbf \n[" + b",".join(g.strip() for g in good) + b"]")
     assert [ex.id for ex in read_source(SourceConfig(path=str(array), format="rationales"))] == ["r:0", "r:1", "r:2"]
+
+
+def test_a_key_given_twice_in_a_json_record_names_file_line_and_key(tmp_path):
+    # json keeps the last silently: the first record would become an empty target, skipped unseen
+    path = tmp_path / "dup.de-en.jsonl"
+    path.write_text('{"translation": {"de": "Hallo", "en": "Hello"}}\n'
+                    '{"translation": {"de": "Hallo", "en": "Hello", "en": ""}}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"dup.de-en.jsonl:2: key 'en' given twice in one JSON object"):
+        read_source(SourceConfig(path=str(path)))
+    array = tmp_path / "dup.de-en.json"  # read whole: the file and key, without a line
+    array.write_text('[{"translation": {"de": "a", "en": "b"}, "translation": {"de": "c", "en": "d"}}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"dup.de-en.json: key 'translation' given twice"):
+        read_source(SourceConfig(path=str(array)))
+    records = tmp_path / "r.rationales.jsonl"
+    records.write_text(json.dumps(_record(0)) + "\n" + json.dumps(_record(1))[:-1] + ', "id": "r:0"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"r.rationales.jsonl:2: key 'id' given twice"):
+        read_source(SourceConfig(path=str(records)))

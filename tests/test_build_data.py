@@ -312,3 +312,35 @@ def test_a_spill_shorter_than_its_offsets_is_a_clear_error(tmp_path):
     pf._copy_in_order(src, tmp_path / "ok.npy", np.dtype(np.int32), (10,), order, np.array([0, 4, 10]),
                       np.array([0, 6, 10]), tqdm(disable=True))
     assert np.load(tmp_path / "ok.npy").tolist() == [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]
+
+
+def test_cache_key_follows_the_top_k_file_beside_a_records_file(tmp_path):
+    from radis.data.build import cache_key, cache_key_inputs
+
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files, rationales=True)
+
+    def key() -> str:
+        return cache_key(cache_key_inputs(cfg, "train", "fingerprint", "template"))
+
+    without = key()
+    side = files["rat"].with_name("train.rationales.topk.safetensors")  # records.topk_path
+    side.write_bytes(b"top-k, version 1")
+    added = key()
+    side.write_bytes(b"top-k, version 2, regenerated")
+    assert len({without, added, key()}) == 3
+    side.unlink()
+    assert key() == without
+
+
+def test_a_home_relative_path_is_read_and_hashed_as_the_same_file(tmp_path, monkeypatch):
+    from radis.config import SourceConfig
+    from radis.data.build import source_files
+    from radis.data.sources import read_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "h.de-en.jsonl").write_text(json.dumps({"translation": {"de": "Hallo", "en": "Hello"}}) + "\n")
+    src = SourceConfig(path="~/h.de-en.jsonl")
+    assert source_files(src) == [tmp_path / "h.de-en.jsonl"]
+    (ex,) = read_source(src)
+    assert (ex.id, ex.source, ex.reference) == (f"{tmp_path.name}/h.de-en:0:de-en", "Hallo", "Hello")

@@ -431,6 +431,19 @@ def test_command_records_topk_skips_resume_and_mismatch(tiny_generator, tmp_path
     assert not (out / MERGED_TOPK).exists()
 
 
+def test_other_language_names_are_another_generation_config(tiny_generator, tmp_path):
+    """data.language_names fill {src_lang}/{tgt_lang} of every prompt: an output made with
+    other names is refused, naming the difference, not resumed into."""
+    from radis.generation.command import generate_records
+
+    out = tmp_path / "out"
+    examples = _examples()[:2]
+    generate_records(_cfg(tiny_generator, out), examples=examples, progress=False)
+    with pytest.raises(OutputMismatchError, match=r"language_names: None -> \{'de': 'Deutsch'\}.*rationale\.overwrite=true"):
+        generate_records(_cfg(tiny_generator, out, "data.language_names={de: Deutsch}"), examples=examples,
+                         progress=False)
+
+
 def test_command_ask_strategy_and_bad_input(tiny_generator, tmp_path, capsys):
     from transformers import AutoTokenizer
 

@@ -101,3 +101,15 @@ def test_every_reader_refuses_a_directory_or_a_missing_file(reader, tmp_path):
             path.mkdir()
         with pytest.raises(InputError, match=path.name):
             READERS[reader](path)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """write_jsonl_atomic leaves U+2028, U+2029 and U+0085 raw inside strings; str.splitlines
+    would cut records there."""
+    from radis.io import iter_jsonl_objects, write_jsonl_atomic
+
+    recs = [{"prompt": "line one\u2028line two"}, {"prompt": "a\u2029b\x85c"}, {"prompt": "crlf"}]
+    path = tmp_path / "p.jsonl"
+    write_jsonl_atomic(path, recs[:2])
+    path.write_bytes(path.read_bytes() + b'\n{"prompt": "crlf"}\r\n')  # a blank line, a CRLF line
+    assert list(iter_jsonl_objects(path)) == [(1, recs[0]), (2, recs[1]), (4, recs[2])]

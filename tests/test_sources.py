@@ -175,3 +175,63 @@ def test_real_alma_files(shared_data):
     assert first.source.startswith("28-jähriger Koch") and first.reference.startswith("28-Year-Old Chef")
     zh = [e for e in exs if e.direction == "zh-en"]
     assert zh[0].source == "是否有途径处罚他" and zh[0].reference == "Is there a way to punish him?"
+
+
+def test_one_language_given_takes_the_other_from_the_file_and_same_or_contradicting_ones_are_errors(tmp_path):
+    # Only tgt_lang: the source is the pair's other language, never tgt_lang again (de-de copies).
+    lines = write_jsonl(tmp_path / "h.de-en.jsonl", records())
+    tsv = tmp_path / "c.de-en.tsv"
+    tsv.write_text("de\ten\n" + "".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
+    for path in (lines, tsv):
+        exs = read_source(SourceConfig(path=str(path), tgt_lang="de"))
+        assert [(e.direction, e.source, e.reference) for e in exs] == [("en-de", t, s) for s, t in PAIRS]
+    with pytest.raises(DataError, match=r"h.de-en.jsonl: source and target language are both 'de'"):
+        read_source(SourceConfig(path=str(lines), src_lang="de", tgt_lang="de"))
+    with pytest.raises(DataError, match=r"h.de-en.jsonl: src_lang is 'fr', not one of the file's languages de-en"):
+        read_source(SourceConfig(path=str(lines), src_lang="fr"))
+    # A text pair: the suffixes say which file holds which language; a config saying otherwise is an error.
+    de, en = tmp_path / "train.de-en.de", tmp_path / "train.de-en.en"
+    de.write_text("".join(s + "\n" for s, _ in PAIRS), encoding="utf-8")
+    en.write_text("".join(t + "\n" for _, t in PAIRS), encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.de-en.en: its suffix says its lines are 'en', but tgt_lang is 'de'"):
+        read_source(SourceConfig(path=str(de), target_path=str(en), tgt_lang="de"))
+    with pytest.raises(DataError, match=r"train.de-en.de: its suffix says its lines are 'de', but src_lang is 'en'"):
+        read_source(SourceConfig(path=str(de), target_path=str(en), src_lang="en", tgt_lang="de"))
+    assert read_source(SourceConfig(path=str(de), target_path=str(en), tgt_lang="en"))[0].direction == "de-en"
+    # Suffixes that are no languages ("src" / "tgt"): the config decides, but not one language twice.
+    src, tgt = tmp_path / "train.src", tmp_path / "train.tgt"
+    src.write_text(de.read_text(encoding="utf-8"), encoding="utf-8")
+    tgt.write_text(en.read_text(encoding="utf-8"), encoding="utf-8")
+    exs = read_source(SourceConfig(path=str(src), target_path=str(tgt), src_lang="de", tgt_lang="en"))
+    assert [(e.direction, e.source, e.reference) for e in exs] == [("de-en", s, t) for s, t in PAIRS]
+    with pytest.raises(DataError, match=r"train.src: source and target language are both 'en'"):
+        read_source(SourceConfig(path=str(src), target_path=str(tgt), src_lang="en", tgt_lang="en"))
+
+
+def _rationale_records(n: int = 3, src: str = "de", tgt: str = "en") -> list[dict]:
+    return [{"id": f"r:{i}", "src_lang": src, "tgt_lang": tgt, "source": s, "reference": t, "rationale": "Because."}
+            for i, (s, t) in enumerate(PAIRS[:n])]
+
+
+def test_a_first_record_longer_than_any_head_is_still_sniffed_as_a_rationale_record(tmp_path):
+    long = dict(_rationale_records(1)[0], rationale="word " * 3000, rationale_token_ids=list(range(10_000, 20_000)))
+    path = write_jsonl(tmp_path / "shard.jsonl", [long] + _rationale_records()[1:])
+    assert len(path.read_bytes().split(b"\n", 1)[0]) > 1 << 16
+    path.write_bytes(b"\xef\xbb\xbf\n  \n" + path.read_bytes())  # a BOM and blank lines before it
+    assert detect_format(SourceConfig(path=str(path))) == "rationales"
+    assert [e.id for e in read_source(SourceConfig(path=str(path)))] == ["r:0", "r:1", "r:2"]
+
+
+def test_records_all_removed_by_a_filter_name_the_filter(tmp_path):
+    path = write_jsonl(tmp_path / "x.rationales.jsonl", _rationale_records())
+    with pytest.raises(DataError, match=r"x.rationales.jsonl: keeps none of its records: directions \['en-de'\] "
+                                        r"leave out 3 de-en"):
+        read_source(SourceConfig(path=str(path), directions=["en-de"]))
+    with pytest.raises(DataError, match=r"x.rationales.jsonl: keeps none of its records: limit is 0"):
+        read_source(SourceConfig(path=str(path), limit=0))
+    write_jsonl(path, [dict(r, reference=" ") for r in _rationale_records()])
+    with pytest.raises(DataError, match=r"keeps none of its records: 3 have an empty source or reference"):
+        read_source(SourceConfig(path=str(path)))
+    path.write_text("\n", encoding="utf-8")  # truly empty: the old message, which is right here
+    with pytest.raises(DataError, match=r"x.rationales.jsonl: holds no records .*remove the source"):
+        read_source(SourceConfig(path=str(path)))

@@ -47,6 +47,8 @@ from radis.data.packed_files import (
     write_spilled,
 )
 from radis.data.packing import PackedDataset
+from radis.data.records import topk_path
+from radis.data.sources import expand_user_paths
 
 SEGMENT_CHUNK = 2048  # examples tokenised per build_segments call (progress granularity)
 SPLITS = ("train", "valid")
@@ -56,16 +58,23 @@ SPLITS = ("train", "valid")
 
 
 def source_files(src: SourceConfig) -> list[Path]:
-    """The files a source reads (a directory: every file below it)."""
+    """The files a source reads (a directory: every file below it; a records file: the
+    top-k file beside it too, which the reader attaches when it exists)."""
+    src = expand_user_paths(src)  # as the reader expands them: the files hashed are the files read
     out = []
     for p in (src.path, src.target_path):
         if not p:
             continue
-        path = Path(os.path.expanduser(p))
+        path = Path(p)
         if path.is_dir():
             out += sorted(f for f in path.rglob("*") if f.is_file())
         elif path.exists():
             out.append(path)
+            # any X.jsonl, whatever its format (telling would mean reading it): a top-k file
+            # beside a plain-pair file only costs a rebuild when it changes
+            side = topk_path(path)
+            if side is not None:
+                out.append(side)
     return out
 
 

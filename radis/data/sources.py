@@ -29,7 +29,9 @@ Formats (`SourceConfig.format`, "auto" infers it from the path):
 Languages: `src_lang`/`tgt_lang` from the config; otherwise from the file name
 ("test.de-en.json" -> de, en; "train.de-en.de" + "train.de-en.en" -> de, en; an HF
 config "de-en"); otherwise, when `directions` are given, any record that has both
-languages is fine. A pair whose order cannot be told is an error.
+languages is fine. Only one of src_lang/tgt_lang given: the other is the pair's other
+language. A pair whose order cannot be told, the same language on both sides, and a
+language given that contradicts a text pair's suffixes are errors.
 
 Directions: `directions: ["de-en", "en-de"]` makes one Example per direction per pair
 (both languages must be the pair's); the default is src_lang-tgt_lang. Ids:
@@ -43,6 +45,7 @@ Empty source or target: `on_empty="skip"` counts it (SourceStats.skipped, by rea
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -55,7 +58,7 @@ from typing import Any
 
 from radis.config import SourceConfig
 from radis.data.example import Example
-from radis.data.languages import is_language_code
+from radis.data.languages import LANGUAGE_NAMES, is_language_code
 from radis.data.records import (
     MERGED,
     RATIONALE_STRATEGIES,
@@ -121,10 +124,10 @@ def read_source(cfg: SourceConfig, on_empty: str = "skip", stats: SourceStats | 
     stats = stats if stats is not None else SourceStats()
     if not cfg.path:
         raise DataError("data source without a path")
+    cfg = expand_user_paths(cfg)
     fmt = detect_format(cfg)
     if fmt == "rationales":
-        examples = _read_rationales(cfg, on_empty, stats)
-        records = stats.per_source.get(cfg.path, 0) + len(examples)
+        examples, records = _read_rationales(cfg, on_empty, stats)
     else:
         if fmt in ("json", "jsonl"):
             pairs, file_langs = _read_json_pairs(Path(cfg.path))
@@ -136,7 +139,7 @@ def read_source(cfg: SourceConfig, on_empty: str = "skip", stats: SourceStats | 
             pairs, file_langs = _read_hf(cfg)
         records = len(pairs)
         examples = _pairs_to_examples(cfg, pairs, file_langs, on_empty, stats)
-    if records == 0 and not examples:
+    if records == 0:
         # an empty file is a truncated download or a wrong path far more often than intent
         raise DataError(f"{cfg.path}: holds no {'records' if fmt == 'rationales' else 'pairs'} "
                         f"(format {fmt}); remove the source or give it data")
@@ -147,9 +150,24 @@ def read_source(cfg: SourceConfig, on_empty: str = "skip", stats: SourceStats | 
     return examples
 
 
+def expand_user_paths(cfg: SourceConfig) -> SourceConfig:
+    """`cfg` with "~" expanded in `path` and `target_path`.
+
+    The one place a source's paths are expanded: the readers here and the build cache
+    key (radis.data.build.source_files) both go through it, so the files hashed are the
+    files read.
+    """
+    path = os.path.expanduser(cfg.path)
+    target = os.path.expanduser(cfg.target_path) if cfg.target_path else cfg.target_path
+    if (path, target) == (cfg.path, cfg.target_path):
+        return cfg
+    return dataclasses.replace(cfg, path=path, target_path=target)
+
+
 def detect_format(cfg: SourceConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
+    cfg = expand_user_paths(cfg)
     p = Path(cfg.path)
     if cfg.target_path:
         return "text"
@@ -276,10 +294,42 @@ def _json_lines(path: Path) -> Iterator[tuple[int, int, Any]]:
             index += 1
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one JSON object (raised by `_unique_keys`, named by `_parse_json`)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: the object as a dict; _DuplicateKey for a key given twice (json
+    keeps the last one silently: {"en": "Hello", "en": ""} would become an empty target).
+    The common case costs one dict() and a length compare."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+# One decoder for every record: json.loads(text, object_pairs_hook=...) builds a new one per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def _parse_json(text: str, path: Path, lineno: int | None) -> Any:
-    """json.loads of a whole file (`lineno` None) or of its line `lineno`; errors name both."""
+    """The JSON value of a whole file (`lineno` None) or of its line `lineno`; errors name
+    both. A key given twice in one object is an error, not last-one-wins."""
     try:
-        return json.loads(text)
+        if text.startswith("\ufeff"):  # json.loads' own check, which JSONDecoder.decode lacks
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
+    except _DuplicateKey as err:
+        where = f"{path}:{lineno}" if lineno is not None else f"{path}"
+        raise DataError(f"{where}: key {err.key!r} given twice in one JSON object; expected each key once") from None
     except json.JSONDecodeError as err:
         if lineno is None:
             raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
@@ -306,17 +356,23 @@ def _where(path: Path, index: int, lineno: int | None) -> str:
 
 
 def _first_record_is_rationale(path: Path) -> bool:
+    """Whether the first record of a JSON Lines file is a generation record. Its first
+    non-blank line is read whole: a record with its rationale's token ids is longer than
+    any fixed-size head (a cut one would not parse, and the file would pass for pairs)."""
     if not path.is_file():  # a FIFO or device: read_text_file says what it is
         return False
     with open(path, "rb") as f:
-        head = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is not data
-    first = head.lstrip()[:1]
-    if first != b"{":
+        for n, raw in enumerate(f):
+            line = (raw.removeprefix(b"\xef\xbb\xbf") if n == 0 else raw).strip()  # a UTF-8 BOM is not data
+            if line:
+                break
+        else:
+            return False
+    if not line.startswith(b"{"):
         return False
-    line = head.lstrip().split(b"\n", 1)[0]
     try:
         rec = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError: the reader names the problem
         return False
     return isinstance(rec, dict) and "translation" not in rec and "source" in rec and "reference" in rec
 
@@ -332,24 +388,34 @@ def _read_json_pairs(path: Path) -> tuple[list[_Pair], tuple[str, str] | None]:
 
 
 def _read_text_pair(cfg: SourceConfig) -> tuple[list[_Pair], tuple[str, str] | None]:
+    """A line-aligned pair; its languages from the suffixes (train.de-en.de / train.de-en.en)
+    or from src_lang/tgt_lang. A language given that contradicts a suffix naming a language
+    is an error: the file's lines would be labelled with the wrong language."""
     src_path, tgt_path = Path(cfg.path), Path(cfg.target_path or "")
     if not cfg.target_path:
         raise DataError(f"{src_path}: a line-aligned text source needs target_path (the target-side file)")
+    a, b = src_path.suffix.lstrip("."), tgt_path.suffix.lstrip(".")
+    langs = (a, b) if is_language_code(a) and is_language_code(b) and a != b else None
+    # Shaped like codes is enough to default the languages, but a config that disagrees
+    # is only an error for suffixes that surely are languages ("train.src" / "train.tgt"
+    # are not): known codes, or the two languages of the name's "xx-yy".
+    if langs and (all(c.split("_", 1)[0].lower() in LANGUAGE_NAMES for c in langs)
+                  or set(langs) == set(_langs_from_name(src_path.name) or ())):
+        for setting, given, path, lang in (("src_lang", cfg.src_lang, src_path, a), ("tgt_lang", cfg.tgt_lang, tgt_path, b)):
+            if given and given != lang:
+                raise DataError(f"{path}: its suffix says its lines are {lang!r}, but {setting} is {given!r}; "
+                                f"expected {setting} {lang!r} (or leave it out)")
+    if langs is None and not (cfg.src_lang and cfg.tgt_lang):
+        raise DataError(
+            f"{src_path} / {tgt_path}: cannot tell the languages from the file suffixes; set src_lang and tgt_lang"
+        )
+    # both the same (the dicts below then hold one side): _pair_languages raises before use
+    src_key, tgt_key = cfg.src_lang or langs[0], cfg.tgt_lang or langs[1]
     src_lines, tgt_lines = text_lines(src_path), text_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(
             f"line-aligned pair does not align: {src_path} has {len(src_lines)} lines, "
             f"{tgt_path} has {len(tgt_lines)}"
-        )
-    # Languages from the suffixes: train.de-en.de / train.de-en.en
-    langs = None
-    a, b = src_path.suffix.lstrip("."), tgt_path.suffix.lstrip(".")
-    if is_language_code(a) and is_language_code(b) and a != b:
-        langs = (a, b)
-    src_key, tgt_key = (cfg.src_lang or (langs[0] if langs else "src")), (cfg.tgt_lang or (langs[1] if langs else "tgt"))
-    if langs is None and not (cfg.src_lang and cfg.tgt_lang):
-        raise DataError(
-            f"{src_path} / {tgt_path}: cannot tell the languages from the file suffixes; set src_lang and tgt_lang"
         )
     pairs = [(i, i + 1, {src_key: s, tgt_key: t}) for i, (s, t) in enumerate(zip(src_lines, tgt_lines))]
     return pairs, (src_key, tgt_key)
@@ -433,25 +499,48 @@ def _langs_from_name(name: str | None) -> tuple[str, str] | None:
 
 
 def _pair_languages(cfg: SourceConfig, file_langs: tuple[str, str] | None, first: dict[str, Any] | None) -> tuple[str, str]:
-    """The (source, target) languages of the pairs as stored."""
+    """The (source, target) languages of the pairs as stored.
+
+    src_lang and tgt_lang both given decide. One given: the other is the other language
+    of the file's pair (`file_langs`: its name, TSV header or suffixes), else of the two
+    keys of the first record. Neither: the file's pair, else (with directions) the first
+    record's keys. The same language on both sides is an error: every example would
+    have its reference as its source.
+    """
+    given = cfg.src_lang or cfg.tgt_lang
+
+    def complete(pair: tuple[str, str]) -> tuple[str, str]:
+        if cfg.src_lang:
+            return cfg.src_lang, pair[1] if cfg.src_lang == pair[0] else pair[0]
+        if cfg.tgt_lang:
+            return pair[1] if cfg.tgt_lang == pair[0] else pair[0], cfg.tgt_lang
+        return pair
+
+    keys = tuple(first) if first is not None and len(first) == 2 else None
     if cfg.src_lang and cfg.tgt_lang:
-        return cfg.src_lang, cfg.tgt_lang
-    if file_langs:
-        src = cfg.src_lang or file_langs[0]
-        tgt = cfg.tgt_lang or (file_langs[1] if src == file_langs[0] else file_langs[0])
-        return src, tgt
-    if first is not None and len(first) == 2:
-        keys = list(first)
-        if cfg.src_lang in keys:
-            return cfg.src_lang, next(k for k in keys if k != cfg.src_lang)
-        if cfg.tgt_lang in keys:
-            return next(k for k in keys if k != cfg.tgt_lang), cfg.tgt_lang
-        if cfg.directions:
-            return keys[0], keys[1]  # order does not matter: directions decide
-    raise DataError(
-        f"{cfg.path}: cannot tell source from target language (keys {list(first) if first else '?'}, "
-        "no 'xx-yy' in the file name); set src_lang and tgt_lang, or directions"
-    )
+        langs = (cfg.src_lang, cfg.tgt_lang)
+    elif file_langs and (not given or given in file_langs):
+        langs = complete(file_langs)
+    elif keys and (given in keys or (not given and cfg.directions)):
+        langs = complete(keys)  # with no language given order does not matter: directions decide
+    elif given and given not in (file_langs or ()) and given not in (first or ()):
+        setting = "src_lang" if cfg.src_lang else "tgt_lang"
+        found = [f"the file's languages {'-'.join(file_langs)}"] if file_langs else []
+        found += [f"the first record's keys {sorted(first)}"] if first else []
+        raise DataError(f"{cfg.path}: {setting} is {given!r}, not one of {' or '.join(found) or 'the languages of the pair'}; "
+                        "expected one of them (or set both src_lang and tgt_lang)")
+    else:
+        raise DataError(
+            f"{cfg.path}: cannot tell source from target language (keys {list(first) if first else '?'}, "
+            "no 'xx-yy' in the file name); set src_lang and tgt_lang, or directions"
+        )
+    if langs[0] == langs[1]:
+        raise DataError(
+            f"{cfg.path}: source and target language are both {langs[0]!r} (src_lang {cfg.src_lang!r}, "
+            f"tgt_lang {cfg.tgt_lang!r}, file languages {'-'.join(file_langs) if file_langs else 'none'}); "
+            "expected two different languages"
+        )
+    return langs
 
 
 def _directions(cfg: SourceConfig, langs: tuple[str, str]) -> list[tuple[str, str]]:
@@ -535,6 +624,7 @@ def teacher_topk_problem(cfg: SourceConfig) -> str | None:
     Looks at files only (no tokenising): a plain-pair source, generation records
     without a top-k file beside them, or records of a strategy without rationales.
     """
+    cfg = expand_user_paths(cfg)
     try:
         fmt = detect_format(cfg)
     except DataError as err:
@@ -557,22 +647,28 @@ def teacher_topk_problem(cfg: SourceConfig) -> str | None:
     return None
 
 
-def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> list[Example]:
-    """Generation records -> Examples (radis.data.records.record_to_example).
+def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> tuple[list[Example], int]:
+    """Generation records -> (Examples, records read) (radis.data.records.record_to_example).
 
     Top-k arrays written by the generator beside the records
     (`rationales.topk.safetensors`) are attached to rationale records; radis.data.segments
-    aligns them to the rationale tokens.
+    aligns them to the rationale tokens. Records read but none kept (`directions`,
+    `limit`, empty texts removed them all) is a DataError naming what removed them.
     """
     files = rationale_files(Path(cfg.path))
     wanted = set(cfg.directions)
     examples: list[Example] = []
     seen: set[str] = set()
     shared: dict = {}  # the meta values every record of a run repeats, held once (record_to_example)
+    read = 0
+    # for the error when none is kept: the directions `directions` left out, and the empties
+    other_directions: Counter = Counter()
+    empty = 0
     for path in files:
         side = topk_path(path)
         topk = TopkReader(side) if side is not None else None
         for index, lineno, rec in _json_records(path):
+            read += 1  # before the limit: a file with records is not "empty" under limit 0
             if cfg.limit is not None and len(examples) >= cfg.limit:
                 break
             where = _where(path, index, lineno)
@@ -586,12 +682,14 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> li
                 continue
             if wanted and f"{rec['src_lang']}-{rec['tgt_lang']}" not in wanted:
                 stats.skipped["other_direction"] += 1
+                other_directions[f"{rec['src_lang']}-{rec['tgt_lang']}"] += 1
                 continue
             if not rec["source"].strip() or not rec["reference"].strip():
                 reason = "empty_source" if not rec["source"].strip() else "empty_target"
                 if on_empty == "error":
                     raise DataError(f"{where}: empty {reason.split('_')[1]} text")
                 stats.skipped[reason] += 1
+                empty += 1
                 continue
             seen.add(ex_id)
             ex = record_to_example(rec, topk.lazy(ex_id) if topk is not None and ex_id in topk else None, shared)
@@ -600,5 +698,14 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> li
             if ex.meta.get("target_from") == "reference":
                 stats.reference_kept += 1  # a rejected generated target: the reference trains
             examples.append(ex)
+    if read and not examples:
+        why = [f"limit is {cfg.limit}"] if cfg.limit == 0 else []
+        if other_directions:
+            found = ", ".join(f"{n} {d}" for d, n in sorted(other_directions.items()))
+            why.append(f"directions {cfg.directions} leave out {found}")
+        if empty:
+            why.append(f"{empty} have an empty source or reference")
+        raise DataError(f"{cfg.path}: keeps none of its records: {'; '.join(why)}; "
+                        "expected at least one record to train on")
     stats.pairs += len(examples)
-    return examples
+    return examples, read

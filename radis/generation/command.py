@@ -60,7 +60,7 @@ from radis.generation.store import (
     config_hash,
 )
 from radis.generation.strategies import Strategy, StrategyError, get_strategy
-from radis.io import write_json_atomic, write_jsonl_atomic
+from radis.io import iter_jsonl_objects, write_json_atomic, write_jsonl_atomic
 from radis.runtime import (
     RankEnvironmentError,
     Ranks,
@@ -135,6 +135,9 @@ def describe(cfg: RadisConfig, fingerprint: str, template: str) -> dict[str, Any
         "chat_template": template,
         "instruction": cfg.data.instruction,
         "system_prompt": cfg.data.system_prompt,
+        # What {src_lang}/{tgt_lang} become in the instruction, so part of every prompt;
+        # only when set, so that outputs made before the key existed still resume.
+        **({"language_names": dict(cfg.data.language_names)} if cfg.data.language_names else {}),
         "separator": cfg.data.separator,
         "strategy": strategy.name,
         "strategy_settings": strategy.describe(cfg),
@@ -313,7 +316,7 @@ def generate_records(
             return {}
 
         merge = store.merge([ex.id for ex in usable], with_topk=settings.topk > 0)
-        records = [json.loads(line) for line in (store.root / MERGED).read_text(encoding="utf-8").splitlines()]
+        records = [rec for _, rec in iter_jsonl_objects(store.root / MERGED, "a generation record")]
         seconds = max(s["seconds"] for s in all_stats)
         gen_seconds = max(s["generation_seconds"] for s in all_stats)
         gen_tokens = sum(s["tokens"] for s in all_stats)
