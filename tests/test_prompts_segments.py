@@ -189,6 +189,8 @@ def test_recorded_rationale_ids_and_teacher_topk_are_aligned(smol_tokenizer):
                         ({"strategy": "ask"}, "the ask strategy"),
                         ({"prompt": {**provenance, "chat_template": "llama2"}}, "another chat template"),
                         ({"prompt": {**provenance, "system_prompt": "Be brief."}}, "another system prompt"),
+                        ({"prompt": {**provenance, "chat_template_id": "model:0123"}}, "another chat template"),
+                        ({"prompt": {**provenance, "language_names": {"de": "Deutsch"}}}, "other language names"),
                         ({"prompt": {**provenance, "instruction": "Translate: {source}"}}, "another instruction")):
         other = Example(**{**ex.__dict__, "meta": {**ex.meta, **change}})
         segs, stats = build_segments(fmt, [other], separator=SEP, max_tokens=4096)
@@ -199,6 +201,22 @@ def test_recorded_rationale_ids_and_teacher_topk_are_aligned(smol_tokenizer):
     bad = Example(**{**ex.__dict__, "meta": {**ex.meta, "teacher_topk_ids": tids[:-1].tolist()}})
     with pytest.raises(ValueError, match=r"t:0:de-en.*\[n_rationale_tokens"):
         build_segment(fmt, bad, separator=SEP, max_tokens=4096)
+
+
+def test_the_model_template_is_identified_by_its_text(smol_tokenizer):
+    """Two tokenizers that encode alike (one fingerprint) but whose own chat templates
+    differ (here a default system prompt) build other prompts: the template id, which keys
+    the packed cache and the recorded provenance, tells them apart."""
+    import copy
+
+    fmt = ChatFormat(smol_tokenizer, DataConfig(), "auto")
+    assert fmt.template == "model" and fmt.template_id.startswith("model:")
+    other_tok = copy.deepcopy(smol_tokenizer)
+    other_tok.chat_template = smol_tokenizer.chat_template.replace("You are a helpful", "You are a terse")
+    other = ChatFormat(other_tok, DataConfig(), "auto")
+    assert other.fingerprint == fmt.fingerprint and other.template_id != fmt.template_id
+    assert other.prompt_ids(examples()[0]) != fmt.prompt_ids(examples()[0])
+    assert ChatFormat(smol_tokenizer, DataConfig(), "chatml").template_id == "chatml"
 
 
 def test_smollm2_special_tokens_are_the_gguf_files(smol_tokenizer):

@@ -145,7 +145,7 @@ def load_or_build(cfg: RadisConfig, split: str = "train", tokenizer: Any = None,
 
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.cache_dir)
     fmt = ChatFormat(tokenizer, cfg.data, cfg.model.chat_template)
-    inputs = cache_key_inputs(cfg, split, fmt.fingerprint, fmt.template)
+    inputs = cache_key_inputs(cfg, split, fmt.fingerprint, fmt.template_id)
     key = cache_key(inputs)
     root = Path(os.path.expanduser(cfg.data.cache_dir))
     entry = root / f"{split}-{key}"

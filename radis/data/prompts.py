@@ -96,6 +96,7 @@ class ChatFormat:
     - `user_prompt_ids_batch(texts)`: prompts whose user turn is the given text (SDFT
       prompts, retention prompts) instead of the translation instruction.
     - `template` (the resolved name: "model", "llama2", "mistral", "chatml"),
+      `template_id` (`template_identity`: the name, or the model template's hash),
       `fingerprint` (`tokenizer_fingerprint(tokenizer)`), `user_text(example)`.
     """
 
@@ -103,6 +104,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.data_cfg = data_cfg
         self.template = resolve_template(tokenizer, template)
+        self.template_id = template_identity(tokenizer, self.template)
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self._check_instruction(data_cfg.instruction)
         self._sentinel_ids = self._encode(["first"], [_CONT_SENTINEL])[0]
@@ -413,6 +415,16 @@ def resolve_template(tokenizer: Any, template: str = "auto") -> str:
         f"model has no chat template (tokenizer {getattr(tokenizer, 'name_or_path', '?')!r}); "
         f"set model.chat_template to one of {', '.join(TEMPLATES)}"
     )
+
+
+def template_identity(tokenizer: Any, template: str) -> str:
+    """What decides the prompt's layout: a built-in template's name, or for "model" (the
+    tokenizer's own Jinja template) a hash of that template's text, which the tokenizer
+    fingerprint does not see (another default system prompt, another turn marker)."""
+    if template != "model":
+        return template
+    text = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
+    return "model:" + hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

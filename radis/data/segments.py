@@ -189,8 +189,10 @@ def _recorded_rationale(
         return "the ask strategy"
     prompt = meta.get("prompt") or {}
     current = prompt_provenance(fmt, separator)
-    for key, why in (("chat_template", "another chat template"), ("system_prompt", "another system prompt"),
-                     ("instruction", "another instruction")):
+    # A key a record lacks (written before the key was recorded) is not held against it.
+    for key, why in (("chat_template", "another chat template"), ("chat_template_id", "another chat template"),
+                     ("system_prompt", "another system prompt"), ("instruction", "another instruction"),
+                     ("language_names", "other language names")):
         if key in prompt and prompt[key] != current[key]:
             return why
     vocab = len(fmt.tokenizer)
@@ -225,5 +227,6 @@ def _recorded_rationale(
 
 def prompt_provenance(fmt: ChatFormat, separator: str) -> dict[str, Any]:
     """What a prompt is built from, as generation records it and training checks it."""
-    return {"chat_template": fmt.template, "system_prompt": fmt.data_cfg.system_prompt,
-            "instruction": fmt.data_cfg.instruction, "separator": separator}
+    return {"chat_template": fmt.template, "chat_template_id": fmt.template_id,
+            "system_prompt": fmt.data_cfg.system_prompt, "instruction": fmt.data_cfg.instruction,
+            "language_names": dict(fmt.data_cfg.language_names), "separator": separator}
