@@ -26,13 +26,19 @@ evaluation on N ranks: the GPUs, or 2 CPU ranks over gloo):
     evaluate         radis evaluate   the original model and every arm: BLEU / chrF raw and
                                       cut, COMET where installed, retention proxies, plot
 
-Resumable: a finished stage is recorded in <out>/stages.json (atomically) with its command
-and a hash of the config sections it reads (STAGE_SECTIONS: a new eval setting re-runs the
-evaluation, not the trainings), and skipped by the next run only if both are unchanged; a
-failed stage stops the run with its exit status and the next run continues there (training
-itself resumes from its last checkpoint). `--redo STAGE` runs a stage again. At the end one
-table with the original model and every arm is printed and written to <out>/comparison.md.
-Trailing key=value overrides reach every stage.
+Resumable: <out>/stages.json (written atomically) records each stage's identity: its command,
+a hash of the config sections it reads (STAGE_SECTIONS: a new eval setting re-runs the
+evaluation, not the trainings) and the run of every stage it reads from (`Stage.after`).
+A stage is recorded as started before it runs and as finished (with a new run id) after;
+the next run skips a finished stage whose identity is unchanged. So a stage that runs again
+makes every stage after it run again (a new train.lr retrains, re-exports and re-evaluates;
+a new rationale setting regenerates first), and a stage killed mid-run is resumed where it
+stopped (training from its last checkpoint) as long as its identity is the one it started
+with. The trainer resumes whatever checkpoints it finds, so a training whose identity
+changed starts from an emptied <out>/<arm>. `--redo STAGE` runs a stage again from an
+empty directory, and with it every stage after it. At the end one table with the original
+model and every arm is printed and written to <out>/comparison.md. Trailing key=value
+overrides reach every stage.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -99,10 +106,22 @@ class CompareError(InputError):
 
 @dataclass
 class Stage:
+    """One `radis` command of the comparison, and what decides whether it must run again."""
+
     name: str
     argv: list[str]  # `radis` subcommand and its arguments
     distributed: bool  # launched with torchrun on N ranks
     output: Path  # exists when the stage has finished
+    # The directory it writes (output is in it), emptied when it runs from scratch; a later
+    # stage that writes inside it (export in train's) then runs again anyway.
+    workdir: Path
+    after: tuple[str, ...] = ()  # the stages whose outputs it reads: when one of them runs again, so does this one
+    # Its command resumes whatever workdir holds, even from another config (the trainer, from
+    # its checkpoints), so a changed identity must empty workdir first. The other commands
+    # check for themselves: generate resumes only its own config (build_plan passes
+    # rationale.overwrite=true: another's is deleted), export overwrites, evaluate keys its
+    # caches by the model's files.
+    clear_on_change: bool = False
 
 
 @dataclass
@@ -148,23 +167,30 @@ def build_plan(config: Path, out: Path, arms: Sequence[str], overrides: Sequence
         if gen.other_generator and not cfg.compare.other_generator:
             raise CompareError("arm radis_other needs compare.other_generator (the LLM that writes the rationales)")
         generator = cfg.compare.other_generator if gen.other_generator else None
+        # overwrite=true: the directory is this stage's own, and the generator resumes one of
+        # the same generation config anyway; one of another config (a new decoding setting)
+        # it would refuse, which would stop the comparison there.
         stages.append(Stage(f"generate-{name}", ["generate", "--no-progress", *common,
                                                  f"rationale.strategy={gen.strategy}", f"rationale.output_dir={_json(str(out_dir))}",
-                                                 f"rationale.topk={topk}", f"rationale.generator={_json(generator)}"],
-                            True, out_dir / "rationales.jsonl"))
+                                                 f"rationale.topk={topk}", f"rationale.generator={_json(generator)}",
+                                                 "rationale.overwrite=true"],
+                            True, out_dir / "rationales.jsonl", workdir=out_dir))
     for a in arms:
         arm = ARMS[a]
         data = [] if arm.data is None else [f"data.train={_json([{'path': str(gen_dirs[arm.data])}])}"]
         kd = cfg.compare.kd_weight if arm.kd else 0.0
         stages.append(Stage(f"train-{a}", ["train", *common, f"loss.method={arm.method}", f"loss.kd_weight={kd}",
                                            f"train.output_dir={_json(str(out / a))}", *data],
-                            True, out / a / "checkpoints" / "latest"))
+                            True, out / a / "checkpoints" / "latest", workdir=out / a,
+                            after=() if arm.data is None else (f"generate-{arm.data}",), clear_on_change=True))
     for a in arms:
         stages.append(Stage(f"export-{a}", ["export", "--checkpoint", str(out / a / "checkpoints"),
-                                            "--out", str(out / a / "hf"), "--overwrite"], False, out / a / "hf" / "config.json"))
+                                            "--out", str(out / a / "hf"), "--overwrite"], False, out / a / "hf" / "config.json",
+                            workdir=out / a / "hf", after=(f"train-{a}",)))
     models = [("original", cfg.model.name_or_path)] + [(a, str(out / a / "hf")) for a in arms]
     stages.append(Stage("evaluate", ["evaluate", *common, f"eval.models={_json([f'{n}={p}' for n, p in models])}",
-                                     f"eval.output_dir={_json(str(out / 'eval'))}"], True, out / "eval" / "summary.json"))
+                                     f"eval.output_dir={_json(str(out / 'eval'))}"], True, out / "eval" / "summary.json",
+                        workdir=out / "eval", after=tuple(f"export-{a}" for a in arms)))
     return Plan(stages=stages, arms=arms, out=out, models=models)
 
 
@@ -231,9 +257,36 @@ def stage_config_hash(stage: Stage) -> str:
 
 
 def stage_identity(stage: Stage) -> dict[str, Any]:
-    """What decides whether a finished stage is still done: its command without the
-    key=value overrides (those are in the config hash, by the sections the stage reads)."""
+    """The stage's own part of its identity: its command without the key=value overrides
+    (those are in the config hash, by the sections the stage reads). `run_plan` adds the
+    runs of the stages it depends on."""
     return {"command": [a for a in stage.argv if not _is_override(a)], "config_hash": stage_config_hash(stage)}
+
+
+def _run_reason(stage: Stage, record: dict[str, Any], own: dict[str, Any], identity: dict[str, Any],
+                redo: bool) -> str | None:
+    """Why a stage that is not skipped runs, for the log (None: its first run)."""
+    if redo:
+        return "--redo: running it again from scratch"
+    if not record:
+        return None
+    if {k: record.get(k) for k in own} != own:
+        return "its command or config changed since it ran: running it again"
+    if {k: record.get(k) for k in identity} != identity:
+        again = [d for d in stage.after if (record.get("upstream") or {}).get(d) != identity["upstream"][d]]
+        return f"{', '.join(again) or 'a stage it reads from'} ran again since it ran: running it again"
+    return "its output is gone: running it again" if record.get("done") else "resuming its interrupted run"
+
+
+def _remove(path: Path) -> None:
+    """Delete a stage's directory. It is renamed aside first (one atomic step), so a kill
+    during the deletion never leaves a half-deleted directory for the stage to resume
+    from; the aside copy is deleted by the next removal of the same directory."""
+    aside = path.with_name(f".{path.name}.removing")
+    shutil.rmtree(aside, ignore_errors=True)
+    if path.exists():
+        path.rename(aside)
+        shutil.rmtree(aside)
 
 
 def _load_state(path: Path) -> dict[str, dict]:
@@ -252,18 +305,28 @@ def run_plan(plan: Plan, *, nproc: int, redo: Sequence[str] = (), log=print) -> 
     log(f"radis compare: {len(plan.stages)} stages into {plan.out} on {nproc} rank(s); arms: {', '.join(plan.arms)}")
     for s in plan.stages:
         cmd = command_line(s, nproc)
-        identity = stage_identity(s)
-        done = state.get(s.name, {})
-        if s.name in redo:
-            done = {}
-            if s.name.startswith("export-"):
-                shutil.rmtree(s.output.parent, ignore_errors=True)
-        same = {k: done.get(k) for k in identity} == identity
-        if done.get("done") and same and s.output.exists():
-            log(f"[{s.name}] done earlier ({done['seconds']:.0f} s), skipped")
+        own = stage_identity(s)
+        # The stages it reads from have run (or been skipped) by now: their current run ids.
+        identity = {**own, "upstream": {d: state.get(d, {}).get("run") for d in s.after}}
+        record = state.get(s.name, {})
+        same = {k: record.get(k) for k in identity} == identity
+        redo_it = s.name in redo
+        if record.get("done") and same and s.output.exists() and not redo_it:
+            log(f"[{s.name}] done earlier ({record['seconds']:.0f} s), skipped")
             continue
-        if done.get("done") and not same:
-            log(f"[{s.name}] its command or config changed since it ran: running it again")
+        reason = _run_reason(s, record, own, identity, redo_it)
+        if reason:
+            log(f"[{s.name}] {reason}")
+        if redo_it or (s.clear_on_change and not same):
+            if s.workdir.exists():
+                log(f"[{s.name}] emptying {s.workdir}")
+            _remove(s.workdir)
+        # Recorded before it runs: if it is killed, the next run resumes it only while its
+        # identity is still this one (a resumed run gets a new run id, so what reads it runs too).
+        run_id = secrets.token_hex(8)
+        state[s.name] = {"done": False, "run": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "argv": s.argv, **identity}
+        write_json_atomic(state_path, state)
         log(f"[{s.name}] {shlex.join(cmd)}")
         t0 = time.time()
         rc = subprocess.run(cmd, env=env, check=False).returncode
@@ -273,8 +336,8 @@ def run_plan(plan: Plan, *, nproc: int, redo: Sequence[str] = (), log=print) -> 
             print(f"radis compare: stage {s.name} failed ({why}) after {seconds:.0f} s; re-run to resume here",
                   file=sys.stderr, flush=True)
             return rc or 1
-        state[s.name] = {"done": True, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                         "argv": s.argv, **identity}
+        state[s.name] = {"done": True, "run": run_id, "seconds": round(seconds, 1),
+                         "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": s.argv, **identity}
         write_json_atomic(state_path, state)
         log(f"[{s.name}] finished in {seconds:.0f} s")
     return 0
@@ -319,7 +382,8 @@ def report(plan: Plan, log=print) -> str:
 
     summary = json.loads((plan.out / "eval" / "summary.json").read_text(encoding="utf-8"))
     rows = summary["models"]
-    state = _load_state(plan.out / "stages.json")
+    # only finished stages have times (a stage of an arm no longer compared may be unfinished)
+    state = {k: v for k, v in _load_state(plan.out / "stages.json").items() if v.get("done")}
     table = comparison_table(rows)
     text = (f"# radis compare: {', '.join(plan.arms)}\n\n{table}\n\n"
             + "\n".join(f"- {sig}" for sig in summary.get("signatures", {}).values()))

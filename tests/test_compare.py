@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,7 @@ from radis.compare import (
     compare,
     comparison_table,
     parse_arms,
+    run_plan,
 )
 from radis.config import load_config
 from radis.demo import DEFAULT_CONFIG, demo_data, demo_overrides, main
@@ -48,6 +50,11 @@ def test_plan_of_every_arm_is_a_set_of_valid_commands(tmp_path):
     # one generation of rationales serves radis and radis_kd; it records the top-k for the KD arm
     assert cfgs["generate-rationales"].rationale.topk == 20 and cfgs["generate-rationales"].rationale.strategy == "continue"
     assert cfgs["generate-seqkd"].rationale.topk == 0 and cfgs["generate-sdft"].rationale.strategy == "sdft"
+    # a changed generation config replaces the stage's own directory instead of being refused
+    assert all(c.rationale.overwrite for n, c in cfgs.items() if n.startswith("generate-"))
+    after = {s.name: s.after for s in plan.stages}
+    assert after["train-vanilla"] == () and after["train-radis_kd"] == ("generate-rationales",)
+    assert after["export-sdft"] == ("train-sdft",) and after["evaluate"] == tuple(f"export-{a}" for a in ALL)
     assert all(c.data.train[0].path == str(train) for n, c in cfgs.items() if n.startswith("generate-"))
     assert cfgs["train-vanilla"].data.train[0].path == str(train) and cfgs["train-vanilla"].loss.method == "vanilla"
     assert cfgs["train-radis"].data.train[0].path == str(gen / "rationales") and cfgs["train-radis"].loss.kd_weight == 0
@@ -74,10 +81,10 @@ def test_arm_errors():
     assert set(ARMS) >= {"vanilla", "radis", "radis_kd", "seqkd", "sdft", "radis_other"}
 
 
-def _fake_finished(plan, tmp_path):
-    for s in plan.stages:
-        s.output.parent.mkdir(parents=True, exist_ok=True)
-        s.output.touch()
+def _fake_finished(plan, tmp_path, monkeypatch):
+    """Every stage of `plan` finished (by run_plan over fake stages), and a summary to report."""
+    with monkeypatch.context() as m:
+        assert _run_fake(m, plan) == (0, [s.name for s in plan.stages], set())
     row = {"model": "radis", "bleu_raw": 2.5, "bleu_cut": 5.7, "chrf_raw": 20.0, "chrf_cut": 24.1, "comet_cut": None,
            "directions": {"de-en": {"n": 40, "bleu_raw": 2.5, "bleu_cut": 5.7, "chrf_raw": 20.0, "chrf_cut": 24.1,
                                     "comet_cut": None}},
@@ -85,13 +92,11 @@ def _fake_finished(plan, tmp_path):
     (tmp_path / "eval" / "summary.json").write_text(json.dumps({"models": [row], "signatures": {}}), encoding="utf-8")
 
 
-def test_finished_stages_are_skipped_and_the_table_printed(tmp_path, capsys):
-    from radis.compare import stage_identity
-
+def test_finished_stages_are_skipped_and_the_table_printed(tmp_path, capsys, monkeypatch):
     plan = build_plan(DEFAULT_CONFIG.resolve(), tmp_path, ["vanilla", "radis"], demo_overrides(DEFAULT_CONFIG))
-    _fake_finished(plan, tmp_path)
-    state = {s.name: {"done": True, "seconds": 1.0, "argv": s.argv, **stage_identity(s)} for s in plan.stages}
-    (tmp_path / "stages.json").write_text(json.dumps(state), encoding="utf-8")
+    _fake_finished(plan, tmp_path, monkeypatch)
+    capsys.readouterr()
+    state = json.loads((tmp_path / "stages.json").read_text(encoding="utf-8"))
     assert main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == len(plan.stages)
@@ -121,6 +126,79 @@ def test_a_stage_reruns_only_when_a_section_it_reads_changes(tmp_path):
     assert h["eval"]["evaluate"] != h["base"]["evaluate"] and h["eval"]["train-radis"] == h["base"]["train-radis"]
     assert h["train"]["train-radis"] != h["base"]["train-radis"] and h["train"]["evaluate"] == h["base"]["evaluate"]
     assert h["train"]["generate-rationales"] == h["base"]["generate-rationales"]
+
+
+def _run_fake(monkeypatch, plan, *, redo=(), fail=None, log=lambda m: None):
+    """run_plan with every stage faked: a stage 'runs' by leaving a file in its workdir and
+    writing its output (not when it is `fail`, which exits 1 as if killed mid-run).
+    Returns (exit status, the stages that ran, those that found their workdir's earlier
+    file: not emptied, i.e. resumed)."""
+    ran: list[str] = []
+    found: set[str] = set()
+
+    def fake_run(cmd, env=None, check=False):
+        s = next(s for s in plan.stages if cmd[-len(s.argv):] == s.argv)
+        ran.append(s.name)
+        mark = s.workdir / "earlier-run"
+        if mark.exists():
+            found.add(s.name)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+        if s.name == fail:
+            return SimpleNamespace(returncode=1)
+        s.output.parent.mkdir(parents=True, exist_ok=True)
+        s.output.touch()
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr("radis.compare.subprocess", SimpleNamespace(run=fake_run))
+    rc = run_plan(plan, nproc=1, redo=redo, log=log)
+    return rc, ran, found
+
+
+def _plan(tmp_path, *extra):
+    return build_plan(DEFAULT_CONFIG.resolve(), tmp_path, ["vanilla", "radis"], [*demo_overrides(DEFAULT_CONFIG), *extra])
+
+
+# emptied: the stages that found their directory empty (an arm's export writes inside its training's)
+@pytest.mark.parametrize("extra, redo, expected, emptied", [
+    (["train.lr=3e-4"], (), ["train-vanilla", "train-radis", "export-vanilla", "export-radis", "evaluate"],
+     {"train-vanilla", "train-radis", "export-vanilla", "export-radis"}),
+    (["rationale.max_new_tokens=64"], (), ["generate-rationales", "train-radis", "export-radis", "evaluate"],
+     {"train-radis", "export-radis"}),
+    ([], ("train-radis",), ["train-radis", "export-radis", "evaluate"], {"train-radis", "export-radis"}),
+    ([], ("generate-rationales",), ["generate-rationales", "train-radis", "export-radis", "evaluate"],
+     {"generate-rationales", "train-radis", "export-radis"}),
+    (["eval.max_new_tokens=99"], (), ["evaluate"], set()),
+    ([], (), [], set()),
+], ids=["train-setting", "rationale-setting", "redo-train", "redo-generate", "eval-setting", "nothing"])
+def test_a_stage_that_runs_again_reruns_every_stage_after_it(tmp_path, monkeypatch, extra, redo, expected, emptied):
+    """A change upstream re-runs everything downstream, and a training (which would resume
+    its finished checkpoints) or a redone stage starts from an empty directory."""
+    _run_fake(monkeypatch, _plan(tmp_path))
+    rc, ran, found = _run_fake(monkeypatch, _plan(tmp_path, *extra), redo=redo)
+    assert rc == 0 and ran == expected
+    assert set(ran) - found == emptied
+    assert _run_fake(monkeypatch, _plan(tmp_path, *extra))[1] == []  # and then all of it is done
+
+
+def test_an_interrupted_stage_resumes_unless_its_identity_changed(tmp_path, monkeypatch):
+    logs: list[str] = []
+    # killed in its first run: resumed, not emptied
+    assert _run_fake(monkeypatch, _plan(tmp_path), fail="train-vanilla")[:2] == (1, ["generate-rationales", "train-vanilla"])
+    rc, ran, found = _run_fake(monkeypatch, _plan(tmp_path), log=logs.append)
+    assert rc == 0 and ran[0] == "train-vanilla" and "train-vanilla" in found
+    assert "[train-vanilla] resuming its interrupted run" in logs and not any("emptying" in m for m in logs)
+    # a new setting: emptied once; killed in that run, it is resumed under the same setting
+    lr = _plan(tmp_path, "train.lr=3e-4")
+    rc, ran, found = _run_fake(monkeypatch, lr, fail="train-radis")
+    assert rc == 1 and ran == ["train-vanilla", "train-radis"] and not found
+    rc, ran, found = _run_fake(monkeypatch, lr)
+    assert rc == 0 and ran == ["train-radis", "export-vanilla", "export-radis", "evaluate"] and "train-radis" in found
+    # killed under one setting, then run under another: what it left is not resumed
+    assert _run_fake(monkeypatch, _plan(tmp_path, "train.lr=1e-4"), fail="train-vanilla")[0] == 1
+    rc, ran, found = _run_fake(monkeypatch, _plan(tmp_path, "train.lr=2e-4"))
+    assert rc == 0 and ran[:2] == ["train-vanilla", "train-radis"] and not {"train-vanilla", "train-radis"} & found
+    assert not list(tmp_path.glob(".*.removing"))  # moved aside, then deleted
 
 
 def test_dry_run_and_bad_arguments(tmp_path, capsys):
