@@ -412,7 +412,11 @@ def check_values(cfg: RadisConfig, origin: str = "<config>") -> None:
 
 
 def apply_override(cfg: RadisConfig, item: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML.
+
+    A mapping given for a section (`train={lr: 1e-5, save_every: 10}`) is merged into that
+    section key by key, recursively: the section's other keys keep their YAML values rather
+    than falling back to the defaults."""
     if "=" not in item:
         raise ConfigError(f"<override> {item!r}: expected key=value")
     key, text = item.split("=", 1)
@@ -431,7 +435,11 @@ def apply_override(cfg: RadisConfig, item: str) -> None:
     hints = _field_types(type(target)) if dataclasses.is_dataclass(target) else {}
     if last not in hints or last == "source_file":
         raise ConfigError(f"<override> unknown key {key!r}")
-    setattr(target, last, _coerce(hints[last], value, key, "<override>"))
+    current = getattr(target, last)
+    if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        setattr(target, last, _merge(current, value, prefix=f"{key}.", origin="<override>"))
+    else:
+        setattr(target, last, _coerce(hints[last], value, key, "<override>"))
 
 
 def dump_config(cfg: RadisConfig) -> str:
@@ -446,18 +454,38 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+def _check_keys(cls: type, raw: Any, prefix: str, origin: str) -> None:
+    """Raise ConfigError unless `raw` is a mapping whose keys are all fields of `cls`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: {prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
-    hints = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.name != "source_file"}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
+    for key in raw:
         if key not in known:
-            raise ConfigError(f"{origin}: unknown key {dotted!r} (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(hints[key], value, dotted, origin)
-    return cls(**kwargs)
+            raise ConfigError(f"{origin}: unknown key {f'{prefix}{key}'!r} (known: {', '.join(sorted(known))})")
+
+
+def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+    """A fresh `cls` from the mapping `raw`; keys it does not name keep their defaults."""
+    _check_keys(cls, raw, prefix, origin)
+    hints = _field_types(cls)
+    return cls(**{key: _coerce(hints[key], value, f"{prefix}{key}", origin) for key, value in raw.items()})
+
+
+def _merge(current: Any, raw: Any, prefix: str, origin: str) -> Any:
+    """A copy of the dataclass `current` with the keys of the mapping `raw` set on it, each
+    validated like any other value; a mapping given for a nested section is merged into it
+    in turn. The copy is built whole before it replaces `current`, so an invalid key leaves
+    the config as it was."""
+    _check_keys(type(current), raw, prefix, origin)
+    hints = _field_types(type(current))
+    changes = {}
+    for key, value in raw.items():
+        old = getattr(current, key)
+        if dataclasses.is_dataclass(old) and isinstance(value, dict):
+            changes[key] = _merge(old, value, f"{prefix}{key}.", origin)
+        else:
+            changes[key] = _coerce(hints[key], value, f"{prefix}{key}", origin)
+    return dataclasses.replace(current, **changes)
 
 
 def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:

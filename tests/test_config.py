@@ -82,6 +82,21 @@ def test_bad_overrides(override, needle):
     assert needle in str(err.value)
 
 
+def test_a_section_override_merges_into_the_yaml_section(tmp_path):
+    path = write(tmp_path, "train: {lr: 3e-5, max_steps: 100, output_dir: outputs/mine, zero_stage: 2}\n")
+    cfg = load_config(path, ["train={save_every: 10, max_steps: 50}"])
+    assert cfg.train.save_every == 10 and cfg.train.max_steps == 50  # the override's keys
+    assert cfg.train.lr == pytest.approx(3e-5)  # the section's other keys keep their YAML values
+    assert cfg.train.output_dir == "outputs/mine" and cfg.train.zero_stage == 2
+    # each merged key is validated as usual, and an unknown one is still an error
+    with pytest.raises(ConfigError, match=re.escape("<override>: train.save_every: expected an integer")):
+        load_config(path, ["train={save_every: ten}"])
+    with pytest.raises(ConfigError, match=re.escape("<override>: unknown key 'train.nope'")):
+        load_config(path, ["train={lr: 1e-5, nope: 1}"])
+    with pytest.raises(ConfigError, match=re.escape("train.lr: expected > 0")):  # ranges too
+        load_config(path, ["train={lr: 0}"])
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
