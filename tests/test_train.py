@@ -69,22 +69,23 @@ def test_lambda_lr_state_round_trips():
     assert s2.get_last_lr() == s.get_last_lr()
 
 
-def test_a_restored_schedule_follows_a_new_total():
+def test_a_restored_schedule_follows_a_new_total_rate_and_floor():
     from radis.train.schedule import build_scheduler, retarget_scheduler
 
-    def sched(total):
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        return opt, build_scheduler(opt, LRFactor("cosine", total_steps=total, warmup_steps=2))
+    def sched(total, lr=0.1, floor=0.0):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return opt, build_scheduler(opt, LRFactor("cosine", total_steps=total, warmup_steps=2, min_lr_ratio=floor))
 
     opt, s = sched(8)
     for _ in range(5):
         opt.step()
         s.step()
-    opt2, s2 = sched(12)
+    opt2, s2 = sched(12, lr=0.05, floor=0.2)
     s2.load_state_dict(s.state_dict())
-    assert s2.lr_lambdas[0].total_steps == 8  # loading brings the saved total back
-    assert retarget_scheduler(s2, total_steps=12, warmup_steps=2)
-    opt3, straight = sched(12)  # a run that had 12 steps from the start
+    # loading brings the saved total, floor and peak rate back
+    assert s2.lr_lambdas[0].total_steps == 8 and s2.lr_lambdas[0].min_lr_ratio == 0.0 and s2.base_lrs == [0.1]
+    assert retarget_scheduler(s2, LRFactor("cosine", total_steps=12, warmup_steps=2, min_lr_ratio=0.2), 0.05)
+    opt3, straight = sched(12, lr=0.05, floor=0.2)  # a run that had these settings from the start
     for _ in range(5):
         opt3.step()
         straight.step()
@@ -94,6 +95,7 @@ def test_a_restored_schedule_follows_a_new_total():
     opt3.step()
     straight.step()
     assert s2.get_last_lr() == straight.get_last_lr()
+    assert s2.state_dict()["base_lrs"] == [0.05]  # and it is saved so at the next checkpoint
 
 
 # --------------------------------------------------------------------------- checkpoint bookkeeping
@@ -250,6 +252,42 @@ def test_metrics_writer_jsonl_tensorboard_and_truncate_on_resume(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard shows them (purged events left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), purge_orphaned_data=True)
+    acc.Reload()
+    return {tag: [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_fresh_run_starts_clean_metrics_and_a_resumed_one_keeps_its_own(tmp_path):
+    # a run that crashed before its first checkpoint logged steps 0..2
+    w = MetricsWriter(tmp_path, active=True)
+    w.write(0, {"loss": 2.0}, kind="valid")
+    for step in (1, 2):
+        w.write(step, {"loss": 1.0 / step})
+    w.close()
+    # started again with no checkpoint to resume: a fresh run, whose steps 0.. are all trained again
+    w = MetricsWriter(tmp_path, active=True)
+    w.write(0, {"loss": 1.5}, kind="valid")
+    w.write(1, {"loss": 0.9})
+    w.close()
+    assert [(r["kind"], r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl", kind=None)] == [
+        ("valid", 0, 1.5), ("train", 1, 0.9)]
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == {"valid/loss": [(0, 1.5)], "train/loss": [(1, 0.9)]}
+    # resumed from a checkpoint of step 1 (even one of step 0): the records up to it stay
+    w = MetricsWriter(tmp_path, active=True, resume_step=1)
+    w.write(2, {"loss": 0.8})
+    w.close()
+    assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl", kind=None)] == [
+        ("valid", 0), ("train", 1), ("train", 2)]
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == {"valid/loss": [(0, 1.5)],
+                                                              "train/loss": [(1, 0.9), (2, 0.8)]}
+    MetricsWriter(tmp_path, active=True, tensorboard=False, resume_step=0).close()
+    assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl", kind=None)] == [("valid", 0)]
+
+
 # --------------------------------------------------------------------------- pre-flight (no process group)
 
 
@@ -347,6 +385,50 @@ def test_recipes_load_and_derive_a_deepspeed_config(name):
     ds = derive_ds_config(cfg, RunShape(world_size=8, precision="bfloat16", hidden_size=4096, cuda=True))
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == cfg.data.packs_per_micro_batch * cfg.train.gradient_accumulation_steps * 8
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _single_node(tmp_path, **env: str) -> tuple[int, list[str], str]:
+    """Run launch/single_node.sh with a fake `deepspeed` first on PATH that writes its
+    arguments one per line; returns (exit status, those arguments, stderr)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    argv = tmp_path / "argv"
+    fake = bin_dir / "deepspeed"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {argv}\n')
+    fake.chmod(0o755)
+    argv.unlink(missing_ok=True)
+    clean = {k: v for k, v in os.environ.items() if k not in {"CUDA_VISIBLE_DEVICES", "NUM_GPUS", "RADIS_CPU"}}
+    clean.update(PATH=f"{bin_dir}:{clean.get('PATH', '')}", **env)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", "launch/single_node.sh", "x.yaml", "train.lr=1e-5"], cwd=root, env=clean,
+                          capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode, argv.read_text().splitlines() if argv.exists() else [], proc.stderr
+
+
+def test_single_node_launcher_keeps_the_gpus_of_cuda_visible_devices(tmp_path):
+    # --num_gpus would make DeepSpeed drop CUDA_VISIBLE_DEVICES and train on GPUs 0..N-1
+    rc, argv, err = _single_node(tmp_path, CUDA_VISIBLE_DEVICES="2,3")
+    assert rc == 0, err
+    assert argv[:2] == ["--include", "localhost:2,3"] and "--num_gpus" not in argv
+    assert argv[-5:] == ["radis.cli", "train", "--config", "x.yaml", "train.lr=1e-5"]
+    rc, argv, err = _single_node(tmp_path, CUDA_VISIBLE_DEVICES="5,2,7", NUM_GPUS="2")  # the first 2 of them
+    assert rc == 0 and argv[:2] == ["--include", "localhost:5,2"], err
+    rc, argv, err = _single_node(tmp_path, CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="3")
+    assert rc == 2 and not argv and "NUM_GPUS=3: expected 1 to 2, the GPUs in CUDA_VISIBLE_DEVICES=2,3" in err
+    rc, argv, err = _single_node(tmp_path, CUDA_VISIBLE_DEVICES="GPU-1a2b")
+    assert rc == 2 and not argv and "expected GPU indices" in err
+    # without CUDA_VISIBLE_DEVICES (and with RADIS_CPU=1, which hides CUDA) the count stays
+    rc, argv, err = _single_node(tmp_path, NUM_GPUS="4")
+    assert rc == 0 and argv[:2] == ["--num_gpus", "4"], err
+    rc, argv, err = _single_node(tmp_path, RADIS_CPU="1", CUDA_VISIBLE_DEVICES="1")
+    assert rc == 0 and argv[:2] == ["--num_gpus", "2"], err
 
 
 # --------------------------------------------------------------------------- heartbeats

@@ -440,6 +440,64 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(run_a, work, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["global_step10", "global_step5"]
 
 
+def test_resume_applies_changed_optimizer_settings_and_refuses_another_schedule(work, tmp_path):
+    """1 rank saves at step 3 and is resumed with a lower train.lr, another weight decay,
+    beta1 and min_lr_ratio, and twice the steps: the updates after the resume use them
+    (the logged rate is the new peak along the new schedule; the checkpoint's parameter
+    groups hold the new settings) and one line names each change. Another train.schedule
+    is refused naming the key, and config.yaml still describes the checkpoints."""
+    from radis.train.checkpoint import load_weights_only
+    from radis.train.schedule import LRFactor
+
+    out = tmp_path / "changed"
+    base = [sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}",
+            "train.gradient_accumulation_steps=1", "train.eval_every=0", "train.save_every=3", "train.keep_last=0"]
+    proc = _run([*base, "train.max_steps=3"])
+    assert proc.returncode == 0, proc.log
+    proc = _run([*base, "train.max_steps=6", "train.lr=1e-3", "train.weight_decay=0.1", "train.adam_beta1=0.8",
+                 "train.min_lr_ratio=0.5"])
+    assert proc.returncode == 0, proc.log
+    (note,) = [line for line in proc.stdout.splitlines() if "with changed settings" in line]
+    assert "note: resuming global_step3 with changed settings, applied from step 4 on: " in note, note
+    for change in ("train.lr 0.003 -> 0.001", "train.min_lr_ratio 0.0 -> 0.5",
+                   "optimizer steps 3 -> 6 (train.max_steps 3 -> 6)", "train.adam_beta1 0.9 -> 0.8",
+                   "train.weight_decay 0.01 -> 0.1"):
+        assert change in note, note
+    assert "adam_beta2" not in note and "warmup" not in note  # only what changed
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl")]
+    old, new = LRFactor("cosine", 3, 2, 0.0), LRFactor("cosine", 6, 2, 0.5)
+    assert lrs == pytest.approx([3e-3 * old(s) for s in range(3)] + [1e-3 * new(s) for s in range(3, 6)], rel=1e-12)
+    (states,) = (out / "checkpoints" / "global_step6").glob("*model_states.pt")
+    groups = load_weights_only(states)["optimizer_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["initial_lr"]) for g in groups] == [
+        (0.1, (0.8, 0.999), 1e-3), (0.0, (0.8, 0.999), 1e-3)]  # norms and biases keep no decay
+
+    saved_config = (out / "config.yaml").read_text()
+    proc = _run([*base, "train.max_steps=9", "train.schedule=linear"])
+    assert proc.returncode == 2, proc.log
+    assert "config error: train.schedule: checkpoint" in proc.stderr and "trained with 'cosine', the config gives " \
+        "'linear'" in proc.stderr, proc.log
+    assert (out / "config.yaml").read_text() == saved_config
+    assert (out / "checkpoints" / "latest").read_text() == "global_step6"
+
+
+def test_a_restart_before_the_first_checkpoint_starts_clean_metrics(work, tmp_path):
+    """Killed after step 2 with no checkpoint yet, the run starts again at step 0: its
+    metrics (JSONL and TensorBoard) hold each step once, none of the crashed run's."""
+    out = tmp_path / "restart"
+    cmd = [sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}",
+           "train.max_steps=3", "train.gradient_accumulation_steps=1", "train.eval_every=1", "train.save_every=0"]
+    proc = _run(cmd, RADIS_FAULT_KILL_AT_STEP="2")
+    assert proc.returncode == -signal.SIGKILL, proc.log
+    assert ("valid", 0) in [(r["kind"], r["step"]) for r in read_metrics(out / "metrics.jsonl", kind=None)]
+    assert not list((out / "checkpoints").glob("global_step*"))
+    proc = _run(cmd)
+    assert proc.returncode == 0 and "resumed at step" not in proc.stdout, proc.log
+    records = sorted((r["kind"], r["step"]) for r in read_metrics(out / "metrics.jsonl", kind=None))
+    assert records == [("train", s) for s in (1, 2, 3)] + [("valid", s) for s in (0, 1, 2, 3)]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # the crashed run's are gone
+
+
 # --------------------------------------------------------------------------- runs D
 
 

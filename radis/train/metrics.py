@@ -122,24 +122,35 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsWriter:
     """Writes scalars to `<dir>/metrics.jsonl` (one JSON object per record) and TensorBoard.
 
-    Only rank 0 writes (the others get an inactive writer). On resume, `truncate_after`
-    drops records of steps past the restored checkpoint (a crashed run may have logged
-    them), so the JSONL and the TensorBoard curves continue without duplicates.
+    Only rank 0 writes (the others get an inactive writer). A resumed run passes the step
+    of the checkpoint it restored: `truncate_after` drops records of later steps (a
+    crashed run may have logged them) and TensorBoard hides them (purge_step), so the
+    curves continue without duplicates and the earlier records stay. A fresh run
+    (resume_step None) starts both empty: records already there come from a run that
+    crashed before its first checkpoint, and every one of their steps is trained again.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, active: bool, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, out_dir: str | os.PathLike, active: bool, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.active = active
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.truncate_after(resume_step)
+        tb_dir = Path(out_dir) / "tensorboard"
+        if resume_step is None:
+            if self.path.is_file():
+                write_text_atomic(self.path, "")
+            for events in tb_dir.glob("events.out.tfevents.*"):
+                events.unlink()
+        else:
+            self.truncate_after(resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events of steps > resume_step written by a crashed run.
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self._tb = SummaryWriter(str(tb_dir), purge_step=None if resume_step is None else resume_step + 1)
 
     def truncate_after(self, step: int) -> None:
         """Keep only records with record["step"] <= step (atomic rewrite)."""

@@ -316,7 +316,7 @@ class RadisRecipe:
         from radis.loss_head import RadisCausalLM
         from radis.models import resolve_model_path
 
-        cfg, t = self.cfg, self.cfg.train
+        cfg = self.cfg
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
 
         # -- the DeepSpeed JSON (derived, or the user's with "auto" resolved)
@@ -344,7 +344,7 @@ class RadisRecipe:
         wrapper = RadisCausalLM.from_config(model, cfg.loss)
 
         # -- optimizer + schedule (ours, unless the user's JSON names DeepSpeed's)
-        factor = LRFactor(t.schedule, self.total_steps, self.warmup_steps, t.min_lr_ratio)
+        factor = self._lr_factor()
         optimizer = None if "optimizer" in self.ds_config else self._build_optimizer(wrapper)
         if "scheduler" in self.ds_config:
             scheduler = None
@@ -362,14 +362,17 @@ class RadisRecipe:
         import torch.distributed as dist
 
         cfg, t = self.cfg, self.cfg.train
+        resume_tag = self.resume_tag
+        if resume_tag is not None:
+            self.resume(resume_tag)
+        # after the resume: a config it refuses (another train.schedule) leaves the files
+        # describing the checkpoints as they are
         if self.is_main:
             ckpt.write_text_atomic(self.out_dir / "config.yaml", dump_config(cfg))
             ckpt.write_text_atomic(self.out_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
         dist.barrier()
-        resume_tag = self.resume_tag
-        if resume_tag is not None:
-            self.resume(resume_tag)
-        self.metrics = MetricsWriter(self.out_dir, active=self.is_main, resume_step=self.step)
+        self.metrics = MetricsWriter(self.out_dir, active=self.is_main,
+                                     resume_step=self.step if resume_tag is not None else None)
         self._print(f"{self.world} rank(s), {self.total_steps} optimizer steps ({self.loader.steps_per_epoch} per epoch), "
                     f"{train_ds.num_packs} packs x {train_ds.max_tokens} tokens, ZeRO-{t.zero_stage}, {self.precision}, "
                     f"attn {self.attn}, loss "
@@ -429,13 +432,24 @@ class RadisRecipe:
             # Under zero.Init a parameter is an empty shard; its real shape is ds_shape.
             ndim = len(getattr(p, "ds_shape", p.shape))
             (decay if ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        kw = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
+        settings = self._configured_groups(2)
+        groups = [{"params": ps, "weight_decay": g["weight_decay"]} for ps, g in zip((decay, no_decay), settings)]
+        kw = {k: settings[0][k] for k in ("lr", "betas", "eps")}
         if t.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
         return torch.optim.AdamW(groups, fused=True if self.cuda else None, **kw)
+
+    def _configured_groups(self, n: int) -> list[dict[str, Any]]:
+        """The settings train.* gives each of the optimizer's `n` parameter groups: ours are
+        [decay, no decay] (_build_optimizer: no weight decay on norms and biases); an
+        optimizer of the user's DeepSpeed JSON has its parameters in one group, with the
+        JSON's params, which load_ds_config checked against train.*."""
+        t = self.cfg.train
+        decays = [t.weight_decay] * n if "optimizer" in self.ds_config else [t.weight_decay, 0.0][:n]
+        return [{"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps, "weight_decay": wd}
+                for wd in decays]
 
     # ------------------------------------------------------------------ the loop
 
@@ -641,7 +655,8 @@ class RadisRecipe:
     def save_checkpoint(self) -> str:
         """Save model / optimizer / schedule (DeepSpeed) + loader and RNG (per rank) at self.step."""
         client = {"step": self.step, "bad_batches": self.bad_batches, "total_steps": self.total_steps,
-                  "data_hash": self.data_hash, "optimizer_groups": self._group_hyperparameters()}
+                  "steps_from": self._steps_from(), "data_hash": self.data_hash,
+                  "optimizer_groups": self._group_hyperparameters()}
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "data_hash": self.data_hash}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
                                    keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files)
@@ -660,27 +675,92 @@ class RadisRecipe:
 
     def resume(self, tag: str) -> None:
         """Restore everything `save_checkpoint` wrote under `tag` (the loader's position
-        was restored by `_plan_resume`). A checkpoint of another number of ranks loads
-        through its universal form; each rank's RNG is then seeded afresh."""
+        was restored by `_plan_resume`), then apply the optimizer and schedule settings of
+        this config that differ from the saved ones (_follow_config). A checkpoint of
+        another number of ranks loads through its universal form; each rank's RNG is then
+        seeded afresh."""
         universal = self.saved_world != self.world
         load_dir = self.ckpt_dir / ckpt.UNIVERSAL_SUBDIR if universal else self.ckpt_dir
         client, rank_state = ckpt.load_checkpoint(self.engine, load_dir, tag, state_dir=self.ckpt_dir / tag)
         self._check_data_hash(client.get("data_hash"), tag)
         self.step = int(client.get("step", ckpt.step_of_tag(tag) or 0))
         self.bad_batches = int(client.get("bad_batches", 0))
-        saved_total = client.get("total_steps")
-        if saved_total is not None and int(saved_total) != self.total_steps:
-            followed = self.engine.lr_scheduler is not None and retarget_scheduler(
-                self.engine.lr_scheduler, self.total_steps, self.warmup_steps)
-            self._print(f"note: the run now has {self.total_steps} optimizer steps ({saved_total} when saved, the "
-                        "packs per optimizer step changed); " + ("the schedule follows the new count" if followed else
-                        "the DeepSpeed scheduler of the config keeps the count it was saved with"))
         if universal:
             self._repair_universal_load(client.get("optimizer_groups"))
+        self._follow_config(client, tag)  # after the repair, which puts the saved settings back
         if rank_state is not None and not universal:
             ckpt.set_rng_state(rank_state["rng"])
         else:
             _seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
+
+    def _lr_factor(self) -> LRFactor:
+        """This run's schedule, a new object each call: loading a LambdaLR's state writes the
+        saved fields into the very LRFactor objects it was built with."""
+        t = self.cfg.train
+        return LRFactor(t.schedule, self.total_steps, self.warmup_steps, t.min_lr_ratio)
+
+    def _steps_from(self) -> dict[str, Any]:
+        """What the run's number of optimizer steps follows from (saved with a checkpoint,
+        so that a resume can say which of them changed the count)."""
+        t = self.cfg.train
+        return {"train.max_steps": t.max_steps, "train.epochs": t.epochs,
+                "packs per optimizer step": self.world * t.gradient_accumulation_steps * self.cfg.data.packs_per_micro_batch}
+
+    def _follow_config(self, client: dict[str, Any], tag: str) -> None:
+        """Make the restored optimizer and schedule follow this run's train.* and say, in
+        one line, what changed.
+
+        The checkpoint brings back the parameter groups (lr, betas, eps, weight decay) and
+        the LambdaLR (its LRFactor and base rates) as they were saved; kept, a run resumed
+        with a lower train.lr after a loss spike would train on at the old rate while its
+        config.yaml shows the new one. The new values apply from this step on, along the
+        same kind of schedule. Another train.schedule is refused: evaluating another curve
+        at the current step jumps the rate (cosine at 90% of the run is ~2% of the peak,
+        constant is 100%), and no run from step 0 would have had that history."""
+        t = self.cfg.train
+        changed: list[str] = []
+
+        def compare(name: str, saved: Any, now: Any) -> None:
+            if saved is not None and saved != now:
+                changed.append(f"{name} {saved!r} -> {now!r}")
+
+        scheduler = self.engine.lr_scheduler
+        factors = getattr(scheduler, "lr_lambdas", None)
+        ours = bool(factors) and all(isinstance(f, LRFactor) for f in factors)
+        if ours:
+            saved = factors[0]
+            if saved.schedule != t.schedule:
+                raise ConfigError(
+                    f"train.schedule: checkpoint {self.ckpt_dir / tag} was trained with {saved.schedule!r}, the config "
+                    f"gives {t.schedule!r}; a resumed run keeps its kind of schedule (switching mid-run jumps the rate "
+                    f"to another curve's value). Set train.schedule={saved.schedule} (a changed train.lr, min_lr_ratio "
+                    "or warmup is applied on resume), or train into another train.output_dir.")
+            compare("train.lr", float(scheduler.base_lrs[0]), t.lr)
+            compare("train.min_lr_ratio", saved.min_lr_ratio, t.min_lr_ratio)
+            compare("warmup steps", saved.warmup_steps, self.warmup_steps)
+        saved_total = client.get("total_steps")
+        if saved_total is not None and int(saved_total) != self.total_steps:
+            now = self._steps_from()  # a checkpoint of an older radis has no "steps_from": no causes
+            causes = [f"{k} {v!r} -> {now[k]!r}" for k, v in client.get("steps_from", {}).items() if now.get(k) != v]
+            changed.append(f"optimizer steps {saved_total} -> {self.total_steps}"
+                           + (f" ({', '.join(causes)})" if causes else ""))
+        if ours:
+            retarget_scheduler(scheduler, self._lr_factor(), t.lr)
+        groups = self._base_optimizer().param_groups
+        first = groups[0]
+        if "betas" in first:
+            compare("train.adam_beta1", float(first["betas"][0]), t.adam_beta1)
+            compare("train.adam_beta2", float(first["betas"][1]), t.adam_beta2)
+        compare("train.adam_eps", first.get("eps"), t.adam_eps)
+        compare("train.weight_decay", first.get("weight_decay"), t.weight_decay)
+        for group, settings in zip(groups, self._configured_groups(len(groups))):
+            # the rate is the schedule's (set above); the other settings only where the optimizer has them
+            group.update({k: v for k, v in settings.items() if k in group and k != "lr"})
+        if changed:
+            how = ("" if ours or scheduler is None else
+                   "; the rate follows the DeepSpeed JSON's scheduler, built from this config")
+            self._print(f"note: resuming {tag} with changed settings, applied from step {self.step + 1} on: "
+                        + ", ".join(changed) + how)
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer inside DeepSpeed's ZeRO wrapper."""
@@ -709,7 +789,7 @@ class RadisRecipe:
                 state["step"] = state["step"].clone()
         groups = base.param_groups
         if saved is None:  # a checkpoint written before radis saved them: the settings we build
-            saved = [{"weight_decay": self.cfg.train.weight_decay}, {"weight_decay": 0.0}][:len(groups)]
+            saved = self._configured_groups(len(groups))
         if len(saved) != len(groups):
             raise ConfigError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's "
                               f"{len(groups)}; the optimizer settings changed since it was saved")

@@ -18,13 +18,14 @@ The schedule is a multiplier of `train.lr` as a function of the optimizer step `
     constant           1
 
 It is a `torch.optim.lr_scheduler.LambdaLR` so that DeepSpeed steps it after every
-optimizer step and saves / restores it with the checkpoint: the state is the step counter
-plus the fields of `LRFactor` (a resumed run keeps the schedule it started with).
+optimizer step and saves / restores it with the checkpoint: the state is the step counter,
+the base rates (train.lr) and the fields of `LRFactor`. Loading it brings back the values
+it was saved with; `retarget_scheduler` then makes it follow the resumed run's own.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -81,18 +82,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, factor: LRFactor) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_steps: int) -> bool:
-    """Make a restored LambdaLR follow a new total (a run resumed with another number of
-    packs per optimizer step has another step count). A LambdaLR's state_dict holds its
-    LRFactor's fields, so loading it brings back the total it was saved with; this
-    replaces them and sets each group's rate for the step the schedule stands at.
-    Returns False (nothing changed) when the schedule is not made of LRFactors."""
+def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, factor: LRFactor, base_lr: float) -> bool:
+    """Make a restored LambdaLR follow this run's `factor` and peak rate `base_lr`, at the
+    step it stands at. Its state_dict holds the LRFactor's fields and the base rates, so
+    loading it brings back the total, warmup, min_lr_ratio and train.lr it was saved with
+    (a run resumed with another number of packs per step has another total; one resumed to
+    lower the rate after a loss spike has another train.lr); this replaces them and sets
+    each group's rate for the current step. Returns False (nothing changed) when the
+    schedule is not made of LRFactors."""
     factors = scheduler.lr_lambdas
     if not all(isinstance(f, LRFactor) for f in factors):
         return False
-    scheduler.lr_lambdas = [replace(f, total_steps=total_steps, warmup_steps=warmup_steps) for f in factors]
-    rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.lr_lambdas = [factor] * len(factors)
+    scheduler.base_lrs = [base_lr] * len(factors)
+    rates = [base_lr * factor(scheduler.last_epoch)] * len(factors)
     for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["initial_lr"] = base_lr  # what a LambdaLR built afresh on these groups would read
         group["lr"] = lr
     scheduler._last_lr = rates
     return True
