@@ -344,3 +344,88 @@ def test_a_home_relative_path_is_read_and_hashed_as_the_same_file(tmp_path, monk
     assert source_files(src) == [tmp_path / "h.de-en.jsonl"]
     (ex,) = read_source(src)
     assert (ex.id, ex.source, ex.reference) == (f"{tmp_path.name}/h.de-en:0:de-en", "Hallo", "Hello")
+
+
+def _refuse_lock_files(monkeypatch, errno_: int) -> None:
+    """Opening a lock file of radis.data.build fails as on a read-only cache directory
+    (EROFS) or beside someone else's lock files (EACCES): deterministic, where chmod is
+    not (root ignores permission bits) and a read-only mount needs root."""
+    import builtins
+
+    from radis.data import build
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno_, os.strerror(errno_), str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(build, "open", refusing_open, raising=False)  # shadows the builtin in that module only
+
+
+def test_a_complete_entry_is_reused_from_a_cache_dir_this_process_cannot_write(tmp_path, sp_tokenizer, monkeypatch):
+    import errno
+
+    from radis.data.packed_files import DataBuildError
+
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files)
+    first = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None)
+    for code in (errno.EROFS, errno.EACCES):
+        _refuse_lock_files(monkeypatch, code)
+        again = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None)  # no lock needed to read
+        assert again.meta["reused"] is True and again.meta["cache_dir"] == first.meta["cache_dir"]
+        # a build that is really needed says where and what is expected, without a traceback
+        _, other = config(tmp_path, files, "data.max_tokens=128")
+        with pytest.raises(DataBuildError, match=rf"{tmp_path / 'cache'}.*writable.*data\.cache_dir"):
+            load_or_build(other, "train", sp_tokenizer, progress=False, log=None)
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+    # an entry there that does not read back: its own error, not that nothing can be built
+    meta = Path(first.meta["cache_dir"]) / "meta.json"
+    meta.write_text("{", encoding="utf-8")
+    with pytest.raises(DataBuildError, match=rf"{meta}: unreadable cache entry"):
+        load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None)
+
+
+def test_an_entry_without_meta_json_is_removed_and_rebuilt(tmp_path, sp_tokenizer, monkeypatch):
+    import fcntl
+
+    from radis.data.packed_files import DataBuildError
+
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files)
+    entry = Path(load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None).meta["cache_dir"])
+    (entry / "meta.json").unlink()  # as a deletion killed half-way leaves it
+    logs: list[str] = []
+    rebuilt = load_or_build(cfg, "train", sp_tokenizer, progress=False, log=logs.append)
+    assert rebuilt.meta["reused"] is False and (entry / "meta.json").is_file()
+    assert any("no meta.json" in line for line in logs)
+    assert not [p for p in entry.parent.iterdir() if p.is_dir() and p.name.startswith(".")]
+    # without a lock another builder may be renaming its entry in: refused before building, naming it
+    (entry / "meta.json").unlink()
+    monkeypatch.setattr(fcntl, "flock", lambda *_: (_ for _ in ()).throw(OSError("no locks here")))
+    with pytest.raises(DataBuildError, match=rf"{entry}: an incomplete cache entry \(no meta.json\)"):
+        load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None)
+
+
+def test_a_forced_rebuild_replaces_the_entry_only_once_built(tmp_path, sp_tokenizer, monkeypatch):
+    import radis.data.packing as pk
+
+    files = write_data(tmp_path / "data")
+    _, cfg = config(tmp_path, files)
+    entry = Path(load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None).meta["cache_dir"])
+    old_meta, old_inode = (entry / "meta.json").read_text(), entry.stat().st_ino
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("killed mid-build")
+
+    with monkeypatch.context() as m:
+        m.setattr(pk, "pack_segments", fail)
+        with pytest.raises(RuntimeError, match="killed mid-build"):
+            load_or_build(cfg, "train", sp_tokenizer, force=True, progress=False, log=None)
+    assert (entry / "meta.json").read_text() == old_meta  # the failed rebuild left the old entry
+    assert load_or_build(cfg, "train", sp_tokenizer, progress=False, log=None).meta["reused"] is True
+    forced = load_or_build(cfg, "train", sp_tokenizer, force=True, progress=False, log=None)
+    assert forced.meta["reused"] is False and forced.meta["cache_dir"] == str(entry)
+    assert entry.stat().st_ino != old_inode  # a new directory, swapped in (the old one is freed only after)
+    assert np.array_equal(forced.tokens, read_packed(entry).tokens)
+    assert not [p for p in entry.parent.iterdir() if p.is_dir() and p.name.startswith(".")]

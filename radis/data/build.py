@@ -17,9 +17,13 @@ on_empty, pack_window, seed), loss.method (vanilla builds no rationale spans), a
 old entries stay until deleted.
 
 Concurrency: an entry is written into a temporary directory and renamed into place,
-so a reader never sees half an entry. Processes that build the same entry at once
-(several ranks, several jobs) serialise on a lock file where the file system supports
-flock; where it does not, each builds and the loser of the rename discards its copy.
+so a reader never sees half an entry, and a complete one (meta.json present) is read
+without taking any lock: a cache directory this process cannot write (read-only, or
+shared with lock files of another user) serves every entry it holds. Processes that
+build the same entry at once (several ranks, several jobs) serialise on a lock file
+where the file system supports flock; where it does not, each builds and the loser of
+the rename discards its copy. `force` builds the new entry beside the old one and swaps
+it in (radis.data.packed_files.set_aside): a forced build that fails keeps the old one.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import SPAN_NAMES
@@ -44,6 +48,7 @@ from radis.data.packed_files import (
     DataBuildError,
     SegmentSpill,
     read_packed,
+    set_aside,
     write_spilled,
 )
 from radis.data.packing import PackedDataset
@@ -149,29 +154,55 @@ def load_or_build(cfg: RadisConfig, split: str = "train", tokenizer: Any = None,
     key = cache_key(inputs)
     root = Path(os.path.expanduser(cfg.data.cache_dir))
     entry = root / f"{split}-{key}"
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{split}-{key}.lock") as held:
+    unreadable: DataBuildError | None = None
+    if not force and (entry / "meta.json").is_file():
+        # entries are renamed in whole: a complete one needs no lock (nor a writable directory)
+        try:
+            return _reuse(entry, split, log)
+        except DataBuildError as err:  # a forced rebuild's swap caught mid-way reads so too: retry under the lock
+            unreadable = err
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock_file = open(root / f".{split}-{key}.lock", "a+")  # noqa: SIM115 - closed by the with below
+    except OSError as err:  # read-only, or another user's lock file: nothing can be built here
+        if unreadable is not None:  # what is wrong with the entry there says more than that
+            raise unreadable from None
+        raise DataBuildError(f"{root}: cannot build a cache entry there ({err}); expected a directory writable "
+                             "by this user, or set data.cache_dir to one") from None
+    with lock_file, _lock(lock_file) as held:
         if held:
             _remove_leftovers(entry, log)
-        if force and entry.exists():
-            shutil.rmtree(entry)
-        if (entry / "meta.json").is_file():
-            ds = read_packed(entry)
-            ds.meta["reused"] = True
-            log(f"[build-data] {split}: reusing cached packed data {entry}")
-            return ds
+        if not force and (entry / "meta.json").is_file():
+            return _reuse(entry, split, log)
+        if entry.is_dir() and not (entry / "meta.json").is_file():
+            # meta.json is written last and entries are renamed in whole, so this is no build's
+            # output: a deletion that was cut short (meta.json may go first) or a hand edit
+            if not held:  # unlocked, another builder could rename its whole entry in before ours goes
+                raise DataBuildError(f"{entry}: an incomplete cache entry (no meta.json) and no lock to remove "
+                                     "it safely; delete the directory")
+            log(f"[build-data] removing {entry.name}: an incomplete entry (no meta.json)")
+            shutil.rmtree(set_aside(entry, "incomplete"), ignore_errors=True)
         t0 = time.perf_counter()
         _build(cfg, split, fmt, tokenizer, entry, {"key": key, "key_inputs": inputs}, progress=progress, log=log,
-               started=t0)
+               started=t0, replace=force)
     ds = read_packed(entry)
     ds.meta["reused"] = False
     log(f"[build-data] {split}: wrote {entry} ({ds.num_packs} packs) in {ds.meta.get('build_seconds')} s")
     return ds
 
 
+def _reuse(entry: Path, split: str, log: Callable[[str], None]) -> PackedDataset:
+    """The complete cache entry `entry`, opened (DataBuildError where it does not read back whole)."""
+    ds = read_packed(entry)
+    ds.meta["reused"] = True
+    log(f"[build-data] {split}: reusing cached packed data {entry}")
+    return ds
+
+
 def _build(cfg: RadisConfig, split: str, fmt: Any, tokenizer: Any, entry: Path, extra_meta: dict[str, Any],
-           progress: bool, log: Callable[[str], None], started: float) -> None:
-    """Sources -> segments (spilled to disk chunk by chunk) -> packs -> the cache entry.
+           progress: bool, log: Callable[[str], None], started: float, replace: bool = False) -> None:
+    """Sources -> segments (spilled to disk chunk by chunk) -> packs -> the cache entry
+    (`replace`: swapped in for the existing one only once written, see `write_spilled`).
 
     The segments are not held in memory: each chunk's token ids, spans and teacher rows
     go to raw files beside the entry (radis.data.packed_files.SegmentSpill) and the
@@ -216,7 +247,7 @@ def _build(cfg: RadisConfig, split: str, fmt: Any, tokenizer: Any, entry: Path, 
                            build_seconds=round(time.perf_counter() - started, 2))
             ds.meta["stats"] = summary(ds, _plain(source_stats), _plain(seg_stats))
 
-        write_spilled(spill, packs, entry, d.max_tokens, describe, progress=progress)
+        write_spilled(spill, packs, entry, d.max_tokens, describe, progress=progress, replace=replace)
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
@@ -276,24 +307,23 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def _lock(path: Path) -> Iterator[bool]:
-    """An exclusive flock on `path`; yields whether it is held (False where the platform
-    or file system has none: then the atomic rename alone keeps entries whole)."""
+def _lock(f: IO[str]) -> Iterator[bool]:
+    """An exclusive flock on the open lock file `f`; yields whether it is held (False where
+    the platform or file system has none: then the atomic rename alone keeps entries whole)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield False
         return
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError:  # e.g. a file system without locks
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError:  # e.g. a file system without locks
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_leftovers(entry: Path, log: Callable[[str], None]) -> None:

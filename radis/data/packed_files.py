@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, overload
@@ -177,7 +178,19 @@ def write_packed(ds: PackedDataset, entry: Path, progress: bool = False) -> None
     _write_entry(Path(entry), fill)
 
 
-def _write_entry(entry: Path, fill: Any) -> None:
+def set_aside(entry: Path, why: str) -> Path:
+    """Rename `entry` out of the way to `.<entry>-<why>-<random>` beside it and return that.
+
+    A rename, unlike a deletion, is atomic: `entry` is whole or gone, never half removed.
+    The new name is one the next build of the entry removes as a leftover
+    (radis.data.build._remove_leftovers), should this process die before deleting it.
+    """
+    aside = entry.parent / f".{entry.name}-{why}-{uuid.uuid4().hex[:8]}"
+    os.rename(entry, aside)
+    return aside
+
+
+def _write_entry(entry: Path, fill: Any, replace: bool = False) -> None:
     """Write a cache entry atomically: `fill(tmp)` writes the arrays into a temporary
     directory beside `entry` and returns the PackedDataset they hold (its meta has the
     build's statistics and descriptive fields); then stats.json, then meta.json (with
@@ -185,9 +198,13 @@ def _write_entry(entry: Path, fill: Any) -> None:
 
     Every file is fsynced before meta.json is written, and meta.json before the
     rename, so a crash leaves either no entry or a whole one. A concurrent writer that
-    loses the rename discards its copy.
+    loses the rename discards its copy. `replace=True` (a forced rebuild) swaps the new
+    copy in for an existing entry only once the copy is whole: the old entry is renamed
+    aside, the new one renamed in, then the old one deleted, so a build that fails
+    leaves the old entry as it was.
     """
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    old: Path | None = None  # the entry a forced rebuild replaces, once renamed aside
     try:
         ds = fill(tmp)
         meta = {k: v for k, v in ds.meta.items() if k not in ("stats", "reused", "cache_dir")}
@@ -198,13 +215,22 @@ def _write_entry(entry: Path, fill: Any) -> None:
         _write_synced(tmp / "stats.json", lambda f: f.write(stats.encode("utf-8")))
         text = json.dumps(meta, indent=2, default=str) + "\n"
         _write_synced(tmp / "meta.json", lambda f: f.write(text.encode("utf-8")))
+        if replace and entry.is_dir():
+            old = set_aside(entry, "replaced")
         try:
             os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():  # not a lost race: a real failure
-                raise
+        except OSError as err:
+            if old is not None:  # the swap failed half-way: put the old entry back
+                os.rename(old, entry)
+                old = None
+            elif (entry / "meta.json").is_file():  # a concurrent writer won the rename: theirs is as good
+                return
+            raise DataBuildError(f"{entry}: cannot move the new entry into place ({err}); expected no directory "
+                                 "there, or a complete entry (one with meta.json)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # if killed first: a leftover the next build removes
 
 
 # --------------------------------------------------------------------------- building without holding the data
@@ -273,8 +299,9 @@ _SLICE_SEGMENTS = 4096
 
 
 def write_spilled(spill: SegmentSpill, packs: Sequence[Sequence[int]], entry: Path, max_tokens: int,
-                  describe: Any, progress: bool = False) -> None:
-    """Write the cache entry of a spilled split, segments in pack order, atomically.
+                  describe: Any, progress: bool = False, replace: bool = False) -> None:
+    """Write the cache entry of a spilled split, segments in pack order, atomically
+    (`replace`: swap it in for an existing entry, see `_write_entry`).
 
     `packs` lists segment indices (build order) per pack (radis.data.packing.pack_segments);
     `describe(ds)` gets the PackedDataset the written arrays hold (memory-mapped) and
@@ -328,7 +355,7 @@ def write_spilled(spill: SegmentSpill, packs: Sequence[Sequence[int]], entry: Pa
         describe(ds)
         return ds
 
-    _write_entry(Path(entry), fill)
+    _write_entry(Path(entry), fill, replace)
 
 
 def _copy_in_order(src: Path, path: Path, dtype: np.dtype, shape: tuple[int, ...], order: np.ndarray,
