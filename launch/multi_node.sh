@@ -12,7 +12,9 @@
 # Environment: HOSTFILE (required), MASTER_ADDR (default: first host of HOSTFILE),
 # MASTER_PORT (29500), LAUNCHER (pdsh; or openmpi, mvapich, slurm), RADIS_CPU=1 for
 # CPU ranks (slots= ranks per node, gloo, OMP_NUM_THREADS=1).
-# Extra arguments are config overrides, passed through.
+# Extra arguments are config overrides, passed through. The ranks get this environment's
+# CPU-mode, hub and RADIS_* variables through a DeepSpeed env file (see below); anything
+# else they need goes in ~/.deepspeed_env (NAME=value lines), as DeepSpeed documents.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: HOSTFILE=hostfile $0 CONFIG.yaml [key=value ...]" >&2
@@ -28,10 +30,29 @@ shift
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 MASTER_PORT=${MASTER_PORT:-29500}
 source "$(dirname "$0")/common.sh"
-# Exported variables that pdsh must carry to the other nodes are listed in
-# ~/.deepspeed_env (one NAME=value per line), as the DeepSpeed launcher reads it.
+# pdsh starts every rank over ssh, this node's too, with only the variables DeepSpeed
+# exports (PYTHON*, NCCL*, ...) and the lines of its env file. So this run's own go in an
+# env file of the run (DS_ENV_FILE, an absolute path): CPU mode (DS_ACCELERATOR,
+# OMP_NUM_THREADS), the hub and cache settings, and every RADIS_* variable, after the
+# lines of the user's ~/.deepspeed_env and ./.deepspeed_env, which DS_ENV_FILE would
+# otherwise hide (a later line wins, so this environment's values do).
+env_file=$(mktemp "${TMPDIR:-/tmp}/radis-deepspeed-env.XXXXXX")
+trap 'rm -f "$env_file"' EXIT
+for user_file in "$HOME/.deepspeed_env" ./.deepspeed_env; do
+  if [[ -f "$user_file" ]]; then
+    grep -v '^[[:space:]]*$' "$user_file" >> "$env_file" || true
+  fi
+done
+for name in DS_ACCELERATOR OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE TRANSFORMERS_OFFLINE TOKENIZERS_PARALLELISM \
+            TRITON_CACHE_DIR $(compgen -e | grep '^RADIS_' || true); do
+  if [[ -n "${!name+set}" ]]; then
+    printf '%s=%s\n' "$name" "${!name}" >> "$env_file"
+  fi
+done
+export DS_ENV_FILE=$env_file
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank
      --module radis.cli train --config "$CONFIG" "$@")
 echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+# not exec: the env file is removed when the launcher ends
+"${cmd[@]}"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from radis.errors import InputError
+from radis.runtime import use_cuda
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,18 +179,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 def default_dtype(name: str = "auto") -> torch.dtype:
     """"auto": bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if use_cuda() else torch.float32
     return DTYPES[name]
 
 
 def flash_attn_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return use_cuda() and importlib.util.find_spec("flash_attn") is not None
 
 
 def flex_attention_available() -> bool:
     """PyTorch's flex_attention on a CUDA device (it compiles a fused kernel there; on a CPU
     it runs, but unfused, so sdpa with the 4D mask is the CPU choice)."""
-    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return use_cuda() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def supports_flex_attention(name_or_path: str, cache_dir: str = "~/.cache/radis") -> bool:

@@ -96,11 +96,20 @@ def quiet_known_warnings() -> None:
     logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
 
 
-def resolve_backend(backend: Backend) -> str:
+def use_cuda() -> bool:
+    """Whether radis runs on CUDA: a GPU torch can use, unless DeepSpeed was told to run on
+    the CPU (DS_ACCELERATOR=cpu, which launch/common.sh sets for RADIS_CPU=1). Asked in one
+    place because emptying CUDA_VISIBLE_DEVICES does not survive the DeepSpeed launcher,
+    which sets it afresh for every rank: without this, a CPU run on a GPU node would choose
+    NCCL and CUDA while DeepSpeed runs its CPU accelerator."""
     import torch
 
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"
+
+
+def resolve_backend(backend: Backend) -> str:
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if use_cuda() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend: expected auto, gloo or nccl, got {backend!r}")
     return backend
@@ -222,6 +231,6 @@ def default_device() -> Any:
     """cuda:LOCAL_RANK where CUDA exists, else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
+    if use_cuda():
         return torch.device("cuda", Ranks.from_env().local_rank)
     return torch.device("cpu")

@@ -390,26 +390,71 @@ def test_recipes_load_and_derive_a_deepspeed_config(name):
 # --------------------------------------------------------------------------- launchers
 
 
-def _single_node(tmp_path, **env: str) -> tuple[int, list[str], str]:
-    """Run launch/single_node.sh with a fake `deepspeed` first on PATH that writes its
-    arguments one per line; returns (exit status, those arguments, stderr)."""
+def _launcher(tmp_path, script: str, *args: str, **env: str) -> tuple[int, list[str], str]:
+    """Run launch/<script> with a fake `deepspeed` first on PATH that writes its arguments
+    one per line (to tmp_path/argv) and the env file DS_ENV_FILE names, if any (to
+    tmp_path/ds_env); returns (exit status, those arguments, stderr)."""
     import os
     import subprocess
     from pathlib import Path
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    argv = tmp_path / "argv"
+    argv, ds_env = tmp_path / "argv", tmp_path / "ds_env"
     fake = bin_dir / "deepspeed"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {argv}\n')
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {argv}\n'
+                    f'if [[ -n "${{DS_ENV_FILE:-}}" ]]; then cp "$DS_ENV_FILE" {ds_env}; fi\n')
     fake.chmod(0o755)
     argv.unlink(missing_ok=True)
-    clean = {k: v for k, v in os.environ.items() if k not in {"CUDA_VISIBLE_DEVICES", "NUM_GPUS", "RADIS_CPU"}}
+    ds_env.unlink(missing_ok=True)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in {"CUDA_VISIBLE_DEVICES", "NUM_GPUS", "RADIS_CPU", "DS_ACCELERATOR", "OMP_NUM_THREADS"}}
     clean.update(PATH=f"{bin_dir}:{clean.get('PATH', '')}", **env)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["bash", "launch/single_node.sh", "x.yaml", "train.lr=1e-5"], cwd=root, env=clean,
+    proc = subprocess.run(["bash", f"launch/{script}", *args], cwd=root, env=clean,
                           capture_output=True, text=True, timeout=60, check=False)
     return proc.returncode, argv.read_text().splitlines() if argv.exists() else [], proc.stderr
+
+
+def _single_node(tmp_path, **env: str) -> tuple[int, list[str], str]:
+    return _launcher(tmp_path, "single_node.sh", "x.yaml", "train.lr=1e-5", **env)
+
+
+def test_multi_node_launcher_carries_the_environment_pdsh_would_drop(tmp_path):
+    """pdsh starts every rank over ssh with only what DeepSpeed exports (PYTHON*, NCCL*, the
+    lines of its env file): CPU mode, offline hub and radis' own variables travel in an env
+    file of the run, after the user's ~/.deepspeed_env, which DS_ENV_FILE would hide."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("NCCL_IB_DISABLE=1\nHF_HUB_OFFLINE=0\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
+    rc, argv, err = _launcher(tmp_path, "multi_node.sh", "x.yaml", "train.lr=1e-5", HOME=str(home),
+                              HOSTFILE=str(hostfile), RADIS_CPU="1", HF_HUB_OFFLINE="1", RADIS_FAULT_KILL_AT_STEP="3")
+    assert rc == 0, err
+    assert argv[argv.index("--master_addr") + 1] == "node0" and argv[-4:] == ["train", "--config", "x.yaml",
+                                                                             "train.lr=1e-5"]
+    lines = (tmp_path / "ds_env").read_text().splitlines()
+    assert lines[:2] == ["NCCL_IB_DISABLE=1", "HF_HUB_OFFLINE=0"]  # the user's first, then this run's (they win)
+    carried = dict(line.split("=", 1) for line in lines[2:])
+    assert carried["DS_ACCELERATOR"] == "cpu" and carried["OMP_NUM_THREADS"] == "1"
+    assert carried["HF_HUB_OFFLINE"] == "1" and carried["RADIS_CPU"] == "1" and carried["RADIS_FAULT_KILL_AT_STEP"] == "3"
+
+
+def test_cpu_mode_wins_over_a_visible_gpu(monkeypatch):
+    """The DeepSpeed launcher sets CUDA_VISIBLE_DEVICES afresh for every rank, so RADIS_CPU's
+    empty one does not reach the ranks: radis itself reads DS_ACCELERATOR=cpu."""
+    import torch
+
+    from radis.models import default_dtype
+    from radis.runtime import default_device, resolve_backend, use_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert use_cuda() and resolve_backend("auto") == "nccl"
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not use_cuda() and resolve_backend("auto") == "gloo"
+    assert default_device() == torch.device("cpu") and default_dtype("auto") == torch.float32
 
 
 def test_single_node_launcher_keeps_the_gpus_of_cuda_visible_devices(tmp_path):

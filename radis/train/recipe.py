@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
+from radis.runtime import use_cuda
 from radis.train import checkpoint as ckpt
 from radis.train.faults import fault_injection, fault_point, kill_now
 from radis.train.metrics import (
@@ -99,7 +100,7 @@ def preflight(cfg: RadisConfig) -> None:
         # optimizer; the fused loss folds that scale into its forward (radis.loss, fp16)
         raise ConfigError("model.dtype=float16 needs train.zero_stage >= 1 (at stage 0 DeepSpeed does not scale the "
                           "loss the way the fused loss expects); use zero_stage 1-3, or bfloat16")
-    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+    if cfg.model.attn_implementation == "flex_attention" and not use_cuda():
         raise ConfigError("model.attn_implementation=flex_attention: PyTorch's flex_attention has no backward pass "
                           "on a CPU; train with sdpa there (attn_implementation: auto picks it)")
     if cfg.loss.kd_weight > 0:
@@ -112,7 +113,7 @@ def preflight(cfg: RadisConfig) -> None:
     warmup = t.warmup_steps if t.warmup_steps > 0 else (0 if t.warmup_ratio == 0 else None)
     precision = dtype_name(default_dtype(cfg.model.dtype))
     load_ds_config(cfg, RunShape(world_size=world, precision=precision, total_steps=t.max_steps, warmup_steps=warmup,
-                                 cuda=torch.cuda.is_available()), check_only=True)
+                                 cuda=use_cuda()), check_only=True)
     out = Path(os.path.expanduser(cfg.train.output_dir))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
@@ -196,7 +197,7 @@ class RadisRecipe:
 
         # Bounded: a dead rank makes the others fail a collective within dist_timeout_s
         # instead of waiting forever.
-        self.cuda = torch.cuda.is_available()
+        self.cuda = use_cuda()
         self._env_set = _default_single_process_env()
         if self.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
