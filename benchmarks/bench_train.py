@@ -113,6 +113,7 @@ train:
   zero_stage: {args.zero}
   eval_every: 0
   save_every: 0
+  save_final: false  # as the HF side (save_strategy no): a 1.1B ZeRO-3 checkpoint is ~15 GB to write
   log_every: 1
 """)
     return config

@@ -190,6 +190,9 @@ class TrainConfig:
     # Path to a DeepSpeed JSON (also HF-Trainer style with "auto"); None: derived.
     deepspeed_config: str | None = None
     save_every: int = 0  # optimizer steps; 0: only at the end
+    # false: no checkpoint at the end either (benchmarks, smoke runs; such a run cannot be
+    # resumed from its last steps nor exported). A 7B ZeRO-3 checkpoint is ~100 GB.
+    save_final: bool = True
     keep_last: int = 2
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 1

@@ -514,7 +514,7 @@ class RadisRecipe:
                 self.save_checkpoint()
             fault_injection(self.step, self.rank)
         bar.close()
-        if self.step > 0 and ckpt.latest_tag(self.ckpt_dir) != ckpt.tag_for_step(self.step):
+        if t.save_final and self.step > 0 and ckpt.latest_tag(self.ckpt_dir) != ckpt.tag_for_step(self.step):
             self.save_checkpoint()
 
     def _micro_batches(self):
