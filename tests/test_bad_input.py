@@ -137,6 +137,18 @@ def test_a_fifo_is_refused_at_once(tmp_path):
     assert isinstance(result[0], DataError) and "not a regular file" in str(result[0])
 
 
+def test_a_file_this_user_may_not_read_is_named(tmp_path, monkeypatch):
+    """Named before any read (root reads everything, so the permission is what os.access
+    answers for another user)."""
+    from radis.data import sources
+
+    path = tmp_path / "locked.de-en.jsonl"
+    path.write_text('{"de": "Hallo", "en": "Hello"}\n', encoding="utf-8")
+    monkeypatch.setattr(sources.os, "access", lambda p, mode: Path(p) != path)
+    with pytest.raises(DataError, match=r"locked.de-en.jsonl: permission denied; expected a file this user can read"):
+        read_source(SourceConfig(path=str(path)))
+
+
 def test_records_with_a_bom_are_read(tmp_path):
     path = tmp_path / "bom.jsonl"
     rec = {"id": "x:0", "src_lang": "de", "tgt_lang": "en", "source": "a", "reference": "b", "rationale": "c"}

@@ -202,7 +202,8 @@ def _check_text_file(path: Path) -> None:
     """Raise unless `path` is a regular file that can be read.
 
     Not a regular file (a FIFO, a socket, a device: reading could block forever), a
-    directory, a symbolic-link loop and a missing file are DataErrors naming the path.
+    directory, a symbolic-link loop, a missing file and one this user may not read are
+    DataErrors naming the path.
     """
     try:
         st = os.stat(path)  # follows links: a loop raises ELOOP here
@@ -214,6 +215,8 @@ def _check_text_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected a file")
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file (a FIFO, socket or device; reading it could block forever)")
+    if not os.access(path, os.R_OK):  # else a PermissionError traceback from the reader
+        raise DataError(f"{path}: permission denied; expected a file this user can read")
 
 
 def _decode_text(raw: bytes, path: Path, offset: int, line_of: Callable[[int], int]) -> str:
