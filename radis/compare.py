@@ -253,6 +253,8 @@ def stage_config_hash(stage: Stage) -> str:
     i = argv.index("--config")
     cfg = load_config(argv[i + 1], [a for a in argv[i + 2:] if _is_override(a)]).to_dict()
     sections = {k: cfg[k] for k in STAGE_SECTIONS[argv[0]]}
+    if "rationale" in sections:  # build_plan's overwrite=true decides nothing the output holds
+        sections["rationale"] = {**sections["rationale"], "overwrite": False}
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -276,6 +278,19 @@ def _run_reason(stage: Stage, record: dict[str, Any], own: dict[str, Any], ident
         again = [d for d in stage.after if (record.get("upstream") or {}).get(d) != identity["upstream"][d]]
         return f"{', '.join(again) or 'a stage it reads from'} ran again since it ran: running it again"
     return "its output is gone: running it again" if record.get("done") else "resuming its interrupted run"
+
+
+def _adopt_earlier_record(record: dict[str, Any], own: dict[str, Any], identity: dict[str, Any],
+                          after: Sequence[str], ran: set[str]) -> bool:
+    """A finished stage recorded before stages had run ids (an older radis compare) has no
+    upstream runs to compare: it is still done if its own identity is unchanged and none
+    of the stages it reads from ran in this run. Then it gets a run id and this run's
+    upstream, in place (so that what reads it compares runs from now on); returns whether
+    it did. Without this, upgrading would retrain every arm of a finished comparison."""
+    if not record.get("done") or "run" in record or {k: record.get(k) for k in own} != own or set(after) & ran:
+        return False
+    record.update(run=secrets.token_hex(8), upstream=identity["upstream"])
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -303,12 +318,15 @@ def run_plan(plan: Plan, *, nproc: int, redo: Sequence[str] = (), log=print) -> 
     state = _load_state(state_path)
     env = stage_env(nproc)
     log(f"radis compare: {len(plan.stages)} stages into {plan.out} on {nproc} rank(s); arms: {', '.join(plan.arms)}")
+    ran: set[str] = set()  # the stages this run started
     for s in plan.stages:
         cmd = command_line(s, nproc)
         own = stage_identity(s)
         # The stages it reads from have run (or been skipped) by now: their current run ids.
         identity = {**own, "upstream": {d: state.get(d, {}).get("run") for d in s.after}}
         record = state.get(s.name, {})
+        if _adopt_earlier_record(record, own, identity, s.after, ran):
+            write_json_atomic(state_path, state)
         same = {k: record.get(k) for k in identity} == identity
         redo_it = s.name in redo
         if record.get("done") and same and s.output.exists() and not redo_it:
@@ -324,6 +342,7 @@ def run_plan(plan: Plan, *, nproc: int, redo: Sequence[str] = (), log=print) -> 
         # Recorded before it runs: if it is killed, the next run resumes it only while its
         # identity is still this one (a resumed run gets a new run id, so what reads it runs too).
         run_id = secrets.token_hex(8)
+        ran.add(s.name)
         state[s.name] = {"done": False, "run": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                          "argv": s.argv, **identity}
         write_json_atomic(state_path, state)

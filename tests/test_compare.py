@@ -181,6 +181,28 @@ def test_a_stage_that_runs_again_reruns_every_stage_after_it(tmp_path, monkeypat
     assert _run_fake(monkeypatch, _plan(tmp_path, *extra))[1] == []  # and then all of it is done
 
 
+def _as_written_before_run_ids(out: Path) -> None:
+    """Rewrite <out>/stages.json as a radis compare without stage run ids wrote it."""
+    path = out / "stages.json"
+    state = json.loads(path.read_text())
+    for record in state.values():
+        record.pop("run", None)
+        record.pop("upstream", None)
+    path.write_text(json.dumps(state))
+
+
+def test_a_comparison_recorded_before_run_ids_is_not_redone(tmp_path, monkeypatch):
+    """Upgrading radis must not retrain a finished comparison: its records have no run ids,
+    so each stage counts as done by its own identity, unless a stage it reads from ran."""
+    _run_fake(monkeypatch, _plan(tmp_path))
+    _as_written_before_run_ids(tmp_path)
+    assert _run_fake(monkeypatch, _plan(tmp_path))[1] == []
+    assert all("run" in r for r in json.loads((tmp_path / "stages.json").read_text()).values())
+    _as_written_before_run_ids(tmp_path)
+    rc, ran, _ = _run_fake(monkeypatch, _plan(tmp_path, "rationale.max_new_tokens=64"))
+    assert rc == 0 and ran == ["generate-rationales", "train-radis", "export-radis", "evaluate"]
+
+
 def test_an_interrupted_stage_resumes_unless_its_identity_changed(tmp_path, monkeypatch):
     logs: list[str] = []
     # killed in its first run: resumed, not emptied
