@@ -273,14 +273,16 @@ def test_bleu_tokenizer_follows_a_hyphenated_source_code(tiny_models, tmp_path):
     assert d["bleu_tokenizer"] == "zh" and "tok:zh" in d["raw"]["bleu_signature"]
 
 
-def test_language_names_are_part_of_the_translation_key():
-    """data.language_names fill {src_lang}/{tgt_lang} of the prompt: other names, new translations."""
+@pytest.mark.parametrize("setting", ["data.language_names={de: Deutsch}", "model.attn_implementation=eager"])
+def test_language_names_and_attention_are_part_of_the_translation_key(setting):
+    """data.language_names fill {src_lang}/{tgt_lang} of the prompt, and another attention
+    kernel changes greedy answers: either way, new translations."""
     from radis.config import SourceConfig
     from radis.evaluate.command import part_keys
 
     cut = (False, "r", "\n\n")
     a = load_config(None, [])
-    b = load_config(None, ["data.language_names={de: Deutsch}"])
+    b = load_config(None, [setting])
     for cfg in (a, b):
         cfg.eval.test = [SourceConfig(path="t.jsonl")]
     assert part_keys(a, "fp", [], cut, None, None)["translation"] != part_keys(b, "fp", [], cut, None, None)["translation"]

@@ -455,6 +455,9 @@ def test_cpu_mode_wins_over_a_visible_gpu(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert not use_cuda() and resolve_backend("auto") == "gloo"
     assert default_device() == torch.device("cpu") and default_dtype("auto") == torch.float32
+    from radis.train.checkpoint import rng_state
+
+    assert "cuda" not in rng_state()  # no CUDA context opened on every GPU at each checkpoint
 
 
 def test_single_node_launcher_keeps_the_gpus_of_cuda_visible_devices(tmp_path):

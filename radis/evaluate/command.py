@@ -62,6 +62,7 @@ from radis.runtime import (
     dist_info,
     join_process_group,
     leave_process_group,
+    use_cuda,
 )
 
 MODEL_SPEC = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
@@ -260,8 +261,11 @@ def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], 
     e, d = cfg.eval, cfg.data
     prompt = {"instruction": d.instruction, "system": d.system_prompt, "template": cfg.model.chat_template,
               "dtype": cfg.model.dtype}
-    if d.language_names:  # only when set: results from before the key existed keep their keys
+    # only when set: results from before these keys existed keep their keys
+    if d.language_names:
         prompt["language_names"] = dict(d.language_names)
+    if cfg.model.attn_implementation != "auto":  # another kernel changes greedy answers too
+        prompt["attn_implementation"] = cfg.model.attn_implementation
     keys: dict[str, str | None] = {
         "translation": _key(model=model_fp, tests=test_sets, max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
                             comet=e.comet_model, cut=cut, **prompt) if e.test else None,
@@ -446,7 +450,7 @@ def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
                 result["parts"][part] = keys[part]
                 save()
         del model
-        if torch.cuda.is_available():
+        if use_cuda():
             torch.cuda.empty_cache()
     if "general" not in done:
         t1 = time.time()

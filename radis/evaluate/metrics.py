@@ -149,10 +149,10 @@ class CometScorer:
         self.batch_size = batch_size
 
     def score(self, sources: list[str], hypotheses: list[str], references: list[str]) -> float:
-        import torch
+        from radis.runtime import use_cuda
 
         data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references)]
-        out = self.model.predict(data, batch_size=self.batch_size, gpus=1 if torch.cuda.is_available() else 0,
+        out = self.model.predict(data, batch_size=self.batch_size, gpus=1 if use_cuda() else 0,
                                  progress_bar=False)
         # COMET's system score is the mean of segment scores; report it on a 0-100 scale.
         return 100.0 * float(out.system_score)

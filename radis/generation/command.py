@@ -285,6 +285,7 @@ def generate_records(
         if mine:
             model.eval()
             stop_ids = list(fmt.stop_token_ids)
+            pad_id = pad_token_id(tokenizer)
             bar = None
             if progress and ranks.is_main:
                 from tqdm.auto import tqdm
@@ -293,7 +294,7 @@ def generate_records(
                            file=sys.stderr)
             for batch in length_sorted_batches(mine, cfg.rationale.batch_size):
                 t0 = time.perf_counter()
-                results = decode(model, batch, settings, stop_token_ids=stop_ids, pad_token_id=pad_token_id(tokenizer),
+                results = decode(model, batch, settings, stop_token_ids=stop_ids, pad_token_id=pad_id,
                                  prefill_batch_size=cfg.rationale.prefill_batch_size)
                 gen_time += time.perf_counter() - t0
                 records = [make_record(strategy, by_id[req.key], req, g, fmt, cfg, settings, chash)

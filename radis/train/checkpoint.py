@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from radis.errors import InputError
 from radis.io import write_text_atomic
+from radis.runtime import use_cuda
 from radis.train import faults
 
 LATEST = "latest"
@@ -211,7 +212,7 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if use_cuda():  # not on a CPU run of a GPU node: that would open a CUDA context on every GPU
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -222,7 +223,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and use_cuda():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
