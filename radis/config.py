@@ -468,10 +468,9 @@ def _check_keys(cls: type, raw: Any, prefix: str, origin: str) -> None:
 
 
 def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
-    """A fresh `cls` from the mapping `raw`; keys it does not name keep their defaults."""
-    _check_keys(cls, raw, prefix, origin)
-    hints = _field_types(cls)
-    return cls(**{key: _coerce(hints[key], value, f"{prefix}{key}", origin) for key, value in raw.items()})
+    """A fresh `cls` from the mapping `raw`; keys it does not name keep their defaults
+    (every config dataclass has a default for every field)."""
+    return _merge(cls(), raw, prefix, origin)
 
 
 def _merge(current: Any, raw: Any, prefix: str, origin: str) -> Any:
