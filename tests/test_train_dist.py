@@ -473,6 +473,10 @@ def test_resume_applies_changed_optimizer_settings_and_refuses_another_schedule(
         (0.1, (0.8, 0.999), 1e-3), (0.0, (0.8, 0.999), 1e-3)]  # norms and biases keep no decay
 
     saved_config = (out / "config.yaml").read_text()
+    from radis.train.checkpoint import saved_trainer_state
+
+    # recorded per rank, so that the refusal comes before the engine loads the model
+    assert saved_trainer_state(out / "checkpoints", "global_step6")["schedule"] == "cosine"
     proc = _run([*base, "train.max_steps=9", "train.schedule=linear"])
     assert proc.returncode == 2, proc.log
     assert "config error: train.schedule: checkpoint" in proc.stderr and "trained with 'cosine', the config gives " \

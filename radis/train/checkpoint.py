@@ -147,7 +147,7 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[str]:
 
 
 def saved_trainer_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
-    """Rank 0's trainer state saved with `tag`: {"loader", "rng", "data_hash"} (every
+    """Rank 0's trainer state saved with `tag`: {"loader", "rng", "data_hash", "schedule"} (every
     rank's loader stood at the same position)."""
     path = Path(ckpt_dir) / tag / "trainer_state_rank0.pt"
     state = load_weights_only(path, map_location="cpu") if path.is_file() else None

@@ -286,6 +286,9 @@ class RadisRecipe:
             # every rank's loader stood at the same position: rank 0's state serves all
             saved = ckpt.saved_trainer_state(self.ckpt_dir, self.resume_tag)
             self._check_data_hash(saved.get("data_hash"), self.resume_tag)
+            # here, before the engine loads the model (minutes at 7B); _follow_config checks
+            # again for checkpoints that do not record it
+            self._check_schedule_kind(saved.get("schedule"), self.resume_tag)
             self.saved_world = int(saved["loader"].get("world_size", self.world))
             try:
                 self.loader.load_state_dict(saved["loader"])
@@ -658,7 +661,9 @@ class RadisRecipe:
         client = {"step": self.step, "bad_batches": self.bad_batches, "total_steps": self.total_steps,
                   "steps_from": self._steps_from(), "data_hash": self.data_hash,
                   "optimizer_groups": self._group_hyperparameters()}
-        rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "data_hash": self.data_hash}
+        rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "data_hash": self.data_hash,
+                      # our schedule's kind (a DeepSpeed JSON's scheduler is not ours to check)
+                      "schedule": None if "scheduler" in self.ds_config else self.cfg.train.schedule}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
                                    keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files)
         self._print(f"step {self.step}: saved {self.ckpt_dir / tag}")
@@ -693,6 +698,17 @@ class RadisRecipe:
             ckpt.set_rng_state(rank_state["rng"])
         else:
             _seed_everything(self.cfg.train.seed + 1000 * self.step + self.rank)
+
+    def _check_schedule_kind(self, saved: str | None, tag: str) -> None:
+        """ConfigError when the checkpoint `tag` was trained with another train.schedule
+        (None: not known, as in checkpoints of an older radis)."""
+        t = self.cfg.train
+        if saved is not None and saved != t.schedule:
+            raise ConfigError(
+                f"train.schedule: checkpoint {self.ckpt_dir / tag} was trained with {saved!r}, the config "
+                f"gives {t.schedule!r}; a resumed run keeps its kind of schedule (switching mid-run jumps the rate "
+                f"to another curve's value). Set train.schedule={saved} (a changed train.lr, min_lr_ratio "
+                "or warmup is applied on resume), or train into another train.output_dir.")
 
     def _lr_factor(self) -> LRFactor:
         """This run's schedule, a new object each call: loading a LambdaLR's state writes the
@@ -730,12 +746,7 @@ class RadisRecipe:
         ours = bool(factors) and all(isinstance(f, LRFactor) for f in factors)
         if ours:
             saved = factors[0]
-            if saved.schedule != t.schedule:
-                raise ConfigError(
-                    f"train.schedule: checkpoint {self.ckpt_dir / tag} was trained with {saved.schedule!r}, the config "
-                    f"gives {t.schedule!r}; a resumed run keeps its kind of schedule (switching mid-run jumps the rate "
-                    f"to another curve's value). Set train.schedule={saved.schedule} (a changed train.lr, min_lr_ratio "
-                    "or warmup is applied on resume), or train into another train.output_dir.")
+            self._check_schedule_kind(saved.schedule, tag)
             compare("train.lr", float(scheduler.base_lrs[0]), t.lr)
             compare("train.min_lr_ratio", saved.min_lr_ratio, t.min_lr_ratio)
             compare("warmup steps", saved.warmup_steps, self.warmup_steps)
