@@ -300,7 +300,12 @@ def torch_rows(x, targets, spans, scale, t_ids, t_lp, kd_weight, out=None):
             g.scatter_add_(1, ids, -b.unsqueeze(1) * q)
         # c is 0 on inactive rows, but 0 * NaN is NaN: a masked-out row whose logits are
         # not finite (padding after an fp16 overflow) must still get a zero gradient
-        g.mul_(c.unsqueeze(1)).masked_fill_(~active.unsqueeze(1), 0.0)
+        g.mul_(c.unsqueeze(1))
+        inactive = ~active
+        if g.is_cuda:  # a whole pass, but no host sync (the CUDA paths must not wait on the device)
+            g.masked_fill_(inactive.unsqueeze(1), 0.0)
+        elif inactive.any():  # on the CPU only those rows (the trainer gives target rows only: none)
+            g[inactive] = 0.0
         if g is not out:
             out.copy_(g)
     return loss, nll, kl
