@@ -61,11 +61,12 @@ SUBSET = [
 
 @needs_backend
 def test_representative_variants_compile_without_spills_and_a_too_large_tile_is_caught():
-    """The subset for sm_80 and sm_90, in one compiling process; and what the launcher's
-    cap avoids, which the check must see: a [4096, 32] teacher tile spills."""
+    """The subset for sm_80 and sm_90; and what the launcher's cap avoids, which the
+    check must see: a [4096, 32] teacher tile spills."""
     too_large = Variant("bf16", True, True, 4096, 32, 8)
-    reports = compile_variants(SUBSET + [too_large], ARCHS)
-    assert len(reports) == 2 * len(SUBSET) + 2
+    # the spilling tile for sm_90 only: ptxas takes 19 s over it for sm_80 (2.5 s for sm_90)
+    reports = compile_variants(SUBSET, ARCHS) + compile_variants([too_large], (90,))
+    assert len(reports) == 2 * len(SUBSET) + 1
     for r in reports:
         if r.variant == too_large:
             assert r.spill_stores > 0, r

@@ -203,12 +203,16 @@ def test_packed_logits_equal_unpacked_with_4d_mask(attn):
 @pytest.fixture
 def eager_flex(monkeypatch):
     """transformers' flex_attention without torch.compile: the same mask semantics through
-    PyTorch's unfused reference path, so that a CPU test needs no minute-long compile."""
-    from torch.nn.attention.flex_attention import flex_attention
+    PyTorch's unfused reference path, so that a CPU test needs no minute-long compile.
+    transformers also compiles the block mask of every unpacked run (one inductor build
+    per sequence length: 28 s of a cold test); built eagerly, it is the same mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers import masking_utils
     from transformers.integrations import flex_attention as hf_flex
 
     monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", lambda q, k, v, training=False, **kw:
                         flex_attention(q, k, v, **kw))
+    monkeypatch.setattr(masking_utils, "create_block_mask", lambda *a, _compile=False, **kw: create_block_mask(*a, **kw))
 
 
 def test_packed_logits_equal_unpacked_with_flex_block_mask(eager_flex):
