@@ -400,7 +400,10 @@ def test_two_nodes_train_lose_a_node_and_resume(run_a, work, tmp_path):
 
 def test_latest_naming_a_lost_checkpoint_resumes_from_the_newest_complete_one(run_a, work, tmp_path):
     """`latest` names a tag that is gone: the run says so, resumes from the newest complete
-    checkpoint (here the last step: nothing left to train) and deletes nothing."""
+    checkpoint (here the last step: nothing left to train) and deletes nothing. Rank 1
+    comes late (RADIS_FAULT_DELAY_RANK), after rank 0 has repaired `latest`: when each
+    rank read the directory itself, rank 1 then saw nothing to repair and the two hung
+    in different collectives (seen once under two pytest workers)."""
     import shutil
 
     out_a, _ = run_a
@@ -408,7 +411,7 @@ def test_latest_naming_a_lost_checkpoint_resumes_from_the_newest_complete_one(ru
     shutil.copytree(out_a / "checkpoints", out / "checkpoints")
     (out / "checkpoints" / "latest").write_text("global_step99")
     proc = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "radis.cli", "train",
-                 "--config", str(work["config"]), f"train.output_dir={out}"])
+                 "--config", str(work["config"]), f"train.output_dir={out}"], RADIS_FAULT_DELAY_RANK="1:3")
     assert proc.returncode == 0, proc.log
     assert "'global_step99', which does not exist; resuming from the newest complete checkpoint global_step10" \
         in proc.stdout, proc.log

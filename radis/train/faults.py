@@ -4,11 +4,13 @@ happens unless the environment variables are set.
 
     RADIS_FAULT_KILL_AT_STEP=N [RADIS_FAULT_KILL_RANK=r]   after optimizer step N
     RADIS_FAULT_KILL_IN=phase:step[:micro]                 in the middle of a phase (`fault_point`)
+    RADIS_FAULT_DELAY_RANK=r:seconds                       rank r late to plan its resume (`delay_rank`)
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint", "latest")
 
@@ -27,6 +29,18 @@ def fault_injection(step: int, rank: int) -> None:
     who = os.environ.get("RADIS_FAULT_KILL_RANK")
     if who is None or int(who) == rank:
         kill_now()
+
+
+def delay_rank(rank: int) -> None:
+    """RADIS_FAULT_DELAY_RANK=r:seconds: rank r sleeps before the resume is planned, as
+    a rank on a slower node or file system would be late; the order in which ranks
+    read the checkpoint directory is then fixed for a test, not left to chance."""
+    spec = os.environ.get("RADIS_FAULT_DELAY_RANK")
+    if not spec:
+        return
+    who, _, seconds = spec.partition(":")
+    if int(who) == rank:
+        time.sleep(float(seconds))
 
 
 def fault_point() -> tuple[str, int, int] | None:

@@ -39,7 +39,7 @@ import torch
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
 from radis.runtime import use_cuda
 from radis.train import checkpoint as ckpt
-from radis.train.faults import fault_injection, fault_point, kill_now
+from radis.train.faults import delay_rank, fault_injection, fault_point, kill_now
 from radis.train.metrics import (
     MetricsWriter,
     count_matmul_params,
@@ -274,7 +274,21 @@ class RadisRecipe:
             if removed:
                 self._print(f"removed unfinished checkpoint(s) {removed}")
         dist.barrier()
-        self.resume_tag, note = ckpt.resume_point(self.ckpt_dir) if t.resume == "auto" else (None, None)
+        delay_rank(self.rank)
+        # Rank 0 reads the directory and every rank takes its answer. Each rank reading
+        # it for itself raced with the repair of `latest` below: a rank that read after
+        # rank 0 had repaired it saw nothing to repair, skipped the barrier, and the
+        # ranks hung in different collectives until the timeout.
+        decision: list[Any] = [(None, None)]
+        if self.is_main and t.resume == "auto":
+            try:
+                decision = [ckpt.resume_point(self.ckpt_dir)]
+            except ckpt.CheckpointStateError as err:
+                decision = [str(err)]
+        dist.broadcast_object_list(decision, src=0)
+        if isinstance(decision[0], str):
+            raise ckpt.CheckpointStateError(decision[0])
+        self.resume_tag, note = decision[0]
         if note:
             self._print(f"warning: {note}")
             if self.is_main:  # `latest` names what this run continues from again
