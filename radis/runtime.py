@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -225,6 +226,41 @@ def gather_objects(local: Any, group: Any = None) -> list[Any]:
     out: list[Any] = [None] * world
     torch.distributed.all_gather_object(out, local, group=group)
     return out
+
+
+def on_rank0(what: str, work: Callable[[], Any], group: Any = None, share: bool = False) -> Any:
+    """`work()` on rank 0 while the other ranks wait in `group`; its result on rank 0, and
+    on the others too with `share` (broadcast: keep it small and picklable), else None there.
+
+    Give a `group` of a timeout longer than the work can take (`new_group`): the default
+    group's is there to notice a dead rank in minutes, and a data build or a checkpoint
+    conversion at the paper's scale takes longer. An error of rank 0's is raised on every
+    rank, so that all of them exit naming it instead of waiting for a collective that
+    never comes: rank 0 raises its own; the others raise bad input (an InputError) as an
+    InputError with rank 0's message, anything else as a RuntimeError naming `what`.
+    """
+    import torch
+
+    rank, world = dist_info()
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 -- shared with the other ranks, then raised
+            failure = err
+    if world > 1:
+        problem = None if failure is None else (isinstance(failure, InputError), str(failure),
+                                                f"{type(failure).__name__}: {failure}")
+        shared = [problem, result if share and failure is None else None]
+        torch.distributed.broadcast_object_list(shared, src=0, group=group)
+        if rank != 0:
+            if shared[0] is not None:
+                is_input, message, described = shared[0]
+                raise InputError(message) if is_input else RuntimeError(f"rank 0 failed {what} ({described})")
+            result = shared[1]
+    if failure is not None:
+        raise failure
+    return result
 
 
 def default_device() -> Any:

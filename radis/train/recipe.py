@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
-from radis.runtime import use_cuda
+from radis.runtime import on_rank0, use_cuda
 from radis.train import checkpoint as ckpt
 from radis.train.faults import delay_rank, fault_injection, fault_point, kill_now
 from radis.train.metrics import (
@@ -143,6 +143,10 @@ def _check_teacher_sources(cfg: RadisConfig) -> None:
 
 
 _SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# What rank 0 does alone while the others wait (the packed-data build, a universal
+# conversion) can take far longer than train.dist_timeout_s at the paper's scale, so the
+# others wait in a gloo group of their own with this timeout (`radis.runtime.on_rank0`).
+RANK0_WORK_TIMEOUT = timedelta(hours=24)
 
 
 def _default_single_process_env() -> list[str]:
@@ -193,7 +197,7 @@ class RadisRecipe:
         import deepspeed
         import torch.distributed as dist
 
-        from radis.runtime import join_process_group
+        from radis.runtime import join_process_group, new_group
 
         # Bounded: a dead rank makes the others fail a collective within dist_timeout_s
         # instead of waiting forever.
@@ -208,6 +212,7 @@ class RadisRecipe:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        self.rank0_group = new_group(RANK0_WORK_TIMEOUT)
         from radis.train.heartbeat import Heartbeat
 
         # says which rank is gone when a collective fails (the collective itself does not)
@@ -268,27 +273,21 @@ class RadisRecipe:
         import torch.distributed as dist
 
         t = self.cfg.train
-        if self.is_main:
+
+        def tidy_and_choose() -> tuple[str | None, str | None]:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             removed = ckpt.remove_partial(self.ckpt_dir)
             if removed:
                 self._print(f"removed unfinished checkpoint(s) {removed}")
-        dist.barrier()
+            return ckpt.resume_point(self.ckpt_dir) if t.resume == "auto" else (None, None)
+
         delay_rank(self.rank)
         # Rank 0 reads the directory and every rank takes its answer. Each rank reading
         # it for itself raced with the repair of `latest` below: a rank that read after
         # rank 0 had repaired it saw nothing to repair, skipped the barrier, and the
         # ranks hung in different collectives until the timeout.
-        decision: list[Any] = [(None, None)]
-        if self.is_main and t.resume == "auto":
-            try:
-                decision = [ckpt.resume_point(self.ckpt_dir)]
-            except ckpt.CheckpointStateError as err:
-                decision = [str(err)]
-        dist.broadcast_object_list(decision, src=0)
-        if isinstance(decision[0], str):
-            raise ckpt.CheckpointStateError(decision[0])
-        self.resume_tag, note = decision[0]
+        self.resume_tag, note = on_rank0("reading the checkpoint directory", tidy_and_choose, self.rank0_group,
+                                          share=True)
         if note:
             self._print(f"warning: {note}")
             if self.is_main:  # `latest` names what this run continues from again
@@ -320,9 +319,8 @@ class RadisRecipe:
         if self.resume_tag is not None and self.saved_world != self.world:
             self._print(f"{self.resume_tag} was saved by {self.saved_world} rank(s), this run has {self.world}: "
                         "resuming through a universal checkpoint, the rest of the epoch re-planned")
-            if self.is_main:
-                ckpt.to_universal(self.ckpt_dir, self.resume_tag, log=self._print)
-            dist.barrier()
+            on_rank0("converting to a universal checkpoint",
+                     lambda: ckpt.to_universal(self.ckpt_dir, self.resume_tag, log=self._print), self.rank0_group)
 
     def _setup_engine(self) -> None:
         """The DeepSpeed JSON, the model (sharded at load under ZeRO-3), optimizer, schedule, engine."""
@@ -399,29 +397,18 @@ class RadisRecipe:
 
     def _build_data(self):
         """(train PackedDataset, valid PackedDataset or None); rank 0 builds the cache first."""
-        import torch.distributed as dist
 
         from radis.data.build import load_or_build
-        from radis.errors import InputError
 
         def build():
             train = load_or_build(self.cfg, "train", self.tokenizer)
             valid = load_or_build(self.cfg, "valid", self.tokenizer) if self.cfg.data.valid else None
             return train, valid
 
-        # Rank 0 builds the cache while the others wait; bad data is then rank 0's error
-        # to share, so that every rank reports it and exits instead of timing out.
-        problem = [None]
-        if self.is_main:
-            try:
-                result = build()
-            except InputError as err:
-                problem = [str(err)]
-        dist.barrier()
-        dist.broadcast_object_list(problem, src=0)
-        if problem[0] is not None:
-            raise InputError(problem[0])
-        return result if self.is_main else build()
+        # Rank 0 builds the cache while the others wait, then they read it.
+        built = on_rank0("building the packed data", build, self.rank0_group)
+        return built if self.is_main else build()
+
 
     def _load_model(self, model_path: str):
         from transformers import AutoModelForCausalLM
