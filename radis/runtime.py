@@ -228,6 +228,12 @@ def gather_objects(local: Any, group: Any = None) -> list[Any]:
     return out
 
 
+# The timeout of a group in which ranks wait for rank 0's lone work (`on_rank0`): a
+# packed-data build, a checkpoint conversion or an export at the paper's scale takes far
+# longer than the default group's, which is there to notice a dead rank in minutes.
+RANK0_WORK_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def on_rank0(what: str, work: Callable[[], Any], group: Any = None, share: bool = False) -> Any:
     """`work()` on rank 0 while the other ranks wait in `group`; its result on rank 0, and
     on the others too with `share` (broadcast: keep it small and picklable), else None there.

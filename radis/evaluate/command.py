@@ -56,12 +56,14 @@ from radis.evaluate.translate import Translation, translate
 from radis.generation.decode import pad_token_id
 from radis.io import write_json_atomic
 from radis.runtime import (
+    RANK0_WORK_TIMEOUT,
     add_config_arguments,
-    barrier,
     default_device,
     dist_info,
     join_process_group,
     leave_process_group,
+    new_group,
+    on_rank0,
     use_cuda,
 )
 
@@ -122,18 +124,23 @@ def deepspeed_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def export_checkpoint(name: str, checkpoint: Path, out_root: Path) -> Path:
-    """Export a DeepSpeed checkpoint with `radis export` (once; rank 0) into out_root/exports/name."""
+def export_checkpoint(name: str, checkpoint: Path, out_root: Path, wait_group: Any = None) -> Path:
+    """Export a DeepSpeed checkpoint with `radis export` (once; rank 0, the others wait
+    in `wait_group`: an export at 7B takes longer than the default group's timeout)
+    into out_root/exports/name."""
     out = out_root / "exports" / name
-    rank, _ = dist_info()
-    if rank == 0 and not (out / "config.json").is_file():
+
+    def export() -> None:
+        if (out / "config.json").is_file():
+            return
         cmd = [sys.executable, "-m", "radis.cli", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
         print(f"[evaluate] {name}: exporting DeepSpeed checkpoint {checkpoint} -> {out}", flush=True)
         # A fresh process: the export may start its own (single-rank) DeepSpeed state.
         done = subprocess.run(cmd, check=False, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
         if done.returncode != 0:
             raise ValueError(f"eval.models: {name}: `radis export` of {checkpoint} failed (exit {done.returncode})")
-    barrier()
+
+    on_rank0(f"exporting {checkpoint}", export, wait_group)
     return out
 
 
@@ -322,11 +329,12 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
         raise ValueError("eval.test is empty and retention, safety and general tasks are off: nothing to evaluate")
 
     models = []
+    wait_group = new_group(RANK0_WORK_TIMEOUT) if world > 1 else None  # for rank 0's lone work
     for name, ref in parse_model_specs(cfg):
         p = Path(ref).expanduser()
         checkpoint = deepspeed_checkpoint(p)
         if checkpoint is not None:
-            ref = str(export_checkpoint(name, checkpoint, out_root))
+            ref = str(export_checkpoint(name, checkpoint, out_root, wait_group))
         try:
             models.append((name, resolve_model_path(ref, cfg.model.cache_dir)))
         except ModelNotFoundError as err:
@@ -339,8 +347,9 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
     safety_prompts = _safety_prompts(cfg) if cfg.eval.safety else None
     comet = None
     reason = metrics.comet_unavailable_reason(cfg.eval.comet_model)
-    if reason is None and examples and rank == 0:  # only rank 0 scores
-        comet = metrics.CometScorer(cfg.eval.comet_model, batch_size=cfg.eval.batch_size)
+    if reason is None and examples:  # only rank 0 scores; a model that cannot load stops every rank
+        comet = on_rank0(f"loading {cfg.eval.comet_model}",
+                         lambda: metrics.CometScorer(cfg.eval.comet_model, batch_size=cfg.eval.batch_size), wait_group)
     elif reason:
         log(reason)
 

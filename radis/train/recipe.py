@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
-from radis.runtime import on_rank0, use_cuda
+from radis.runtime import RANK0_WORK_TIMEOUT, on_rank0, use_cuda
 from radis.train import checkpoint as ckpt
 from radis.train.faults import delay_rank, fault_injection, fault_point, kill_now
 from radis.train.metrics import (
@@ -143,10 +143,6 @@ def _check_teacher_sources(cfg: RadisConfig) -> None:
 
 
 _SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# What rank 0 does alone while the others wait (the packed-data build, a universal
-# conversion) can take far longer than train.dist_timeout_s at the paper's scale, so the
-# others wait in a gloo group of their own with this timeout (`radis.runtime.on_rank0`).
-RANK0_WORK_TIMEOUT = timedelta(hours=24)
 
 
 def _default_single_process_env() -> list[str]:
