@@ -102,6 +102,27 @@ def test_unknown_or_offline_tasks_are_named_before_any_model_loads(tiny, tmp_pat
                                       f"eval.general_task_paths=[{tmp_path / 'nope'}]"))
 
 
+def test_every_rank_runs_the_same_tasks(tiny, tmp_path, monkeypatch):
+    """Each rank resolves the tasks against its own datasets cache. A task another rank
+    had to skip is skipped here too, with that rank's reason (a rank running it alone
+    would wait in lm-eval's collectives), and another rank's error is raised here. The
+    other rank's view stands in for the gather; the real 2-rank run is the test below."""
+    import radis.runtime
+    from radis.evaluate.general import GeneralSuite, GeneralTaskError
+
+    base, _ = tiny
+    cfg = _cfg(tmp_path, base, [], "eval.general_tasks=[radis_knowledge, radis_arithmetic]",
+               "eval.general_missing=skip")
+    other = {"radis_arithmetic": "its data is not in the local datasets cache (rank 1)"}
+    monkeypatch.setattr(radis.runtime, "gather_objects", lambda local, group=None: [local, (other, None)])
+    suite = GeneralSuite.from_config(cfg)
+    assert list(suite.runnable) == ["radis_knowledge"] and suite.skipped == other
+    monkeypatch.setattr(radis.runtime, "gather_objects",
+                        lambda local, group=None: [local, ({}, "eval.general_tasks: task 'x' (rank 1)")])
+    with pytest.raises(GeneralTaskError, match=r"task 'x' \(rank 1\)"):
+        GeneralSuite.from_config(cfg)
+
+
 def test_own_tasks_on_smollm2(tmp_path, one_thread):
     """The real chat model answers the project's own questions better than chance would
     on the easy multiple-choice task, and writes numbers on the arithmetic one."""

@@ -107,8 +107,32 @@ class GeneralSuite:
         suite = cls(tasks=list(dict.fromkeys(e.general_tasks)), include_paths=paths, limit=e.general_limit,
                     num_fewshot=e.general_num_fewshot, chat_template=e.general_chat_template, missing=e.general_missing,
                     batch_size=e.batch_size, system_prompt=cfg.data.system_prompt)
-        suite.resolve()
+        suite._resolve_on_every_rank()
         return suite
+
+    def _resolve_on_every_rank(self) -> None:
+        """`resolve` on every rank, then one answer for all of them. Each rank reads its
+        own datasets cache (node-local on many clusters) and may fail a download alone:
+        a task is run only where every rank can run it, else it is skipped everywhere
+        (with general_missing=skip) or every rank raises the first rank's error. A rank
+        running a task the others skip would wait in lm-eval's collectives forever."""
+        from radis.runtime import gather_objects
+
+        problem = None
+        try:
+            self.resolve()
+        except GeneralTaskError as err:
+            problem = err
+        views = gather_objects((self.skipped, None if problem is None else str(problem)))
+        errors = [error for _, error in views if error is not None]
+        if errors:
+            raise problem if problem is not None else GeneralTaskError(errors[0])
+        merged: dict[str, str] = {}
+        for skipped, _ in views:  # rank order: the same text on every rank
+            for name, why in skipped.items():
+                merged.setdefault(name, why)
+        self.skipped = {name: merged[name] for name in self.tasks if name in merged}
+        self.runnable = {name: kinds for name, kinds in self.runnable.items() if name not in self.skipped}
 
     # ------------------------------------------------------------------ tasks
 
