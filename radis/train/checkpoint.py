@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from radis.errors import InputError
 from radis.io import write_text_atomic
-from radis.runtime import use_cuda
+from radis.runtime import on_rank0, use_cuda
 from radis.train import faults
 
 LATEST = "latest"
@@ -280,12 +280,14 @@ def weights_only_loading():
 
 
 def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any],
-                    rank_state: dict[str, Any], keep_last: int, hf_files=None) -> str:
+                    rank_state: dict[str, Any], keep_last: int, hf_files=None, wait_group: Any = None) -> str:
     """Save a complete checkpoint of `step` (all ranks call this); returns its tag.
 
     `client_state` (same on every rank) goes into DeepSpeed's model-states file;
     `rank_state` (this rank's loader position, RNG) into `trainer_state_rank{r}.pt`.
     `hf_files(dir)`, called on rank 0, writes the HF config/tokenizer next to it.
+    Rank 0's own part at the end (rename, `latest`, pruning) runs through
+    `radis.runtime.on_rank0` in `wait_group`, so that its error reaches every rank.
     """
     root = Path(ckpt_dir)
     tag = tag_for_step(step)
@@ -301,7 +303,8 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     if rank == 0 and hf_files is not None:
         hf_files(root / tmp_tag / HF_SUBDIR)
     dist.barrier()  # every rank's files are on disk
-    if rank == 0:
+
+    def finish() -> None:
         final = root / tag
         if final.exists():
             # Only a checkpoint that `latest` does not name can be in the way (a
@@ -315,7 +318,8 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
         faults.kill_if("latest", step)
         write_text_atomic(root / LATEST, tag)
         prune(root, keep_last)
-    dist.barrier()
+
+    on_rank0(f"finishing checkpoint {tag}", finish, wait_group)
     return tag
 
 

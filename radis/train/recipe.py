@@ -284,6 +284,7 @@ class RadisRecipe:
         # ranks hung in different collectives until the timeout.
         self.resume_tag, note = on_rank0("reading the checkpoint directory", tidy_and_choose, self.rank0_group,
                                           share=True)
+        self.saved_tag = self.resume_tag  # the newest checkpoint of this run (save_checkpoint moves it)
         if note:
             self._print(f"warning: {note}")
             if self.is_main:  # `latest` names what this run continues from again
@@ -514,7 +515,9 @@ class RadisRecipe:
                 self.save_checkpoint()
             fault_injection(self.step, self.rank)
         bar.close()
-        if t.save_final and self.step > 0 and ckpt.latest_tag(self.ckpt_dir) != ckpt.tag_for_step(self.step):
+        # saved_tag, not `latest` read again: every rank must decide alike, and a stale
+        # read of a shared file system on one node would split the ranks
+        if t.save_final and self.step > 0 and self.saved_tag != ckpt.tag_for_step(self.step):
             self.save_checkpoint()
 
     def _micro_batches(self):
@@ -662,7 +665,9 @@ class RadisRecipe:
                       # our schedule's kind (a DeepSpeed JSON's scheduler is not ours to check)
                       "schedule": None if "scheduler" in self.ds_config else self.cfg.train.schedule}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
-                                   keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files)
+                                   keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files,
+                                   wait_group=self.rank0_group)
+        self.saved_tag = tag
         self._print(f"step {self.step}: saved {self.ckpt_dir / tag}")
         return tag
 
