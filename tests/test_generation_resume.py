@@ -139,3 +139,9 @@ def test_two_ranks_split_the_work_and_merge(setup):
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["this_run"]["world_size"] == 2 and summary["count"] == N
     assert _records(out / MERGED) == _reference_run(tmp, gen, data, "one_rank", **settings)
+    # another config into the same directory: rank 0's refusal is every rank's error, at once
+    write_config(tmp, gen, data, out, **{**settings, "max_new_tokens": 9})
+    t0 = time.monotonic()
+    refused = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and time.monotonic() - t0 < 120, refused.stderr[-3000:]
+    assert refused.stderr.count("holds records from a different generation config") == 2, refused.stderr[-3000:]

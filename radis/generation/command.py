@@ -71,6 +71,7 @@ from radis.runtime import (
     join_process_group,
     leave_process_group,
     new_group,
+    on_rank0,
 )
 
 # Joining the group must happen within minutes (a wrong address should fail, not hang);
@@ -268,9 +269,9 @@ def generate_records(
                 requests.append(req)
 
         store = GenerationStore(cfg.rationale.output_dir, ranks.rank)
-        if ranks.is_main:
-            store.prepare(description, cfg.rationale.overwrite)
-        barrier()
+        # rank 0 prepares the directory; its refusal (another config's output) stops every rank
+        on_rank0("preparing the output directory", lambda: store.prepare(description, cfg.rationale.overwrite),
+                 slow_group)
         if not ranks.is_main:
             store.verify(description)
         done = store.completed_ids()
