@@ -443,6 +443,40 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(run_a, work, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["global_step10", "global_step5"]
 
 
+def test_ranks_that_read_other_data_are_refused(work, tmp_path):
+    """Two ranks whose `~` differs (like nodes with local data and caches) read other
+    training files: both stop at once naming the ranks, instead of planning other steps."""
+    import yaml
+
+    cfg = yaml.safe_load(work["config"].read_text())
+    cfg["data"]["train"] = [{"path": "~/train.rationales.jsonl"}]
+    cfg["data"]["valid"] = []
+    cfg["data"]["cache_dir"] = "~/cache"
+    cfg["train"]["output_dir"] = str(tmp_path / "out")
+    config = tmp_path / "two_homes.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    port, procs, logs = str(_free_port()), [], [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    for rank in (0, 1):
+        home = tmp_path / f"home{rank}"
+        home.mkdir()
+        write_rationales(home / "train.rationales.jsonl", 48, seed=10 + rank, prefix="tr")
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   HOME=str(home))
+        with open(logs[rank], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "radis.cli", "train", "--config", str(config)],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, log in enumerate(logs):
+        text = log.read_text()
+        assert codes[rank] == 2, (rank, text[-3000:])
+        assert "data: rank 1 read other packed data than rank 0" in text, (rank, text[-3000:])
+
+
 def test_resume_applies_changed_optimizer_settings_and_refuses_another_schedule(work, tmp_path):
     """1 rank saves at step 3 and is resumed with a lower train.lr, another weight decay,
     beta1 and min_lr_ratio, and twice the steps: the updates after the resume use them

@@ -241,6 +241,7 @@ class RadisRecipe:
         self.target_tokens = dict(train_ds.meta.get("stats", {}).get("packing", {}).get("targets", {}))
         # what is trained, checked on resume (a cache entry of an older radis has no hash yet)
         self.data_hash = train_ds.meta.get("content_hash") or train_ds.content_hash()
+        self._check_same_data_on_every_rank(train_ds, valid_ds)
         loader_kw = {"rank": self.rank, "world_size": self.world, "packs_per_micro_batch": cfg.data.packs_per_micro_batch,
                      "pad_token_id": pad_id, "attn": self.attn, "dtype": self.dtype,
                      # the [B, 1, T, T] sdpa mask is built where it is used, not copied there per step
@@ -391,6 +392,26 @@ class RadisRecipe:
                     f"attn {self.attn}, loss "
                     + (f"radis/{cfg.loss.mode}" if cfg.loss.method == "radis" else "vanilla (MT only)")
                     + (f"; resumed at step {self.step} from {resume_tag}" if resume_tag else ""))
+
+    def _check_same_data_on_every_rank(self, train_ds, valid_ds) -> None:
+        """Each rank reads its own copy of the packed data, and builds it where its cache
+        does not hold it (node-local data or data.cache_dir; a source changed between
+        rank 0's build and the others' reads). Different data means different step
+        plans: the ranks would part ways in a collective, so it is refused here."""
+        from radis.runtime import gather_objects
+
+        def digest(ds) -> Any:
+            return None if ds is None else (ds.meta.get("content_hash") or ds.num_packs)
+
+        views = gather_objects((self.data_hash, digest(valid_ds)))
+        other = [r for r, view in enumerate(views) if view != views[0]]
+        if other:
+            r = other[0]
+            raise ConfigError(
+                f"data: rank {r} read other packed data than rank 0 (train {views[r][0]} against {views[0][0]}, "
+                f"valid {views[r][1]} against {views[0][1]}; ranks {other} differ): every rank must see the "
+                "same data.train / data.valid files, unchanged while the run starts (on several nodes: the same "
+                "files, and a data.cache_dir each node can read)")
 
     def _build_data(self):
         """(train PackedDataset, valid PackedDataset or None); rank 0 builds the cache first."""
