@@ -469,5 +469,5 @@ def run(args: argparse.Namespace) -> int:
     from radis.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    return compare(Path(args.config), Path(args.out or cfg.compare.output_dir), args.arms or cfg.compare.arms,
+    return compare(Path(args.config), Path(os.path.expanduser(args.out or cfg.compare.output_dir)), args.arms or cfg.compare.arms,
                    nproc=args.nproc, redo=args.redo, dry_run=args.dry_run, overrides=args.overrides)

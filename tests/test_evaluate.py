@@ -449,3 +449,14 @@ def test_beam_search_translates_and_stops_cleanly(tiny_models):
     # Beam search in one batch equals beam search one sentence at a time (left padding is sound).
     single = [translate(model, fmt, [ex], pad_id=pad_token_id(tok), max_new_tokens=5, num_beams=3)[0] for ex in examples]
     assert [t.raw for t in single] == [t.raw for t in beam]
+
+
+def test_output_dir_expands_the_home_directory():
+    """eval.output_dir "~/eval" is under the home directory, as train.output_dir is, not a
+    directory named "~" in the working directory."""
+    from pathlib import Path
+
+    from radis.config import load_config
+    from radis.evaluate.command import eval_output_dir
+
+    assert eval_output_dir(load_config(None, ["eval.output_dir=~/eval"])) == Path.home() / "eval"

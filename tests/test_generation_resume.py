@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,6 +124,33 @@ def test_sigkill_mid_run_then_restart_finishes_exactly_once(setup):
 
 
 @pytest.mark.distributed
+def test_a_rank_that_sees_another_output_directory_stops_every_rank(setup):
+    """rationale.output_dir "~/out" under two homes (like node-local paths): rank 1 does not
+    see rank 0's manifest, and both stop at once naming it (and "~" is expanded: no
+    directory named "~" appears)."""
+    tmp, gen, data = setup
+    config = write_config(tmp, gen, data, tmp / "two_homes", max_new_tokens=4, min_rationale_tokens=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["rationale"]["output_dir"] = "~/out"
+    config.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in (0, 1):
+        home = tmp / f"two_homes_{rank}"
+        home.mkdir()
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, HOME=str(home))
+        procs.append(subprocess.Popen(_command(config), cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (proc, text) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 2, (rank, text[-3000:])
+        assert "does not match rank 1's config" in text, (rank, text[-3000:])
+    assert (tmp / "two_homes_0" / "out").is_dir() and not (tmp / "~").exists()
+
+
 def test_two_ranks_split_the_work_and_merge(setup):
     tmp, gen, data = setup
     out = tmp / "two_ranks"

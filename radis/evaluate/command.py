@@ -124,6 +124,11 @@ def deepspeed_checkpoint(path: Path) -> Path | None:
     return None
 
 
+def eval_output_dir(cfg: RadisConfig) -> Path:
+    """eval.output_dir, with "~" expanded (as train.output_dir is)."""
+    return Path(os.path.expanduser(cfg.eval.output_dir))
+
+
 def export_checkpoint(name: str, checkpoint: Path, out_root: Path, wait_group: Any = None) -> Path:
     """Export a DeepSpeed checkpoint with `radis export` (once; rank 0, the others wait
     in `wait_group`: an export at 7B takes longer than the default group's timeout)
@@ -309,7 +314,7 @@ def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
 def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[str, Any]:
     from radis.models import ModelNotFoundError, resolve_model_path
 
-    out_root = Path(cfg.eval.output_dir)
+    out_root = eval_output_dir(cfg)
     log = (lambda *a: print("[evaluate]", *a, flush=True)) if rank == 0 else (lambda *a: None)
 
     # Test sets, grouped by direction.
@@ -565,7 +570,7 @@ class _Original:
                     "max_new_tokens": max_new_tokens, "dtype": cfg.model.dtype,
                     "attn_implementation": cfg.model.attn_implementation}
         key = retention.answers_cache_key(retention.model_fingerprint(self.path), prompts, settings)
-        cache = Path(cfg.eval.output_dir) / kind / f"original.{key}.json"
+        cache = eval_output_dir(cfg) / kind / f"original.{key}.json"
         answers = retention.load_cached_answers(cache)
         if answers is None:
             log(f"original model: greedy answers to {len(prompts)} {kind} prompts (cached in {cache})")
@@ -585,7 +590,7 @@ class _Original:
                                                                  cfg.eval.retention_max_new_tokens)
         sums = retention.teacher_forced_sums(original, tuned, self.answers, pad_id=pad_token_id(tokenizer))
         if dist_info()[0] == 0:
-            write_json_atomic(Path(cfg.eval.output_dir) / name / "retention_answers.json", [
+            write_json_atomic(eval_output_dir(cfg) / name / "retention_answers.json", [
                 {"id": i, "original": o, "new": n} for i, o, n in zip(self.answers.ids, self.answers.texts, new.texts)])
         return retention.retention_proxies(sums, retention.compare_answers(self.answers, new))
 
@@ -608,7 +613,7 @@ class _Original:
             texts = self._greedy(tuned, self.safety_prompts, fmt, tokenizer, cfg.eval.safety_max_new_tokens).texts
             score = safety.score_answers(self.safety_prompts, texts)
         if dist_info()[0] == 0:
-            write_json_atomic(Path(cfg.eval.output_dir) / name / "safety_answers.json", [
+            write_json_atomic(eval_output_dir(cfg) / name / "safety_answers.json", [
                 {"id": p.id, "category": p.category, "prompt": p.prompt, "answer": a, "refusal": safety.is_refusal(a),
                  "phrase": safety.refusal_phrase(a)} for p, a in zip(self.safety_prompts, texts)])
         return {**score.to_dict(), "original_refusal_rate": self.safety_score.refusal_rate,

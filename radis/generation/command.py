@@ -272,8 +272,17 @@ def generate_records(
         # rank 0 prepares the directory; its refusal (another config's output) stops every rank
         on_rank0("preparing the output directory", lambda: store.prepare(description, cfg.rationale.overwrite),
                  slow_group)
+        # the others check that they see rank 0's directory; one that does not (another
+        # config, or a node-local path) stops every rank now, not after its share
+        problem = None
         if not ranks.is_main:
-            store.verify(description)
+            try:
+                store.verify(description)
+            except OutputMismatchError as err:
+                problem = str(err)
+        problems = [p for p in gather_objects(problem, group=slow_group) if p is not None]
+        if problems:
+            raise OutputMismatchError(problems[0])
         done = store.completed_ids()
         by_id = {ex.id: ex for ex in usable}
         mine = [req for i, req in enumerate(requests) if i % ranks.world_size == ranks.rank and req.key not in done]

@@ -104,7 +104,7 @@ class GenerationStore:
     """One rank's view of the output directory (see the module docstring)."""
 
     def __init__(self, output_dir: str | os.PathLike, rank: int = 0):
-        self.root = Path(output_dir)
+        self.root = Path(os.path.expanduser(output_dir))  # "~/rationales", as train.output_dir
         self.parts = self.root / PARTS
         self.rank = rank
         self._next_seq: int | None = None
