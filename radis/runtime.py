@@ -108,6 +108,17 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"
 
 
+def cpu_supports_float16() -> bool:
+    """Whether DeepSpeed's CPU accelerator takes float16 here: it asks oneDNN for fp16
+    kernels (CPUs with AVX512-FP16 or AMX-FP16), and its engine refuses fp16 without them."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_backend(backend: Backend) -> str:
     if backend == "auto":
         return "nccl" if use_cuda() else "gloo"

@@ -300,6 +300,8 @@ def _config(tmp_path, body: str):
 def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, capsys, sp_tokenizer):
     import torch.distributed as dist
 
+    from radis.runtime import cpu_supports_float16
+
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -320,6 +322,9 @@ def test_preflight_errors_name_the_field_before_any_process_group(tmp_path, caps
     ]
     cases.append(((f"model: {{name_or_path: {model}, dtype: float16}}\ndata: {{train: [{{path: {data}}}]}}\n"
                    "train: {zero_stage: 0}\n"), "model.dtype=float16 needs train.zero_stage >= 1"))
+    if not torch.cuda.is_available() and not cpu_supports_float16():
+        cases.append(((f"model: {{name_or_path: {model}, dtype: float16}}\ndata: {{train: [{{path: {data}}}]}}\n"),
+                      "model.dtype=float16: DeepSpeed trains in float16 on a CPU only where oneDNN has fp16"))
     if not torch.cuda.is_available():
         cases.append(((f"model: {{name_or_path: {model}, attn_implementation: flex_attention}}\n"
                        f"data: {{train: [{{path: {data}}}]}}\n"),

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
-from radis.runtime import RANK0_WORK_TIMEOUT, on_rank0, use_cuda
+from radis.runtime import RANK0_WORK_TIMEOUT, cpu_supports_float16, on_rank0, use_cuda
 from radis.train import checkpoint as ckpt
 from radis.train.faults import delay_rank, fault_injection, fault_point, kill_now
 from radis.train.metrics import (
@@ -100,6 +100,9 @@ def preflight(cfg: RadisConfig) -> None:
         # optimizer; the fused loss folds that scale into its forward (radis.loss, fp16)
         raise ConfigError("model.dtype=float16 needs train.zero_stage >= 1 (at stage 0 DeepSpeed does not scale the "
                           "loss the way the fused loss expects); use zero_stage 1-3, or bfloat16")
+    if default_dtype(cfg.model.dtype) == torch.float16 and not use_cuda() and not cpu_supports_float16():
+        raise ConfigError("model.dtype=float16: DeepSpeed trains in float16 on a CPU only where oneDNN has fp16 "
+                          "kernels (AVX512-FP16 or AMX-FP16), and this CPU has none; use bfloat16 or float32 here")
     if cfg.model.attn_implementation == "flex_attention" and not use_cuda():
         raise ConfigError("model.attn_implementation=flex_attention: PyTorch's flex_attention has no backward pass "
                           "on a CPU; train with sdpa there (attn_implementation: auto picks it)")
