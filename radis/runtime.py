@@ -4,6 +4,7 @@
     Ranks.from_env()                  RANK / WORLD_SIZE / LOCAL_RANK as torchrun or deepspeed set them
     join_process_group(...)           the default torch.distributed group (only when WORLD_SIZE > 1)
     dist_info(), barrier(), gather_objects()
+    on_rank0(...), on_every_rank(...)   work on one or every rank whose error stops them all
 
 The commands (build-data, inspect-data, generate, train, evaluate, compare) sit above
 this module and import it; it imports only radis.errors and nothing heavy at module
@@ -245,6 +246,23 @@ def gather_objects(local: Any, group: Any = None) -> list[Any]:
 RANK0_WORK_TIMEOUT = datetime.timedelta(hours=24)
 
 
+class RankWorkError(RuntimeError):
+    """Work that another rank did failed there (`on_rank0`, `on_every_rank`); the message
+    names that rank, the work and its error. That rank shows its own traceback."""
+
+
+def _problem(err: Exception) -> tuple[bool, str, str]:
+    """What the other ranks need of an error: (is bad input, message, `Type: message`)."""
+    return isinstance(err, InputError), str(err), f"{type(err).__name__}: {err}"
+
+
+def _remote_error(problem: tuple[bool, str, str], who: str, what: str) -> Exception:
+    """Another rank's error, to raise here: bad input keeps its message (the user fixes
+    the same thing whichever rank read it), anything else names the rank and the work."""
+    is_input, message, described = problem
+    return InputError(message) if is_input else RankWorkError(f"{who} failed {what} ({described})")
+
+
 def on_rank0(what: str, work: Callable[[], Any], group: Any = None, share: bool = False) -> Any:
     """`work()` on rank 0 while the other ranks wait in `group`; its result on rank 0, and
     on the others too with `share` (broadcast: keep it small and picklable), else None there.
@@ -254,7 +272,7 @@ def on_rank0(what: str, work: Callable[[], Any], group: Any = None, share: bool 
     conversion at the paper's scale takes longer. An error of rank 0's is raised on every
     rank, so that all of them exit naming it instead of waiting for a collective that
     never comes: rank 0 raises its own; the others raise bad input (an InputError) as an
-    InputError with rank 0's message, anything else as a RuntimeError naming `what`.
+    InputError with rank 0's message, anything else as a RankWorkError naming `what`.
     """
     import torch
 
@@ -266,17 +284,37 @@ def on_rank0(what: str, work: Callable[[], Any], group: Any = None, share: bool 
         except Exception as err:  # noqa: BLE001 -- shared with the other ranks, then raised
             failure = err
     if world > 1:
-        problem = None if failure is None else (isinstance(failure, InputError), str(failure),
-                                                f"{type(failure).__name__}: {failure}")
-        shared = [problem, result if share and failure is None else None]
+        shared = [None if failure is None else _problem(failure), result if share and failure is None else None]
         torch.distributed.broadcast_object_list(shared, src=0, group=group)
         if rank != 0:
             if shared[0] is not None:
-                is_input, message, described = shared[0]
-                raise InputError(message) if is_input else RuntimeError(f"rank 0 failed {what} ({described})")
+                raise _remote_error(shared[0], "rank 0", what)
             result = shared[1]
     if failure is not None:
         raise failure
+    return result
+
+
+def on_every_rank(what: str, work: Callable[[], Any], group: Any = None) -> Any:
+    """`work()` on every rank, then one verdict for all of them; returns this rank's result.
+
+    For work each rank does alone between two collectives (writing its own part of a
+    checkpoint): a rank that failed and exited would leave the others waiting in the
+    next collective until the group's timeout, and then they would report a lost rank,
+    not the error. Here every rank raises when any failed: a failed rank its own error,
+    the others the lowest failed rank's, as `on_rank0` raises rank 0's.
+    """
+    result, failure = None, None
+    try:
+        result = work()
+    except Exception as err:  # noqa: BLE001 -- shared with the other ranks, then raised
+        failure = err
+    problems = gather_objects(None if failure is None else _problem(failure), group)
+    if failure is not None:
+        raise failure
+    for rank, problem in enumerate(problems):
+        if problem is not None:
+            raise _remote_error(problem, f"rank {rank}", what)
     return result
 
 

@@ -478,6 +478,32 @@ def test_ranks_that_read_other_data_are_refused(work, tmp_path):
         assert "data: rank 1 read other packed data than rank 0" in text, (rank, text[-3000:])
 
 
+def test_a_full_disk_on_one_rank_stops_both_at_once_and_the_run_resumes(work, tmp_path):
+    """Rank 1 cannot write its part of the final checkpoint (ENOSPC): both ranks stop at
+    once naming rank 1 and the checkpoint that is kept, not rank 0 after
+    train.dist_timeout_s reporting a lost rank; the same command then resumes from it."""
+    out = tmp_path / "disk_full"
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "radis.cli", "train",
+           "--config", str(work["config"]), f"train.output_dir={out}", "train.max_steps=4", "train.save_every=2",
+           "train.gradient_accumulation_steps=1", "train.eval_every=0"]
+    proc = _run(cmd, RADIS_FAULT_DISK_FULL="1:4")
+    assert proc.returncode != 0, proc.log
+    kept = f"The last complete checkpoint is {out / 'checkpoints' / 'global_step2'}, which the same command resumes"
+    assert "radis train: rank 1: saving the checkpoint of step 4 failed: [Errno 28] No space left on device" \
+        in proc.stderr, proc.log
+    assert ("radis train: rank 0: saving the checkpoint of step 4 failed: rank 1 failed writing its part of "
+            "checkpoint") in proc.stderr and "(OSError: [Errno 28] No space left on device" in proc.stderr, proc.log
+    assert proc.stderr.count(kept) == 2, proc.log
+    assert "a collective failed" not in proc.stderr, proc.log
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step2"
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.log
+    assert "resumed at step 2 from global_step2" in proc.stdout, proc.log
+    assert (ckpts / "latest").read_text() == "global_step4"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["global_step2", "global_step4"]
+
+
 def test_resume_applies_changed_optimizer_settings_and_refuses_another_schedule(work, tmp_path):
     """1 rank saves at step 3 and is resumed with a lower train.lr, another weight decay,
     beta1 and min_lr_ratio, and twice the steps: the updates after the resume use them

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from radis.errors import InputError
 from radis.io import write_text_atomic
-from radis.runtime import on_rank0, use_cuda
+from radis.runtime import on_every_rank, on_rank0, use_cuda
 from radis.train import faults
 
 LATEST = "latest"
@@ -286,8 +286,9 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     `client_state` (same on every rank) goes into DeepSpeed's model-states file;
     `rank_state` (this rank's loader position, RNG) into `trainer_state_rank{r}.pt`.
     `hf_files(dir)`, called on rank 0, writes the HF config/tokenizer next to it.
-    Rank 0's own part at the end (rename, `latest`, pruning) runs through
-    `radis.runtime.on_rank0` in `wait_group`, so that its error reaches every rank.
+    Each rank's own files (`radis.runtime.on_every_rank`) and rank 0's part at the end
+    (rename, `latest`, pruning; `radis.runtime.on_rank0`) are waited for in
+    `wait_group`, and an error of any rank's there is raised on every rank.
     """
     root = Path(ckpt_dir)
     tag = tag_for_step(step)
@@ -299,10 +300,18 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     faults.kill_if("checkpoint", step)
-    torch.save(rank_state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
-    if rank == 0 and hf_files is not None:
-        hf_files(root / tmp_tag / HF_SUBDIR)
-    dist.barrier()  # every rank's files are on disk
+
+    def write_own_part() -> None:
+        faults.disk_full_if(rank, step)
+        torch.save(rank_state, root / tmp_tag / f"trainer_state_rank{rank}.pt")
+        if rank == 0 and hf_files is not None:
+            hf_files(root / tmp_tag / HF_SUBDIR)
+
+    # Every rank's files are on disk after this (it is the barrier). One rank failing its
+    # part (a full disk) stops every rank here, naming it, instead of leaving the others
+    # in the next collective until the group's timeout. The temporary tag stays; the
+    # next start removes it (remove_partial), and `latest` still names the last one.
+    on_every_rank(f"writing its part of checkpoint {root / tmp_tag}", write_own_part, wait_group)
 
     def finish() -> None:
         final = root / tag

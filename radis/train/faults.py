@@ -5,9 +5,11 @@ happens unless the environment variables are set.
     RADIS_FAULT_KILL_AT_STEP=N [RADIS_FAULT_KILL_RANK=r]   after optimizer step N
     RADIS_FAULT_KILL_IN=phase:step[:micro]                 in the middle of a phase (`fault_point`)
     RADIS_FAULT_DELAY_RANK=r:seconds                       rank r late to plan its resume (`delay_rank`)
+    RADIS_FAULT_DISK_FULL=r:step                           rank r cannot write its part of checkpoint `step`
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -41,6 +43,17 @@ def delay_rank(rank: int) -> None:
     who, _, seconds = spec.partition(":")
     if int(who) == rank:
         time.sleep(float(seconds))
+
+
+def disk_full_if(rank: int, step: int) -> None:
+    """RADIS_FAULT_DISK_FULL=r:step: rank r fails to write its part of the checkpoint of
+    `step` with ENOSPC, as a rank whose disk (or node-local staging) filled up would."""
+    spec = os.environ.get("RADIS_FAULT_DISK_FULL")
+    if not spec:
+        return
+    who, _, at = spec.partition(":")
+    if (int(who), int(at)) == (rank, step):
+        raise OSError(errno.ENOSPC, "No space left on device (RADIS_FAULT_DISK_FULL)")
 
 
 def fault_point() -> tuple[str, int, int] | None:

@@ -37,7 +37,13 @@ from typing import Any
 import torch
 
 from radis.config import ConfigError, RadisConfig, check_values, dump_config
-from radis.runtime import RANK0_WORK_TIMEOUT, cpu_supports_float16, on_rank0, use_cuda
+from radis.runtime import (
+    RANK0_WORK_TIMEOUT,
+    RankWorkError,
+    cpu_supports_float16,
+    on_rank0,
+    use_cuda,
+)
 from radis.train import checkpoint as ckpt
 from radis.train.faults import delay_rank, fault_injection, fault_point, kill_now
 from radis.train.metrics import (
@@ -688,9 +694,16 @@ class RadisRecipe:
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "data_hash": self.data_hash,
                       # our schedule's kind (a DeepSpeed JSON's scheduler is not ours to check)
                       "schedule": None if "scheduler" in self.ds_config else self.cfg.train.schedule}
-        tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
-                                   keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files,
-                                   wait_group=self.rank0_group)
+        try:
+            tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state,
+                                       keep_last=self.cfg.train.keep_last, hf_files=self._write_hf_files,
+                                       wait_group=self.rank0_group)
+        except (OSError, RankWorkError) as err:
+            # a full disk or a lost mount on some rank: every rank stops here, naming it
+            kept = (f"The last complete checkpoint is {self.ckpt_dir / self.saved_tag}, which the same command "
+                    "resumes from" if self.saved_tag else "No checkpoint was saved before")
+            raise TrainingError(f"rank {self.rank}: saving the checkpoint of step {self.step} failed: {err}. "
+                                f"{kept}; fix the cause and run it again") from err
         self.saved_tag = tag
         self._print(f"step {self.step}: saved {self.ckpt_dir / tag}")
         return tag
