@@ -427,6 +427,35 @@ def test_two_ranks_give_the_same_results_as_one(tiny_models, tmp_path):
         assert two["safety"] == one["safety"]
 
 
+@pytest.mark.distributed
+def test_a_failed_export_stops_every_rank_with_its_message(tiny_models, tmp_path):
+    """eval.models names a training output whose checkpoint cannot be exported: rank 0's
+    `radis export` fails, and both ranks print the same message and exit 2 (the other
+    rank used to raise a RuntimeError with a traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    base, _ = tiny_models
+    broken = tmp_path / "run" / "checkpoints"
+    (broken / "global_step1").mkdir(parents=True)  # `latest` names a tag with no files in it
+    (broken / "latest").write_text("global_step1")
+    test_file = tmp_path / "test.de-en.jsonl"
+    test_file.write_text(json.dumps({"translation": {"de": "Satz.", "en": "Sentence."}}) + "\n", encoding="utf-8")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model: {{name_or_path: '{base}'}}\n"
+                        f"eval:\n  models: ['broken={tmp_path / 'run'}']\n  retention: false\n  safety: false\n"
+                        f"  test: [{{path: '{test_file}', src_lang: de, tgt_lang: en}}]\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--module", "radis.cli", "evaluate", "--config", str(cfg_file), f"eval.output_dir={tmp_path / 'eval'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0, done.stderr[-3000:]
+    message = f"radis evaluate: eval.models: broken: `radis export` of {broken} failed (exit"
+    assert done.stderr.count(message) == 2, done.stderr[-5000:]
+    assert "rank 0 failed" not in done.stderr, done.stderr[-5000:]
+
+
 def test_beam_search_translates_and_stops_cleanly(tiny_models):
     from transformers import AutoTokenizer, LlamaForCausalLM
 

@@ -50,6 +50,7 @@ from typing import Any
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import Example
 from radis.data.sources import json_records, text_lines
+from radis.errors import InputError
 from radis.evaluate import metrics, report, retention
 from radis.evaluate.general import GeneralSuite
 from radis.evaluate.translate import Translation, translate
@@ -143,7 +144,8 @@ def export_checkpoint(name: str, checkpoint: Path, out_root: Path, wait_group: A
         # A fresh process: the export may start its own (single-rank) DeepSpeed state.
         done = subprocess.run(cmd, check=False, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
         if done.returncode != 0:
-            raise ValueError(f"eval.models: {name}: `radis export` of {checkpoint} failed (exit {done.returncode})")
+            # an InputError: every rank then prints this message and exits 2, as rank 0 does
+            raise InputError(f"eval.models: {name}: `radis export` of {checkpoint} failed (exit {done.returncode})")
 
     on_rank0(f"exporting {checkpoint}", export, wait_group)
     return out
