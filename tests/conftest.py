@@ -16,7 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +35,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], Any]], tuple[Path, Any]]:
+    """`build_once(name, build)`: see `_build_once`."""
+    return lambda name, build: _build_once(tmp_path_factory, name, build)
+
+
+def _build_once(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """`build(directory)` once per test run, shared by every pytest-xdist worker: returns
+    (directory, what build returned, through JSON). A costly fixture (a training run of
+    2 ranks) was otherwise built again in each worker whose tests need it. The first
+    worker builds under a file lock; the others wait for it and read its result. A build
+    that fails leaves no result, and the next worker that asks builds it again."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above every worker's own
+    root, result = base / name, base / f"{name}.result.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not result.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            result.write_text(json.dumps(build(root)))
+    return root, json.loads(result.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,19 +99,22 @@ def write_rationales(path: Path, n: int, seed: int, prefix: str, special: dict[i
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, sp_tokenizer):
-    """Tiny tied Llama + rationale data + a config YAML; returns a dict of paths."""
-    root = tmp_path_factory.mktemp("train")
-    model = make_tiny_llama(sp_tokenizer, root / "model")
-    write_rationales(root / "train.rationales.jsonl", 48, seed=1, prefix="tr")
-    write_rationales(root / "valid.rationales.jsonl", 6, seed=2, prefix="va")
-    (root / "ds.json").write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto",
-                              "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto"}}))
-    config = root / "tiny.yaml"
-    config.write_text(f"""\
+def work(build_once, sp_tokenizer):
+    """Tiny tied Llama + rationale data + a config YAML, built once for all xdist workers
+    (conftest's build_once); a dict of paths, and the model's own tokenizer."""
+    from transformers import LlamaTokenizer
+
+    def build(root: Path) -> None:
+        model = make_tiny_llama(sp_tokenizer, root / "model")
+        write_rationales(root / "train.rationales.jsonl", 48, seed=1, prefix="tr")
+        write_rationales(root / "valid.rationales.jsonl", 6, seed=2, prefix="va")
+        (root / "ds.json").write_text(json.dumps({
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto"}}))
+        config = root / "tiny.yaml"
+        config.write_text(f"""\
 model:
   name_or_path: {model}
   chat_template: llama2
@@ -135,16 +139,25 @@ train:
   deepspeed_config: {root / 'ds.json'}
   dist_timeout_s: 30
 """)
-    return {"root": root, "model": model, "config": config}
+
+    root, _ = build_once("train", build)
+    # the tokenizer the model was saved with (the worker that built it trained its own)
+    return {"root": root, "model": root / "model", "config": root / "tiny.yaml",
+            "tokenizer": LlamaTokenizer.from_pretrained(str(root / "model"))}
 
 
 @pytest.fixture(scope="module")
-def run_a(work):
-    out = work["root"] / "run_a"
-    proc = _run(["bash", "launch/single_node.sh", str(work["config"]), f"train.output_dir={out}"],
-                RADIS_CPU="1", MASTER_PORT=str(_free_port()))
-    assert proc.returncode == 0, proc.log
-    return out, proc
+def run_a(build_once, work):
+    """Run A: 10 steps through launch/single_node.sh, once for all xdist workers; returns
+    (its output dir, the launcher's stdout and stderr as `.stdout` / `.stderr`)."""
+    def build(out: Path) -> dict:
+        proc = _run(["bash", "launch/single_node.sh", str(work["config"]), f"train.output_dir={out}"],
+                    RADIS_CPU="1", MASTER_PORT=str(_free_port()))
+        assert proc.returncode == 0, proc.log
+        return {"stdout": proc.stdout, "stderr": proc.stderr}
+
+    out, result = build_once("run_a", build)
+    return out, SimpleNamespace(**result)
 
 
 def _numerics(records: list[dict]) -> list[dict]:
@@ -225,30 +238,35 @@ def test_export_loads_and_generates(run_a, work, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_b(work):
+def run_b(build_once, work):
     """Run B: two bare processes (no launcher that would kill the survivor for us); rank 1
     SIGKILLs itself after step 5 (after that step's checkpoint, in the middle of epoch 1:
-    16 packs, 4 steps an epoch). Returns (its output dir, return codes, seconds rank 0
-    took to exit after rank 1 died, rank 0's log); tests resume copies of it."""
-    out = work["root"] / "run_b"
-    port = str(_free_port())
-    cmd = [sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}"]
-    procs, logs = [], [work["root"] / f"run_b_rank{r}.log" for r in (0, 1)]
-    for rank in (0, 1):
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   RADIS_FAULT_KILL_AT_STEP="5", RADIS_FAULT_KILL_RANK="1")
-        with open(logs[rank], "w") as log:  # a file, not a pipe: nobody reads while they run
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        procs[1].wait(timeout=180)
-        died = time.monotonic()
-        procs[0].wait(timeout=30 + 30)  # dist_timeout_s is 30; gloo usually notices at once
-        waited = time.monotonic() - died
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return out, [p.returncode for p in procs], waited, logs[0].read_text()
+    16 packs, 4 steps an epoch). Built once for all xdist workers. Returns (its output
+    dir, return codes, seconds rank 0 took to exit after rank 1 died, rank 0's log);
+    tests resume copies of it."""
+    def build(root: Path) -> dict:
+        out = root / "out"
+        port = str(_free_port())
+        cmd = [sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]), f"train.output_dir={out}"]
+        procs, logs = [], [root / f"rank{r}.log" for r in (0, 1)]
+        for rank in (0, 1):
+            env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, RADIS_FAULT_KILL_AT_STEP="5", RADIS_FAULT_KILL_RANK="1")
+            with open(logs[rank], "w") as log:  # a file, not a pipe: nobody reads while they run
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        try:
+            procs[1].wait(timeout=180)
+            died = time.monotonic()
+            procs[0].wait(timeout=30 + 30)  # dist_timeout_s is 30; gloo usually notices at once
+            waited = time.monotonic() - died
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        return {"codes": [p.returncode for p in procs], "waited": waited, "log0": logs[0].read_text()}
+
+    root, result = build_once("run_b", build)
+    return root / "out", result["codes"], result["waited"], result["log0"]
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -280,7 +298,7 @@ def test_dead_rank_stops_the_other_and_resume_is_exact(run_a, run_b, work, tmp_p
     assert c == a  # every per-step loss, grad norm, lr and validation loss, bit for bit
 
 
-def _epoch_record(work, sp_tokenizer, ckpt: Path) -> tuple[int, list[int]]:
+def _epoch_record(work, ckpt: Path) -> tuple[int, list[int]]:
     """(epoch, how often each pack of it was trained) from the loader state saved in `ckpt`."""
     import numpy as np
 
@@ -290,7 +308,7 @@ def _epoch_record(work, sp_tokenizer, ckpt: Path) -> tuple[int, list[int]]:
     from radis.train.checkpoint import load_weights_only
 
     state = load_weights_only(ckpt / "trainer_state_rank0.pt")["loader"]
-    ds = load_or_build(load_config(work["config"]), "train", sp_tokenizer, progress=False, log=None)
+    ds = load_or_build(load_config(work["config"]), "train", work["tokenizer"], progress=False, log=None)
     loader = PackedLoader(ds, world_size=state["world_size"], packs_per_micro_batch=state["packs_per_micro_batch"],
                           gradient_accumulation_steps=state["gradient_accumulation_steps"], seed=state["seed"])
     loader.load_state_dict(state)
@@ -308,7 +326,7 @@ def _close_to(run: list[dict], reference: list[dict], steps: range) -> None:
                 assert math.isclose(rec[key], ref[key], rel_tol=1e-6, abs_tol=1e-9), (rec["step"], key, rec, ref)
 
 
-def test_resume_on_another_world_size_mid_epoch(run_a, run_b, work, sp_tokenizer, tmp_path):
+def test_resume_on_another_world_size_mid_epoch(run_a, run_b, work, tmp_path):
     """2 ranks killed at step 5 (mid epoch 1) resume on 1 rank (4 micro-batches, the same
     packs per step), which saves at step 6 and is resumed on 2 ranks again. Through
     DeepSpeed's universal checkpoint both times: the losses continue run A's (same packs
@@ -323,7 +341,7 @@ def test_resume_on_another_world_size_mid_epoch(run_a, run_b, work, sp_tokenizer
     assert "global_step5 was saved by 2 rank(s), this run has 1: resuming through a universal checkpoint"         in proc.stdout, proc.log
     assert (one / "checkpoints" / "universal" / "global_step5" / "zero").is_dir()
     _close_to(read_metrics(one / "metrics.jsonl", kind=None), a, range(6, 11))
-    assert _epoch_record(work, sp_tokenizer, one / "checkpoints" / "global_step8") == (1, [1] * 16)
+    assert _epoch_record(work, one / "checkpoints" / "global_step8") == (1, [1] * 16)
 
     two = tmp_path / "on_two_ranks"
     _copy_run(one, two)
@@ -339,7 +357,7 @@ def test_resume_on_another_world_size_mid_epoch(run_a, run_b, work, sp_tokenizer
     assert "global_step6 was saved by 1 rank(s), this run has 2" in proc.stdout, proc.log
     assert "resumed at step 6 from global_step6" in proc.stdout
     _close_to(read_metrics(two / "metrics.jsonl", kind=None), a, range(7, 11))
-    assert _epoch_record(work, sp_tokenizer, two / "checkpoints" / "global_step8") == (1, [1] * 16)
+    assert _epoch_record(work, two / "checkpoints" / "global_step8") == (1, [1] * 16)
 
 
 def _two_nodes(work, out: Path, port: str, logs: list[Path], node1_env: dict[str, str] | None = None):
@@ -568,7 +586,7 @@ def test_a_restart_before_the_first_checkpoint_starts_clean_metrics(work, tmp_pa
 # --------------------------------------------------------------------------- runs D
 
 
-def test_one_step_is_independent_of_the_micro_batch_and_rank_split(work, sp_tokenizer):
+def test_one_step_is_independent_of_the_micro_batch_and_rank_split(work):
     """1 rank x 4 micro-batches and 2 ranks x 2 give the same step (loss, grad norm, weights),
     and the grad norm is that of the pooled loss over the step's 4 packs in plain PyTorch."""
     from radis.train.export import consolidated_state_dict
@@ -595,7 +613,7 @@ def test_one_step_is_independent_of_the_micro_batch_and_rank_split(work, sp_toke
     assert r1["tokens"] == r2["tokens"]
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=1e-6)
-    assert r1["grad_norm"] == pytest.approx(_reference_grad_norm(work, sp_tokenizer), rel=1e-4)
+    assert r1["grad_norm"] == pytest.approx(_reference_grad_norm(work, work["tokenizer"]), rel=1e-4)
 
 
 def _reference_grad_norm(work, tokenizer) -> float:
@@ -713,14 +731,14 @@ def with_recorded_topk(records: list[dict], model_dir: Path, tokenizer, out: Pat
     return want_kl
 
 
-def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, tmp_path):
+def test_kd_term_against_recorded_topk_of_the_model_itself(work, tmp_path):
     """Rationale records carry the generator's top-k log-probs (here: the tiny model itself).
     Before any update the student is the teacher, so KL(q || p) of the renormalised top-k q
     is exactly -log(top-k mass): the trainer's logged `kd` of step 1 must equal that,
     computed here in plain PyTorch."""
     records = [json.loads(line) for line in (work["root"] / "train.rationales.jsonl").read_text().splitlines()[:6]]
     data = tmp_path / "kd.rationales.jsonl"
-    want_kl = with_recorded_topk(records, work["model"], sp_tokenizer, data)
+    want_kl = with_recorded_topk(records, work["model"], work["tokenizer"], data)
     out = tmp_path / "run_f"
     proc = _run([sys.executable, "-m", "radis.cli", "train", "--config", str(work["config"]),
                  f"data.train=[{{path: {data}}}]", "data.valid=[]", f"data.cache_dir={tmp_path / 'cache'}",
@@ -733,13 +751,13 @@ def test_kd_term_against_recorded_topk_of_the_model_itself(work, sp_tokenizer, t
     assert 0 < rec["kd"] < rec["loss_rd"]
 
 
-def test_kd_with_validation_that_leaves_a_rank_only_padding(work, sp_tokenizer, tmp_path):
+def test_kd_with_validation_that_leaves_a_rank_only_padding(work, tmp_path):
     """2 ranks, KD on: the validation set is one plain pair (no teacher), one pack, so rank 1
     validates only the all-padding micro-batch that evens out the ranks; at step 0 and after
     every step, without a teacher in any validation batch."""
     records = [json.loads(line) for line in (work["root"] / "train.rationales.jsonl").read_text().splitlines()[:16]]
     data = tmp_path / "kd.rationales.jsonl"
-    with_recorded_topk(records, work["model"], sp_tokenizer, data)
+    with_recorded_topk(records, work["model"], work["tokenizer"], data)
     valid = tmp_path / "valid.de-en.jsonl"
     valid.write_text(json.dumps({"translation": {"de": "die ware hat", "en": "the goods cost"}}) + "\n")
     out = tmp_path / "run_kd_valid"
@@ -759,7 +777,7 @@ def test_kd_run_skips_a_nan_batch(work, sp_tokenizer, tmp_path):
     training goes on; the second occurrence stops the run as without KD."""
     model, raw, _ = nan_model_and_data(sp_tokenizer, tmp_path)
     data = tmp_path / "nan_kd.rationales.jsonl"
-    with_recorded_topk([json.loads(line) for line in raw.read_text().splitlines()], work["model"], sp_tokenizer, data)
+    with_recorded_topk([json.loads(line) for line in raw.read_text().splitlines()], work["model"], work["tokenizer"], data)
     out = tmp_path / "run_kd_nan"
     proc = _run_nan_training(work, model, data, tmp_path, out, "loss.kd_weight=0.5")
     assert proc.returncode == 1, proc.log
@@ -788,7 +806,7 @@ def test_untied_head_with_validation_under_default_zero3(work, sp_tokenizer, tmp
 
 @pytest.mark.skipif(not cpu_supports_float16(), reason="this CPU has no oneDNN fp16 kernels (AVX512-FP16 / "
                     "AMX-FP16), so DeepSpeed's CPU accelerator refuses fp16 (radis refuses it in preflight: test_train)")
-def test_fp16_step_keeps_the_gradient_with_the_loss_scale_folded_in(work, sp_tokenizer):
+def test_fp16_step_keeps_the_gradient_with_the_loss_scale_folded_in(work):
     """model.dtype=float16 under DeepSpeed's dynamic loss scale (2^16 at first): the fused
     loss writes S x the gradient in the forward (S = loss scale x world size, read from
     the engine each micro-batch), so the step's gradient norm is the fp32 one within fp16
@@ -802,4 +820,4 @@ def test_fp16_step_keeps_the_gradient_with_the_loss_scale_folded_in(work, sp_tok
     assert proc.returncode == 0, proc.log
     assert json.loads((out / "ds_config.json").read_text())["fp16"]["enabled"] is True
     (rec,) = read_metrics(out / "metrics.jsonl")
-    assert rec["grad_norm"] == pytest.approx(_reference_grad_norm(work, sp_tokenizer), rel=2e-2), rec
+    assert rec["grad_norm"] == pytest.approx(_reference_grad_norm(work, work["tokenizer"]), rel=2e-2), rec
