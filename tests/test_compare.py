@@ -292,6 +292,8 @@ eval:
   max_new_tokens: 8
   retention_limit: 3
   retention_max_new_tokens: 6
+  safety_limit: 3
+  safety_max_new_tokens: 6
 compare: {{kd_weight: 0.5, topk: 4}}
 """)
     arms = "radis_kd,seqkd"
