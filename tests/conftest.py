@@ -39,28 +39,28 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], Any]], tuple[Path, Any]]:
-    """`build_once(name, build)`: see `_build_once`."""
-    return lambda name, build: _build_once(tmp_path_factory, name, build)
-
-
-def _build_once(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
-    """`build(directory)` once per test run, shared by every pytest-xdist worker: returns
-    (directory, what build returned, through JSON). A costly fixture (a training run of
-    2 ranks) was otherwise built again in each worker whose tests need it. The first
-    worker builds under a file lock; the others wait for it and read its result. A build
-    that fails leaves no result, and the next worker that asks builds it again."""
+    """`build_once(name, build)` runs `build(directory)` once per test run, shared by every
+    pytest-xdist worker, and returns (directory, what build returned, through JSON). A
+    costly fixture (a training run of 2 ranks) was otherwise built again in each worker
+    whose tests need it. The first worker builds under a file lock; the others wait for
+    it and read its result. A build that fails leaves no result, and the next worker
+    that asks builds it again."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the run's directory, above every worker's own
-    root, result = base / name, base / f"{name}.result.json"
-    with FileLock(str(base / f"{name}.lock")):
-        if not result.is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            result.write_text(json.dumps(build(root)))
-    return root, json.loads(result.read_text())
+
+    def once(name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+        root, result = base / name, base / f"{name}.result.json"
+        with FileLock(str(base / f"{name}.lock")):
+            if not result.is_file():
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir()
+                result.write_text(json.dumps(build(root)))
+        return root, json.loads(result.read_text())
+
+    return once
 
 
 @pytest.fixture(scope="session")

@@ -138,9 +138,9 @@ def test_own_tasks_on_smollm2(tmp_path, one_thread):
 @pytest.mark.distributed
 def test_lm_eval_on_two_ranks_equals_one(tiny, tmp_path):
     """torchrun, 2 CPU ranks, against one rank in this process: the harness shards the
-    requests, rank 0 gets the same scores;
-    two models with every part (translation, retention, safety, lm-eval), so that the
-    collectives after a harness run still pair up across the ranks."""
+    requests, rank 0 gets the same scores; two models with every part (translation,
+    retention, safety, lm-eval), so that the collectives after a harness run still pair
+    up across the ranks."""
     import os
     import subprocess
     import sys
