@@ -1,4 +1,4 @@
-"""Atomic file writes, and the JSON readers whose errors name the file and line.
+"""Atomic file writes, an advisory lock, and the JSON readers whose errors name the file and line.
 
 Writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
 
@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,6 +58,28 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]) -> None
             f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
 
     write_atomic(path, write)
+
+
+@contextmanager
+def exclusive_flock(f: IO) -> Iterator[bool]:
+    """An exclusive flock on the open lock file `f`, held for the `with` block; yields
+    whether it is held (False where the platform or file system has none: then the
+    caller's atomic rename alone keeps its output whole, and concurrent builders each
+    build, the loser of the rename discarding its copy)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield False
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError:  # e.g. a file system without locks
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class FileFormatError(InputError):

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from radis.errors import InputError
+from radis.io import exclusive_flock
 from radis.runtime import use_cuda
 
 SMOLLM2_ALIAS = "smollm2"
@@ -131,10 +133,12 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
     changed file is converted again, and of GGUF_CONVERSION, so that a conversion made
     by older code (before the special tokens were set from the file) is made again. The
     conversion writes into a temporary directory and renames it into place, so a killed
-    conversion never leaves a half directory.
+    conversion never leaves a half directory. Processes that need it at once (the ranks
+    of a first run, the workers of the test suite) take turns on a lock file beside it:
+    one converts, the others find its directory done. Where no lock can be had (a file
+    system without flock, a directory of another user's lock files) each converts and
+    the loser of the rename discards its copy.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_CONVERSION}".encode()).hexdigest()[:12]
     root = Path(os.path.expanduser(cache_dir)) / "models"
@@ -142,29 +146,48 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
     if (out / "config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=root))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        set_special_tokens_from_gguf(tok, gguf)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # A model loaded from GGUF is marked quantised and refuses save_pretrained;
-        # its weights are already dequantised, so copy them into a plain model.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    with contextlib.ExitStack() as held:
         try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            lock_file = held.enter_context(open(root / f".{out.name}.lock", "a+"))
+        except OSError:  # no lock here: convert unlocked
+            pass
+        else:
+            held.enter_context(exclusive_flock(lock_file))
+        if (out / "config.json").is_file():  # another process converted it while this one waited
+            return out
+        print(f"radis: converting {gguf.name} to a safetensors directory under {root} (once)", file=sys.stderr,
+              flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=root))
+        try:
+            _dequantise(gguf, tmp)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished first
+                if not (out / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _dequantise(gguf: Path, out: Path) -> None:
+    """Load `gguf` through transformers and save it to `out` as an fp32 safetensors model
+    directory with its tokenizer (special tokens as the file declares them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    set_special_tokens_from_gguf(tok, gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF is marked quantised and refuses save_pretrained;
+    # its weights are already dequantised, so copy them into a plain model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 # The dtypes a config or command line may name (`model.dtype`, `radis export --dtype`).

@@ -36,10 +36,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from radis.config import RadisConfig, SourceConfig, load_config
 from radis.data.example import SPAN_NAMES
@@ -54,6 +53,7 @@ from radis.data.packed_files import (
 from radis.data.packing import PackedDataset
 from radis.data.records import topk_path
 from radis.data.sources import expand_user_paths
+from radis.io import exclusive_flock
 
 SEGMENT_CHUNK = 2048  # examples tokenised per build_segments call (progress granularity)
 SPLITS = ("train", "valid")
@@ -169,7 +169,7 @@ def load_or_build(cfg: RadisConfig, split: str = "train", tokenizer: Any = None,
             raise unreadable from None
         raise DataBuildError(f"{root}: cannot build a cache entry there ({err}); expected a directory writable "
                              "by this user, or set data.cache_dir to one") from None
-    with lock_file, _lock(lock_file) as held:
+    with lock_file, exclusive_flock(lock_file) as held:
         if held:
             _remove_leftovers(entry, log)
         if not force and (entry / "meta.json").is_file():
@@ -304,26 +304,6 @@ def _plain(obj: Any) -> dict[str, Any]:
     elif dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
     return json.loads(json.dumps(obj, default=str))
-
-
-@contextmanager
-def _lock(f: IO[str]) -> Iterator[bool]:
-    """An exclusive flock on the open lock file `f`; yields whether it is held (False where
-    the platform or file system has none: then the atomic rename alone keeps entries whole)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield False
-        return
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX)
-    except OSError:  # e.g. a file system without locks
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_leftovers(entry: Path, log: Callable[[str], None]) -> None:
