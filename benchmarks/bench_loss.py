@@ -46,6 +46,11 @@ Memory method.
 Time: the first step is the memory measurement (and warm-up); the reported time is the
 median of `--repeats` further steps (CUDA: synchronised).
 
+Loss: the first step's value, for every variant on the same inputs. A variant whose loss
+is not naive's (relative difference over LOSS_RTOL of the dtype) is named under the
+table and the script exits 1: its time would be that of another computation. So is a
+variant that fails; the others are still measured and tabled.
+
     python benchmarks/bench_loss.py                          # CPU, scaled down: d=512
     python benchmarks/bench_loss.py --d 4096                 # the full size (slow on CPU)
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --d 4096
@@ -193,8 +198,10 @@ def step_fn(variant: str, chunk: int, rows: torch.Tensor | None = None):
     if variant == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
+        # its own Triton kernel on CUDA; on a CPU (the suite's check of this call) its
+        # torch.compile path, the kernel having none
         return lambda h, w, t, s: linear_cross_entropy(h, w, torch.where(s > 0, t, -100), ignore_index=-100,
-                                                       reduction="mean")
+                                                       reduction="mean", impl="cce" if h.is_cuda else "torch_compile")
     raise ValueError(f"--variant: unknown {variant!r}")
 
 
@@ -212,9 +219,11 @@ def measure(variant: str, n: int, v: int, d: int, dtype: torch.dtype, device: st
     fn = step_fn(variant, chunk, rows=target_rows_of(t, s))  # the collator's job, outside the measurement
     cuda = device.startswith("cuda")
 
-    def one_step():
+    def one_step() -> torch.Tensor:
         h.grad = w.grad = None
-        fn(h, w, t, s).backward()
+        loss = fn(h, w, t, s)
+        loss.backward()
+        return loss
 
     if cuda:
         if variant == "compiled_ce":  # compile outside the measurement
@@ -223,13 +232,14 @@ def measure(variant: str, n: int, v: int, d: int, dtype: torch.dtype, device: st
         h.grad = w.grad = None
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        one_step()
+        loss = one_step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss_bytes()
-        one_step()
+        loss = one_step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    loss = loss.item()  # outside the time: every variant's value, to check that they agree (loss_check)
     times = []
     for _ in range(repeats):
         if cuda:
@@ -240,7 +250,7 @@ def measure(variant: str, n: int, v: int, d: int, dtype: torch.dtype, device: st
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"variant": variant, "n": n, "v": v, "d": d, "dtype": str(dtype).replace("torch.", ""),
-            "device": device, "chunk": chunk, "spans": span_mix(s), "time_s": statistics.median(times),
+            "device": device, "chunk": chunk, "spans": span_mix(s), "loss": loss, "time_s": statistics.median(times),
             "peak_extra_mib": peak / 2**20,
             # the grads of h and W: outputs every variant must produce (the optimizer needs them)
             "grads_mib": (h.numel() * h.element_size() + w.numel() * w.element_size()) / 2**20}
@@ -264,19 +274,43 @@ def _excl(row: dict) -> float:
     return row["peak_extra_mib"] - row["grads_mib"]
 
 
+# Variants whose value is not the loss (the floor returns a sum of its logits).
+NOT_A_LOSS = ("matmuls",)
+# How far a variant's loss may be from naive's on the same inputs: fp32 reorders sums
+# only; half-precision logits differ by where each variant rounds them.
+LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
 def table(rows: list[dict]) -> str:
-    lines = [("| N | V | d | dtype | device | variant | time (s) | peak extra (MiB) | excl. grads (MiB) "
+    lines = [("| N | V | d | dtype | device | variant | loss | time (s) | peak extra (MiB) | excl. grads (MiB) "
              "| mem / naive (excl. grads) | time / naive |"),
-             ("|---|---|---|-------|--------|---------|----------|------------------|-------------------"
+             ("|---|---|---|-------|--------|---------|------|----------|------------------|-------------------"
              "|---------------------------|--------------|")]
     naive = {(r["n"], r["device"]): r for r in rows if r["variant"] == "naive"}
     for r in rows:
         ref = naive.get((r["n"], r["device"]))
         mem = f"{_excl(r) / _excl(ref):.2f}" if ref and _excl(ref) > 0 else "-"
         tim = f"{r['time_s'] / ref['time_s']:.2f}" if ref else "-"
-        lines.append(f"| {r['n']} | {r['v']} | {r['d']} | {r['dtype']} | {r['device']} | {r['variant']} | "
+        loss = "-" if r["variant"] in NOT_A_LOSS else f"{r['loss']:.5f}"
+        lines.append(f"| {r['n']} | {r['v']} | {r['d']} | {r['dtype']} | {r['device']} | {r['variant']} | {loss} | "
                      f"{r['time_s']:.3f} | {r['peak_extra_mib']:.0f} | {_excl(r):.0f} | {mem} | {tim} |")
     return "\n".join(lines)
+
+
+def loss_check(rows: list[dict]) -> list[str]:
+    """One line per variant whose loss is not naive's on the same inputs (within
+    LOSS_RTOL): its times would compare another computation, so the table says so."""
+    naive = {(r["n"], r["device"]): r for r in rows if r["variant"] == "naive"}
+    out = []
+    for r in rows:
+        ref = naive.get((r["n"], r["device"]))
+        if ref is None or r["variant"] in NOT_A_LOSS:
+            continue
+        rel = abs(r["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+        if not rel <= LOSS_RTOL[r["dtype"]]:  # a NaN fails too
+            out.append(f"N={r['n']}: {r['variant']} loss {r['loss']:.6f} is not naive's {ref['loss']:.6f} "
+                       f"(relative difference {rel:.1e} > {LOSS_RTOL[r['dtype']]:.0e}): not the same loss")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -288,7 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--chunk", type=int, default=1024, help="rows per chunk of the fused paths")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=None, help="subset to run")
+    p.add_argument("--variants", nargs="+", default=None, choices=GPU_VARIANTS, metavar="VARIANT",
+                   help=f"subset to run, of: {' '.join(GPU_VARIANTS)}")
     p.add_argument("--spans-from", default=None, metavar="CACHE_DIR",
                    help="span layout of real packed data: a cache entry of `radis build-data` (default: synthetic)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -309,17 +344,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     variants = args.variants or (GPU_VARIANTS if device.startswith("cuda") else CPU_VARIANTS)
-    rows = []
+    rows, failed = [], []
     for n in args.n:
         for variant in variants:
             if variant in OPTIONAL and importlib.util.find_spec(OPTIONAL[variant]) is None:
                 print(f"skip {variant}: {OPTIONAL[variant]} not installed", file=sys.stderr)
                 continue
-            if device == "cpu":
-                row = run_cpu_worker(args, variant, n)
-            else:
-                row = measure(variant, n, args.v, args.d, dtype, device, args.chunk, args.repeats, args.spans_from)
-                torch.cuda.empty_cache()
+            # One variant that fails (a peer library at odds with this torch / triton, an
+            # out-of-memory) is named and the others still measured: on a GPU lent for
+            # minutes, the rows that did run are what the run is for.
+            try:
+                if device == "cpu":
+                    row = run_cpu_worker(args, variant, n)
+                else:
+                    row = measure(variant, n, args.v, args.d, dtype, device, args.chunk, args.repeats,
+                                  args.spans_from)
+            except Exception as err:  # noqa: BLE001 - reported below, and the exit status says so
+                failed.append(f"N={n}: {variant} failed: {type(err).__name__}: {str(err).strip()[-1500:]}")
+                print(failed[-1], file=sys.stderr)
+                continue
+            finally:
+                if device != "cpu":
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(f"  {variant:22s} N={n:6d}: {row['time_s']:.3f} s, {row['peak_extra_mib']:.0f} MiB", file=sys.stderr)
     origin = f"span layout of {args.spans_from}" if args.spans_from else "synthetic"
@@ -328,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         if mix:
             print(f"N={n}: targets {mix} of the rows ({origin})")
     print(table(rows))
+    mismatches = loss_check(rows)
+    for line in mismatches + failed:
+        print(line)
     for n in args.n:
         by = {r["variant"]: r for r in rows if r["n"] == n}
         for fused in ("radis_linear_torch", "radis_linear_triton"):
@@ -348,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w") as f:
             json.dump(rows, f, indent=1)
         os.replace(tmp, args.json)
-    return 0
+    return 1 if mismatches or failed else 0
 
 
 if __name__ == "__main__":

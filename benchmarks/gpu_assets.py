@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ALMA = ROOT.parent / "shared" / "data" / "alma" / "deen"
 DEEPSPEED = "deepspeed==0.19.8"
 # What DeepSpeed, liger-kernel and cut-cross-entropy need that the GPU image lacks (its
-# package list: /work/.library/device/KINDS.md), pinned so that the wheels agree.
+# package list: /work/.library/device/KINDS.md), pinned so that the wheels agree; the
+# two peers at the versions of setup.py's `bench` extra (BENCH_PEERS), which the suite tests.
 WHEELS = ["hjson==3.1.0", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0",
           "typing-inspection==0.4.4", "typing-extensions==4.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",

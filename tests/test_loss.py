@@ -616,8 +616,7 @@ def test_cuda_triton_matches_torch_without_host_sync():
 # --------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_variants_run_and_agree():
-    """benchmarks/bench_loss.py's CPU variants compute the same loss (tiny shapes)."""
+def _bench_loss():
     import importlib.util
     from pathlib import Path
 
@@ -625,6 +624,13 @@ def test_benchmark_variants_run_and_agree():
     spec = importlib.util.spec_from_file_location("bench_loss", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_variants_run_and_agree():
+    """benchmarks/bench_loss.py's CPU variants compute the same loss (tiny shapes), and its
+    loss check names a variant that does not."""
+    bench = _bench_loss()
     h, w, t, s = bench.make_inputs(40, 300, 16, torch.float32, "cpu")
     losses = [bench.step_fn(v, chunk=16)(h, w, t, s).item() for v in bench.CPU_VARIANTS if v != "matmuls"]
     assert len(losses) == 4 and all(x == pytest.approx(losses[0], rel=1e-5) for x in losses)
@@ -632,4 +638,50 @@ def test_benchmark_variants_run_and_agree():
     bench.step_fn("matmuls", chunk=16)(hh, w, t, s).backward()  # the floor: only target rows get a gradient
     assert (hh.grad[t == -100] == 0).all() and (hh.grad[t != -100] != 0).any()
     row = bench.measure("radis_linear_torch", 40, 300, 16, torch.float32, "cpu", chunk=16, repeats=1)
-    assert row["time_s"] > 0 and row["grads_mib"] > 0
+    assert row["time_s"] > 0 and row["grads_mib"] > 0 and row["loss"] == pytest.approx(losses[0], rel=1e-5)
+    naive = dict(row, variant="naive")
+    floor = dict(row, variant="matmuls", loss=123.0)  # not a loss: never compared
+    assert bench.loss_check([naive, row, floor]) == []
+    for wrong in (row["loss"] * 1.01, float("nan")):
+        (line,) = bench.loss_check([naive, dict(row, loss=wrong)])
+        assert line.startswith("N=40: radis_linear_torch loss") and "not the same loss" in line
+    assert f"| radis_linear_torch | {row['loss']:.5f} |" in bench.table([naive, row])
+
+
+def test_benchmark_names_a_failing_variant_and_still_tables_the_others(monkeypatch, capsys):
+    bench = _bench_loss()
+
+    def worker(args, variant, n):
+        if variant == "radis_torch":
+            raise RuntimeError("worker radis_torch N=64 failed: out of memory")
+        return {"variant": variant, "n": n, "v": args.v, "d": args.d, "dtype": "float32", "device": "cpu",
+                "loss": 5.0, "time_s": 1.0, "peak_extra_mib": 2.0, "grads_mib": 1.0, "spans": "-"}
+
+    monkeypatch.setattr(bench, "run_cpu_worker", worker)
+    assert bench.main(["--device", "cpu", "--n", "64", "--variants", "naive", "radis_torch", "radis_linear_torch"]) == 1
+    out = capsys.readouterr().out
+    assert "| naive | 5.00000 |" in out and "| radis_linear_torch | 5.00000 |" in out
+    assert "N=64: radis_torch failed: RuntimeError: worker radis_torch N=64 failed: out of memory" in out
+
+
+@pytest.mark.parametrize("peer", ["liger_flce", "cce"])
+def test_benchmark_peers_compute_the_same_loss_and_gradients(peer):
+    """The GPU rows compare radis_linear_triton's time with Liger-Kernel's and
+    cut-cross-entropy's: the calls that bench_loss makes of them must compute the pooled
+    loss (CE over the MT and RD targets) and its gradients, or the comparison is of
+    another computation. Liger runs its own Triton kernel here (TRITON_INTERPRET=1); cce's
+    kernel cannot run in the interpreter, so its torch.compile path checks the call."""
+    bench = _bench_loss()
+    module = bench.OPTIONAL[peer]
+    pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[dev]')")
+    h, w, t, s = bench.make_inputs(48, 320, 16, torch.float32, "cpu")
+    grads = []
+    for variant in ("naive", peer):
+        h.grad = w.grad = None
+        loss = bench.step_fn(variant, chunk=16)(h, w, t, s)
+        loss.backward()
+        grads.append((loss.item(), h.grad.clone(), w.grad.clone()))
+    (ref, ref_h, ref_w), (got, got_h, got_w) = grads
+    assert got == pytest.approx(ref, rel=1e-5)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-6)
