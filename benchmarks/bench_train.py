@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=ALMA, help="folder with train.de-en.de / .en (default ALMA de-en)")
     p.add_argument("--tokenizer", default="smollm2", help="tokenizer of the random model (default SmolLM2's)")
     p.add_argument("--out", default="outputs/bench_train")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="where the random model is saved and reused (default OUT/<cpu|gpu>/model-<size>); "
+                        "the 1B model is 2.2 GB, so gpu_check keeps it out of the folder it brings back")
     p.add_argument("--only", choices=["ours", "hf"], default=None)
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -69,7 +72,7 @@ def prepare(args: argparse.Namespace, out: Path) -> Path:
     data = args.data_dir
     if not (data / "train.de-en.de").is_file():
         sys.exit(f"bench_train: needs the ALMA de-en data at {data} (--data-dir)")
-    model_dir = out / f"model-{'1b' if args.gpu else 'tiny'}"
+    model_dir = args.model_dir or out / f"model-{'1b' if args.gpu else 'tiny'}"
     if not (model_dir / "config.json").is_file():
         tok = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
         hidden, layers, heads, kv, inter = MODELS["1b" if args.gpu else "tiny"]

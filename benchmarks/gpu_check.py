@@ -6,7 +6,9 @@
 
 Without CUDA it says that it needs a GPU and exits 0. On a GPU machine it runs these
 steps, each in its own process with its own time limit (all limits together are the
-budget, 8 minutes by default: sized for one H100 / H200), its output in DIR/<step>.log:
+budget, 8 minutes by default: sized for one H100 / H200; what a step leaves unused goes
+to the steps after it; a step that runs out is killed with every process below it), its
+output in DIR/<step>.log:
 
     install         the wheels in ASSETS/wheels (DeepSpeed, liger-kernel, cut-cross-entropy and
                     what they need) and this checkout, with pip and no index (no network
@@ -28,12 +30,14 @@ a network: wheels, SmolLM2's config and tokenizer (no weights), an ALMA de-en sl
 a packed cache of real span layout. On the device tool's machine, whose $OUT brings back
 at most 8 files:
 
-    python3 benchmarks/gpu_check.py --out /tmp/gpu_check; tar czf $OUT/gpu_check.tgz -C /tmp gpu_check;
-    cp /tmp/gpu_check/summary.md $OUT/
+    python3 benchmarks/gpu_check.py --out /tmp/gpu_check;
+    tar czf $OUT/gpu_check.tgz --exclude='*.safetensors' --exclude=cache -C /tmp gpu_check;
+    cp /tmp/gpu_check/summary.md /tmp/gpu_check/*.json $OUT/
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -41,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,16 +126,37 @@ def plan(out: Path, assets: Path) -> list[Step]:
         Step("bench_train", 165, "radis train vs HF Trainer, ~1B Llama, 4k packs, ZeRO-3, bf16",
              needs_modules=("deepspeed", "radis.kernels"), needs_paths=(smollm2, alma / "train.de-en.de"),
              command=[PY, str(ROOT / "benchmarks" / "bench_train.py"), "--gpu", "--steps", "6", "--warmup", "2",
-                      "--tokenizer", str(smollm2), "--data-dir", str(alma), "--out", str(out / "bench_train")]),
+                      "--tokenizer", str(smollm2), "--data-dir", str(alma), "--out", str(out / "bench_train"),
+                      # 2.2 GB of random weights: not in the folder that is archived and brought back
+                      "--model-dir", str(Path(tempfile.gettempdir()) / "radis-gpu-check-model-1b")]),
     ]
 
 
-def run_step(step: Step, out: Path, left_s: float) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`, its process group and every process below it. The group alone is
+    not enough: torchrun starts each rank in a session of its own, so a rank outlives a
+    killed group and would keep the GPU (and the step's files) busy into the next step.
+    The descendants are listed before anything is killed: an orphan is no longer below."""
+    try:
+        import psutil
+
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - no psutil, or the process is already gone: the group still goes
+        below = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in below:
+        with contextlib.suppress(Exception):
+            child.kill()
+    proc.wait()
+
+
+def run_step(step: Step, out: Path, limit_s: float) -> None:
     why = step.missing()
     if why:
         step.status, step.note = "skipped", why
         return
-    limit = max(1, int(min(step.limit_s, left_s)))
+    limit = max(1, int(limit_s))
     log = out / f"{step.name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)  # the real compiler, on the real GPU
@@ -138,8 +164,7 @@ def run_step(step: Step, out: Path, left_s: float) -> None:
     with open(log, "w", encoding="utf-8") as f:
         f.write("+ " + " ".join(step.command) + "\n")
         f.flush()
-        # its own session: a timeout ends the whole tree (torchrun's ranks, pytest's children),
-        # not only the direct child, so nothing keeps the GPU busy into the next step
+        # its own session, so that a timeout can end the whole tree (kill_tree)
         proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
@@ -147,10 +172,20 @@ def run_step(step: Step, out: Path, left_s: float) -> None:
             step.status = "ok" if rc == 0 else "failed"
             step.note = "" if rc == 0 else f"exit status {rc}; see {log.name}"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             step.status, step.note = "timed out", f"after its {limit} s; see {log.name}"
     step.seconds = time.monotonic() - t0
+
+
+def step_limit(steps: list[Step], i: int, elapsed_s: float, budget_s: float) -> float:
+    """The time limit of steps[i], started `elapsed_s` into the run: its own `limit_s`,
+    or more where the steps before it left time unused (an install with nothing to
+    install, a skipped step): all the time up to the end that the plan gave it. So time
+    saved early goes to the benchmarks at the end instead of being lost. The plan's
+    limits are scaled to `budget_s` (they add up to the default budget)."""
+    scale = budget_s / max(sum(s.limit_s for s in steps), 1)
+    planned_end = scale * sum(s.limit_s for s in steps[: i + 1])
+    return min(budget_s - elapsed_s, max(scale * steps[i].limit_s, planned_end - elapsed_s))
 
 
 def summary(steps: list[Step], out: Path, started: float) -> str:
@@ -159,11 +194,15 @@ def summary(steps: list[Step], out: Path, started: float) -> str:
     for s in steps:
         lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.what} | {s.note} |")
     lines += ["", f"total {time.monotonic() - started:.0f} s; logs and tables in {out}", ""]
-    tables = [(s.name, out / f"{s.name}.log") for s in steps if s.name.startswith("bench") and s.status == "ok"]
-    for name, log in tables:  # the Markdown tables each benchmark printed
-        rows = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.startswith("|")]
+    # The Markdown tables each benchmark printed, of a failed or timed-out one too: a
+    # benchmark with one failed variant or side still printed the rows that ran.
+    tables = [(s, out / f"{s.name}.log") for s in steps if s.name.startswith("bench") and s.status != "skipped"]
+    for step, log in tables:
+        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+        rows = [ln for ln in text.splitlines() if ln.startswith("|")]
         if rows:
-            lines += [f"## {name}", "", *rows, ""]
+            lines += [f"## {step.name}" + ("" if step.status == "ok" else f" ({step.status}: the rows it printed)"),
+                      "", *rows, ""]
     return "\n".join(lines)
 
 
@@ -246,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    for step in steps:
-        left = args.budget_s - (time.monotonic() - started)
-        if left < 5:
+    for i, step in enumerate(steps):
+        elapsed = time.monotonic() - started
+        if args.budget_s - elapsed < 5:
             step.status, step.note = "skipped", f"the {args.budget_s} s budget is spent"
             continue
         print(f"[gpu-check] {step.name}: {step.what}", flush=True)
-        run_step(step, out, left)
+        run_step(step, out, step_limit(steps, i, elapsed, args.budget_s))
         print(f"[gpu-check] {step.name}: {step.status} ({step.seconds:.0f} s) {step.note}", flush=True)
     text = summary(steps, out, started)
     (out / "summary.md").write_text(text, encoding="utf-8")

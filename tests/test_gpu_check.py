@@ -3,6 +3,7 @@ how it plans and reports, and that every step's bookkeeping holds (ok, failed, t
 out, skipped with its reason)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def test_steps_report_ok_failed_timed_out_and_skipped(tmp_path):
                 needs_paths=(tmp_path / "absent",), command=[py, "-c", "pass"]),
     ]
     for s in steps:
-        gc.run_step(s, tmp_path, left_s=60)
+        gc.run_step(s, tmp_path, s.limit_s)
     assert [s.status for s in steps] == ["ok", "failed", "timed out", "skipped"]
     assert steps[1].note == "exit status 3; see failing.log"
     assert "no_such_module_xyz not importable" in steps[3].note and "absent not found" in steps[3].note
@@ -63,6 +64,38 @@ def test_steps_report_ok_failed_timed_out_and_skipped(tmp_path):
     assert "| failing | failed |" in text and "| slow | timed out |" in text
     assert "## bench_ok" in text and "| a | b |" in text  # the benchmark's own table is carried over
     assert (tmp_path / "bench_ok.log").read_text().startswith("+ ")
+
+
+def test_a_timed_out_step_leaves_no_process_behind_and_its_rows_are_kept(tmp_path):
+    """torchrun starts each rank in a session of its own: killing the step's process group
+    alone left such a rank running (on the GPU day: on the GPU, into the next step). And a
+    benchmark that printed some rows before it ran out of time keeps them in the summary."""
+    import psutil
+
+    gc = _module()
+    pid_file = tmp_path / "grandchild.pid"
+    body = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('| variant | time |', flush=True); time.sleep(60)")
+    step = gc.Step("bench_slow", 3, "starts a rank in its own session, then hangs", command=[sys.executable, "-c", body])
+    gc.run_step(step, tmp_path, 3)
+    assert step.status == "timed out"
+    grandchild = int(pid_file.read_text())
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(grandchild).wait(timeout=5)  # reaped by init once killed
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    text = gc.summary([step], tmp_path, started=0.0)
+    assert "## bench_slow (timed out: the rows it printed)" in text and "| variant | time |" in text
+
+
+def test_time_a_step_leaves_unused_goes_to_the_steps_after_it():
+    gc = _module()
+    steps = [gc.Step(name, limit, name) for name, limit in [("install", 40), ("tests", 100), ("bench", 100)]]
+    assert gc.step_limit(steps, 0, 0, 240) == 40
+    assert gc.step_limit(steps, 1, 5, 240) == 135  # install took 5 s of its 40
+    assert gc.step_limit(steps, 2, 140, 240) == 100  # on plan
+    assert gc.step_limit(steps, 2, 200, 240) == 40  # late: never past the budget
+    assert gc.step_limit(steps, 0, 0, 120) == 20  # a smaller budget scales the plan
 
 
 def _load(script: Path):
