@@ -187,7 +187,9 @@ def step_fn(variant: str, chunk: int, rows: torch.Tensor | None = None):
         return linear
     if variant == "compiled_ce":
         global _COMPILED
-        _COMPILED = _COMPILED or torch.compile(naive_loss)
+        # static shapes: each N gets its own specialised kernels, as a fixed-size trainer's
+        # would (the default would recompile the second N as dynamic, slower code)
+        _COMPILED = _COMPILED or torch.compile(naive_loss, dynamic=False)
         return _COMPILED
     if variant == "liger_flce":
         from liger_kernel.transformers.functional import (
