@@ -132,6 +132,7 @@ def radis_loss(
     impl = _resolve_impl(impl, logits)
     scale, counts = _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer)
     t_ids, t_lp, kd_weight = _teacher(teacher_ids, teacher_logprobs, kd_weight)
+    (logits,) = _without_grad_unless_enabled(logits)
     loss, nll, kl = RadisLossFunction.apply(
         logits, targets, spans, scale, t_ids, t_lp, kd_weight, impl, inplace, chunk_size, block_v,
         _grad_scale(grad_scale),
@@ -206,6 +207,7 @@ def radis_linear_loss(
                 teacher_ids, teacher_logprobs = teacher_ids.index_select(0, rows), teacher_logprobs.index_select(0, rows)
     scale, counts = _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer)
     t_ids, t_lp, kd_weight = _teacher(teacher_ids, teacher_logprobs, kd_weight)
+    hidden, weight, bias = _without_grad_unless_enabled(hidden, weight, bias)
     loss, nll, kl = RadisLinearLossFunction.apply(
         hidden, weight, bias, targets, spans, scale, t_ids, t_lp, kd_weight, impl, chunk_size, block_v,
         _grad_scale(grad_scale),
@@ -401,6 +403,25 @@ def _teacher(teacher_ids, teacher_logprobs, kd_weight):
     return teacher_ids, teacher_logprobs, float(kd_weight)
 
 
+def _without_grad_unless_enabled(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors, detached under torch.no_grad(). Autograd's needs_input_grad ignores
+    grad mode: a Parameter (the LM head's weight) is reported as needing its gradient even
+    in validation, and the fused Functions would then compute it (a [V, d] buffer and the
+    gradient pass for nothing)."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
+def _count_on(value: Any, device: torch.device) -> torch.Tensor:
+    """A token count (a Python number or a tensor) as a float32 scalar on `device`.
+    A Python number goes through torch.full, a fill kernel: torch.as_tensor(x, device=cuda)
+    would copy from the host with a blocking copy, a sync per forward."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
 def _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, normalizer):
     """Per-span token weights scale[3] = [0, w_mt / D_MT, w_rd / D_RD] and this call's counts."""
     valid = targets != IGNORE_INDEX
@@ -421,8 +442,7 @@ def _scales(targets, spans, teacher_ids, teacher_logprobs, w_mt, w_rd, mode, nor
     elif isinstance(normalizer, Mapping):
         if set(normalizer) != {"mt", "rd"}:
             raise ValueError(f"normalizer: expected keys {{'mt', 'rd'}}, got {sorted(normalizer)}")
-        d_mt = torch.as_tensor(normalizer["mt"], dtype=torch.float32, device=targets.device).reshape(())
-        d_rd = torch.as_tensor(normalizer["rd"], dtype=torch.float32, device=targets.device).reshape(())
+        d_mt, d_rd = (_count_on(normalizer[k], targets.device) for k in ("mt", "rd"))
     else:
         raise ValueError(f"normalizer: expected None, a dict {{'mt', 'rd'}} or a tensor [2], got {type(normalizer).__name__}")
     one = torch.ones((), dtype=torch.float32, device=targets.device)

@@ -248,6 +248,31 @@ def test_no_grad_path_and_empty_input():
     assert out.loss.item() == 0.0 and empty.grad.shape == (0, 50)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_validation_under_no_grad_computes_no_head_gradient(impl, monkeypatch):
+    """Under torch.no_grad() (validation) autograd still reports the head's Parameter as
+    needing its gradient; the fused head must not compute one (a [V, d] buffer, the
+    gradient pass)."""
+    import radis.kernels.radis_loss as kernel
+
+    asked = []
+    forward = kernel.RadisLinearLossFunction.forward
+
+    def recording(ctx, *args):
+        asked.append(tuple(ctx.needs_input_grad[:3]))
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(kernel.RadisLinearLossFunction, "forward", staticmethod(recording))
+    h = torch.randn(12, 8)
+    head = torch.nn.Parameter(torch.randn(40, 8))
+    t, s = torch.randint(0, 40, (12,)), torch.full((12,), 2)
+    with torch.no_grad():
+        quiet = radis_linear_loss(h, head, t, s, impl=impl).loss
+    loud = radis_linear_loss(h, head, t, s, impl=impl).loss
+    assert asked == [(False, False, False), (False, True, False)]
+    torch.testing.assert_close(quiet, loud.detach())
+
+
 # --------------------------------------------------------------------------- normaliser
 
 
@@ -562,8 +587,9 @@ def test_cuda_linear_loss_with_given_rows_has_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        # the trainer's call: the step's global counts as Python ints (no host-to-device copy)
         out = radis_linear_loss(h, w, t, s, impl="triton", validate=False, target_rows=rows,
-                                teacher_ids=tid, teacher_logprobs=tlp, kd_weight=0.5)
+                                teacher_ids=tid, teacher_logprobs=tlp, kd_weight=0.5, normalizer={"mt": 7, "rd": 30})
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
