@@ -437,7 +437,8 @@ def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     pos = torch.arange(seq_ids.shape[1], device=seq_ids.device)
     allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (pos[:, None] >= pos[None, :])
     visible = torch.zeros((), dtype=dtype, device=seq_ids.device)
-    hidden = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seq_ids.device)
+    # torch.full, not torch.tensor: no host-to-device copy (a sync per batch on CUDA)
+    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seq_ids.device)
     return torch.where(allowed, visible, hidden)[:, None]
 
 

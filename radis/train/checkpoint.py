@@ -212,8 +212,11 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if use_cuda():  # not on a CPU run of a GPU node: that would open a CUDA context on every GPU
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if use_cuda():  # not on a CPU run of a GPU node: that would open a CUDA context
+        # this rank's own device only: get_rng_state_all() would open a context on every
+        # visible GPU in every rank (memory on all of them), and a resume on a node that
+        # shows fewer GPUs could not set them back
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -224,7 +227,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and use_cuda():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device = torch.cuda.current_device()
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):  # written before: every visible GPU's state
+            saved = saved[device] if device < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved, device)
 
 
 # --------------------------------------------------------------------------- loading without unpickling

@@ -505,6 +505,7 @@ class RadisRecipe:
             # end of the step (the only per-micro-batch sync is the finite-loss vote below):
             # [loss, nll_mt, nll_rd, kd, n_mt, n_rd, n_kd, tokens, sum_len², skipped]
             stats = torch.zeros(10, dtype=torch.float64, device=self.device)
+            host = [0.0, 0.0]  # tokens, sum_len²: known on the host, copied once after the loop
             for micro in range(G):
                 self._micro = micro  # where the fault-injection hooks stand (testing)
                 batch = next(batches)
@@ -524,10 +525,13 @@ class RadisRecipe:
                 engine.backward(out.loss * self.world, scale_wrt_gas=False)
                 # step: DeepSpeed updates only at the accumulation boundary (micro == G-1)
                 engine.step()
-                host = torch.tensor([batch["num_tokens"], sum_sq_lengths(_cumsum0(_example_lengths(batch))), 0],
-                                    dtype=torch.float64)
+                host[0] += batch["num_tokens"]
+                host[1] += sum_sq_lengths(_cumsum0(_example_lengths(batch)))
                 parts = (out.loss.detach(), out.nll_mt, out.nll_rd, out.kd_rd, out.n_mt, out.n_rd, out.n_kd)
-                stats += torch.cat([torch.stack([x.double() for x in parts]), host.to(self.device)])
+                stats[:7] += torch.stack([x.double() for x in parts])
+            # one host-to-device copy per step (a copy per micro-batch was a sync each), just
+            # before the all-reduce that waits for the device anyway
+            stats[7:9] += torch.tensor(host, dtype=torch.float64).to(self.device)
             self.step += 1
             if self.heartbeat is not None:
                 self.heartbeat.step = self.step
@@ -829,7 +833,7 @@ class RadisRecipe:
           norms and biases would get weight decay: restore each group's saved settings;
         - every sub-group's state gets the *same* `step` tensor object, and AdamW
           increments it in place once per sub-group, so the step count (and Adam's bias
-          correction) runs ahead: give each state its own copy.
+          correction) runs ahead: give each state its own copy, on its moments' device.
 
         Measured on the 2 -> 1 rank test: without these the losses after the resume drift
         from the uninterrupted run's by 2.5e-4 (relative) within 3 steps; with them they
@@ -837,7 +841,10 @@ class RadisRecipe:
         base = self._base_optimizer()
         for state in base.state.values():
             if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+                # and where the moments are: the universal files are read to the CPU, and a
+                # fused CUDA AdamW (the GPU's choice) reads its step count on the device
+                where = state["exp_avg"].device if torch.is_tensor(state.get("exp_avg")) else state["step"].device
+                state["step"] = state["step"].to(where, copy=True)
         groups = base.param_groups
         if saved is None:  # a checkpoint written before radis saved them: the settings we build
             saved = self._configured_groups(len(groups))
