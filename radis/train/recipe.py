@@ -537,6 +537,8 @@ class RadisRecipe:
                 self.heartbeat.step = self.step
             # metrics of the step over all ranks (one small all-reduce)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            if self.device.type == "cuda":  # so that the step's time holds its own update, queued last
+                torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
