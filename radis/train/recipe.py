@@ -841,11 +841,13 @@ class RadisRecipe:
         from the uninterrupted run's by 2.5e-4 (relative) within 3 steps; with them they
         stay within 1e-8, as a run on 1 rank from the start does."""
         base = self._base_optimizer()
+        # A fused (or capturable) AdamW, the GPU's choice, reads its step count on the
+        # moments' device; the universal files are read to the CPU. Any other AdamW keeps
+        # it on the CPU, where reading it costs no sync.
+        on_device = bool(base.defaults.get("fused") or base.defaults.get("capturable"))
         for state in base.state.values():
             if torch.is_tensor(state.get("step")):
-                # and where the moments are: the universal files are read to the CPU, and a
-                # fused CUDA AdamW (the GPU's choice) reads its step count on the device
-                where = state["exp_avg"].device if torch.is_tensor(state.get("exp_avg")) else state["step"].device
+                where = state["exp_avg"].device if on_device and torch.is_tensor(state.get("exp_avg")) else "cpu"
                 state["step"] = state["step"].to(where, copy=True)
         groups = base.param_groups
         if saved is None:  # a checkpoint written before radis saved them: the settings we build
