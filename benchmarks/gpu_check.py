@@ -188,8 +188,8 @@ def step_limit(steps: list[Step], i: int, elapsed_s: float, budget_s: float) -> 
     return min(budget_s - elapsed_s, max(scale * steps[i].limit_s, planned_end - elapsed_s))
 
 
-def summary(steps: list[Step], out: Path, started: float) -> str:
-    lines = [f"# gpu-check, {datetime.datetime.now():%Y-%m-%d %H:%M}", "",
+def summary(steps: list[Step], out: Path, started: float, title: str = "gpu-check") -> str:
+    lines = [f"# {title}, {datetime.datetime.now():%Y-%m-%d %H:%M}", "",
              "| step | status | seconds | what | note |", "|------|--------|---------|------|------|"]
     for s in steps:
         lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.what} | {s.note} |")

@@ -1,6 +1,6 @@
 """`make gpu-check` (benchmarks/gpu_check.py): what it does on a machine without a GPU,
 how it plans and reports, and that every step's bookkeeping holds (ok, failed, timed
-out, skipped with its reason)."""
+out, skipped with its reason); and its rehearsal on a CPU (benchmarks/gpu_rehearsal.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -137,3 +137,48 @@ def test_the_gpu_tests_step_collects_every_gpu_test(tmp_path):
             if line.startswith("def test_") and any("mark.gpu" in ln for ln in lines[max(0, i - 4):i]):
                 marked.add(line[4:].split("(")[0])
     assert len(marked) >= 6 and collected == marked
+
+
+# ---------------------------------------------------------------- the rehearsal on a CPU
+
+REHEARSAL = ROOT / "benchmarks" / "gpu_rehearsal.py"
+
+
+def test_the_rehearsal_uninstalls_nothing_outside_its_own_venv(tmp_path):
+    # It uninstalls DeepSpeed and this checkout: run from the dev venv it must refuse first.
+    proc = subprocess.run([sys.executable, str(REHEARSAL), "--out", str(tmp_path / "out"), "--venv", str(tmp_path / "v")],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "it uninstalls what gpu-check installs" in proc.stderr and str(tmp_path / "v") in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert importlib.util.find_spec("deepspeed") is not None
+
+
+def test_the_rehearsal_runs_its_checks_as_command_lines_their_scripts_accept(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        _module()  # the rehearsal imports gpu_check by name
+        spec = importlib.util.spec_from_file_location("gpu_rehearsal", REHEARSAL)
+        rehearsal = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rehearsal)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    steps = {s.name: s for s in rehearsal.plan(tmp_path / "out", tmp_path / "assets")}
+    assert list(steps) == ["reset", "install", "plan", "imports", "gpu_tests", "bench_loss", "bench_generate",
+                           "bench_train"]
+    gpu_tests = next(s for s in _module().plan(tmp_path / "out", tmp_path / "assets") if s.name == "gpu_tests")
+    assert steps["gpu_tests"].command == gpu_tests.command  # the GPU day's own command line
+    for name in ("bench_loss", "bench_generate", "bench_train"):
+        args = _load(Path(steps[name].command[1])).parse_args(steps[name].command[2:])  # exits on a bad flag
+        assert getattr(args, "device", "cpu") == "cpu" and getattr(args, "devices", ["cpu"]) == ["cpu"]
+        assert not getattr(args, "gpu", False)
+
+
+def test_every_module_and_benchmark_script_imports():
+    # The rehearsal's import check, here in the dev venv: a module that cannot be imported
+    # (a top-level import of an absent package, a syntax error) fails the suite too.
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import gpu_rehearsal; sys.exit(gpu_rehearsal.check_imports())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "modules import" in proc.stdout
