@@ -40,12 +40,15 @@ import time
 import traceback
 from pathlib import Path
 
-import gpu_check  # beside this file: the same steps, runner and summary as the GPU day
+import gpu_assets  # beside this file: what the GPU day installs
+import gpu_check  # the same steps, runner and summary as the GPU day
 from gpu_check import PY, ROOT, Step, run_step, step_limit, summary
 
 IMAGE = {"python": "3.12", "torch": "2.11", "transformers": "5.17", "triton": "3.6"}
 # The image has typing_extensions (an older one, maybe): the install replaces it, never removes it.
-KEPT = {"typing_extensions"}
+KEPT = {"typing-extensions"}
+# bench_loss imports these on CUDA only: here they are imported by the imports check
+PEERS = ("liger_kernel.transformers.functional", "cut_cross_entropy")
 
 
 def distribution(wheel: Path) -> str:
@@ -65,8 +68,11 @@ def not_like_the_image() -> list[str]:
 
 
 def reset(assets: Path) -> int:
-    """Uninstall what gpu-check's install step adds, so that it runs as on a bare GPU machine."""
-    names = sorted({distribution(w) for w in (assets / "wheels").glob("*.whl")} - KEPT) + ["radis-train"]
+    """Uninstall what gpu-check's install step adds, so that it runs as on a bare GPU machine:
+    what gpu-assets packs (its list, and the wheels in ASSETS, which may be older) and this checkout."""
+    packed = {name.split("=")[0] for name in (*gpu_assets.WHEELS, gpu_assets.DEEPSPEED)}
+    in_assets = {distribution(w) for w in (assets / "wheels").glob("*.whl")}
+    names = sorted({n.replace("_", "-").lower() for n in packed | in_assets} - KEPT) + ["radis-train"]
     print("uninstalling (where installed):", ", ".join(names), flush=True)
     return subprocess.run([PY, "-m", "pip", "uninstall", "-y", "-q", *names], check=False).returncode
 
@@ -80,10 +86,13 @@ def check_plan(out: Path, assets: Path) -> int:
 
 
 def check_imports() -> int:
-    """Import every module of radis and every benchmark script; print each that fails, and why."""
+    """Import every module of radis, every module a gpu-check step needs (DeepSpeed, the
+    peers of bench_loss: `--plan` only finds them, and a package found may still lack what
+    it imports) and every benchmark script; print each that fails, and why."""
     import radis
 
     names = [m.name for m in pkgutil.walk_packages(radis.__path__, "radis.")]
+    names += sorted({m for s in gpu_check.plan(ROOT, ROOT) for m in s.needs_modules} | set(PEERS))
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
     failed = 0
     for name in names:
@@ -102,7 +111,7 @@ def check_imports() -> int:
             failed += 1
             print(f"FAILED benchmarks/{path.name}\n{traceback.format_exc(limit=-3)}")
     print(f"{len(names) + len(scripts) - failed} of {len(names) + len(scripts)} modules import "
-          f"({len(names)} of radis, {len(scripts)} benchmark scripts)")
+          f"({len(names)} modules, {len(scripts)} benchmark scripts)")
     return 1 if failed else 0
 
 
