@@ -16,8 +16,12 @@ stays under the device tool's 64 MiB):
                    weights (bench_generate --random-weights; bench_train's tokenizer)
       alma-deen/   the first --pairs pairs of ALMA de-en train and 64 of valid, from
                    ../shared/data (bench_train, bench_generate)
-      spans/       a packed cache entry that `radis build-data` wrote for data with
-                   rationales (--spans-from): bench_loss's real span layout
+      spans/       a packed cache entry of data with rationales: bench_loss's real span
+                   layout. Built here unless --spans-from names one: SmolLM2-135M-Instruct
+                   writes its own `continue` rationales for the 160 ALMA de-en pairs of
+                   recipes/smollm2_cpu.yaml (about 2 minutes on 2 cores the first time;
+                   resumed from .cache/radis/gpu_assets after that), and `radis build-data`
+                   packs them at 2048 tokens
 
 Then carry the folder to the GPU machine with the checkout (the device tool: carry
 ".gpu_assets") and run `make gpu-check` there.
@@ -45,6 +49,8 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja", "special_tokens_map.json", "tokenizer.model")
 LIMIT_MIB = 60  # the device tool carries 64 MiB with the checkout
+RECIPE = ROOT / "recipes" / "smollm2_cpu.yaml"
+SPANS_WORK = ROOT / ".cache" / "radis" / "gpu_assets"  # git-ignored; the rationales resume from here
 
 
 def pip(*args: str) -> None:
@@ -83,6 +89,25 @@ def alma(out: Path, pairs: int) -> None:
     (out / "valid.de-en.json").write_text(json.dumps(valid, ensure_ascii=False), encoding="utf-8")
 
 
+def radis_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-c", "import sys; from radis.cli import main; sys.exit(main())", *args],
+                   check=True, cwd=ROOT)  # the recipe's data paths are relative to the checkout
+
+
+def spans(out: Path, work: Path = SPANS_WORK, max_tokens: int = 2048) -> None:
+    """A `radis build-data` cache entry of real data with rationales, copied to `out`: SmolLM2's
+    own rationales of the recipe's pairs (resumable in `work`), packed at `max_tokens`."""
+    rationales = work / "rationales"
+    radis_cli("generate", "--config", str(RECIPE), f"rationale.output_dir={rationales}")
+    cache = work / f"cache-{max_tokens}"
+    shutil.rmtree(cache, ignore_errors=True)  # so that the one train entry in it is this build's
+    radis_cli("build-data", "--config", str(RECIPE), f"data.train=[{{path: {rationales / 'rationales.jsonl'}}}]",
+              f"data.cache_dir={cache}", f"data.max_tokens={max_tokens}")
+    (entry,) = cache.glob("train-*")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(entry, out)
+
+
 def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -92,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / ".gpu_assets")
     p.add_argument("--pairs", type=int, default=2000, help="ALMA de-en training pairs (bench_train packs these)")
     p.add_argument("--spans-from", type=Path, default=None, metavar="CACHE_DIR",
-                   help="a `radis build-data` cache entry of data with rationales (bench_loss's span layout)")
+                   help="a `radis build-data` cache entry of data with rationales (bench_loss's span layout; "
+                        "default: built here from SmolLM2's rationales of recipes/smollm2_cpu.yaml's pairs)")
+    p.add_argument("--no-spans", action="store_true", help="no span layout: bench_loss then uses synthetic spans")
     args = p.parse_args(argv)
     out = args.out
     wheels(out / "wheels")
@@ -103,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"gpu_assets: --spans-from {args.spans_from}: not a cache entry (no meta.json)")
         shutil.rmtree(out / "spans", ignore_errors=True)
         shutil.copytree(args.spans_from, out / "spans")
+    elif args.no_spans:
+        shutil.rmtree(out / "spans", ignore_errors=True)
+    else:
+        spans(out / "spans")
     total = size_mib(out)
     for part in sorted(out.iterdir()):
         print(f"{part.name:12s} {size_mib(part):6.1f} MiB")
