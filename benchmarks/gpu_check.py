@@ -12,7 +12,8 @@ output in DIR/<step>.log:
 
     install         the wheels in ASSETS/wheels (DeepSpeed, liger-kernel, cut-cross-entropy and
                     what they need) and this checkout, with pip and no index (no network
-                    there), skipping what is already importable
+                    there), skipping what is already importable; then imports each, so
+                    that a wheel whose own dependency was not packed is named here
     env             the card, driver, CUDA and package versions            -> env.json
     gpu_tests       pytest -m gpu: the kernel past 2^31 logit entries, no host sync, flex
                     and flash against sdpa on loss and gradients           -> gpu_tests.xml
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import shutil
@@ -47,6 +49,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,8 +231,33 @@ def install(assets: Path) -> int:
               "stay as they are here", flush=True)
     if unimportable(("radis.kernels",)):
         print("installing this checkout (editable, no index)", flush=True)
-        return subprocess.run([*pip, "--no-build-isolation", "-e", str(ROOT)], check=False).returncode
-    return 0
+        rc = subprocess.run([*pip, "--no-build-isolation", "-e", str(ROOT)], check=False).returncode
+        if rc != 0:
+            return rc
+    # --no-deps: a wheel whose own dependency was not packed installs, then fails at import
+    # (DeepSpeed without hjson). Import each now, in a fresh process that sees the installs,
+    # so that install.log names it, not a traceback deep in the step that needs it.
+    modules = sorted(set(module.values()) - {"typing_extensions"}) + ["radis.kernels"]
+    return subprocess.run([PY, str(Path(__file__)), "--import-check", *modules], cwd=ROOT, check=False).returncode
+
+
+def import_errors(modules: Iterable[str]) -> dict[str, str]:
+    """Each of `modules` that fails to import in this process, with its traceback's last lines."""
+    errors = {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - any failure is the finding
+            errors[name] = traceback.format_exc(limit=-3).strip()
+    return errors
+
+
+def import_check(modules: list[str]) -> int:
+    errors = import_errors(modules)
+    for name, why in errors.items():
+        print(f"FAILED to import {name}\n{why}", flush=True)
+    print(f"{len(modules) - len(errors)} of {len(modules)} import: {', '.join(modules)}", flush=True)
+    return 1 if errors else 0
 
 
 def write_env(path: Path) -> int:
@@ -261,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", action="store_true", help="print the steps and what each is missing, run nothing")
     p.add_argument("--install", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--env", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--import-check", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.assets = args.assets.resolve()  # the steps run in ROOT: relative paths would move
     if args.out is not None:
@@ -269,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         return install(args.assets)
     if args.env:
         return write_env(args.env)
+    if args.import_check:
+        return import_check(args.import_check)
 
     import torch
 

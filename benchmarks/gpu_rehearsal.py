@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import importlib.util
 import pkgutil
 import subprocess
@@ -93,26 +92,21 @@ def check_imports() -> int:
 
     names = [m.name for m in pkgutil.walk_packages(radis.__path__, "radis.")]
     names += sorted({m for s in gpu_check.plan(ROOT, ROOT) for m in s.needs_modules} | set(PEERS))
+    errors = gpu_check.import_errors(names)
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
-    failed = 0
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - any failure is the finding
-            failed += 1
-            print(f"FAILED {name}\n{traceback.format_exc(limit=-3)}")
     for path in scripts:
         spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # a dataclass looks its module up there while it is made
         try:
             spec.loader.exec_module(module)
-        except Exception:  # noqa: BLE001
-            failed += 1
-            print(f"FAILED benchmarks/{path.name}\n{traceback.format_exc(limit=-3)}")
-    print(f"{len(names) + len(scripts) - failed} of {len(names) + len(scripts)} modules import "
-          f"({len(names)} modules, {len(scripts)} benchmark scripts)")
-    return 1 if failed else 0
+        except Exception:  # noqa: BLE001 - any failure is the finding
+            errors[f"benchmarks/{path.name}"] = traceback.format_exc(limit=-3).strip()
+    for name, why in errors.items():
+        print(f"FAILED {name}\n{why}")
+    total = len(names) + len(scripts)
+    print(f"{total - len(errors)} of {total} import ({len(names)} modules, {len(scripts)} benchmark scripts)")
+    return 1 if errors else 0
 
 
 def plan(out: Path, assets: Path) -> list[Step]:
