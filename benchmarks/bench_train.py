@@ -14,7 +14,8 @@ same loader plan per rank) with the same DeepSpeed ZeRO stage and AdamW:
 
 tokens/s counts real (non-padding) tokens of all ranks per second of step time, over
 the steps after --warmup. MFU uses radis.train.metrics (6·N·tokens + 12·L·d·Σℓ² per
-packed example; peak from RADIS_PEAK_TFLOPS, the GPU table, or on CPU a measured matmul).
+packed example; peak from RADIS_PEAK_TFLOPS, the GPU table, or on CPU a matmul measured once
+here and given to both sides).
 Prints a Markdown table and writes <out>/results.json.
 """
 from __future__ import annotations
@@ -128,10 +129,34 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: argparse.Namespace, cmd: list[str]) -> None:
+def rank_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of every rank of both sides.
+
+    On CPU the MFU peak is measured here, once, with one thread (a rank's, see
+    OMP_NUM_THREADS), and handed to both sides as RADIS_PEAK_TFLOPS: left to each rank,
+    each process timed its own matmul, and the two MFU columns disagreed with their own
+    tokens/s (a rehearsal run: 894 tokens/s at 45% against 718 at 58%). On a GPU the
+    peak is the card's datasheet value (radis.train.metrics), the same for both sides.
+    """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if not args.gpu:
         env["OMP_NUM_THREADS"] = "1"
+        if "RADIS_PEAK_TFLOPS" not in env:
+            import torch
+
+            from radis.train.metrics import measured_cpu_matmul_flops
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                env["RADIS_PEAK_TFLOPS"] = repr(measured_cpu_matmul_flops() / 1e12)
+            finally:
+                torch.set_num_threads(threads)
+    return env
+
+
+def _launch(args: argparse.Namespace, cmd: list[str]) -> None:
+    env = rank_env(args)
     full = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
             "--master_port", str(_port()), *cmd]
     print("+", " ".join(full), flush=True)

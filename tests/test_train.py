@@ -221,6 +221,33 @@ def test_attention_flops_count_examples_not_packs():
     assert step_flops(100, n_layers=2, hidden=8, tokens=13, sum_sq=77) == 6 * 100 * 13 + 12 * 2 * 8 * 77
 
 
+def test_bench_train_gives_both_sides_one_cpu_peak(monkeypatch):
+    """benchmarks/bench_train.py measures the CPU peak once and hands the same value to the
+    ranks of both trainers, so their MFU columns are in the ratio of their tokens/s; a
+    peak the user set is passed through untouched."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from radis.train.metrics import peak_flops_per_rank
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.delenv("RADIS_PEAK_TFLOPS", raising=False)
+    cpu = argparse.Namespace(gpu=False)
+    ours, hf = bench.rank_env(cpu), bench.rank_env(cpu)
+    assert ours["RADIS_PEAK_TFLOPS"] == hf["RADIS_PEAK_TFLOPS"] and float(ours["RADIS_PEAK_TFLOPS"]) > 0
+    assert ours["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("RADIS_PEAK_TFLOPS", ours["RADIS_PEAK_TFLOPS"])
+    assert peak_flops_per_rank(torch.device("cpu")) == pytest.approx(float(ours["RADIS_PEAK_TFLOPS"]) * 1e12)
+    monkeypatch.setenv("RADIS_PEAK_TFLOPS", "12.5")
+    assert bench.rank_env(cpu)["RADIS_PEAK_TFLOPS"] == "12.5"
+    monkeypatch.delenv("RADIS_PEAK_TFLOPS")
+    assert "RADIS_PEAK_TFLOPS" not in bench.rank_env(argparse.Namespace(gpu=True))  # the card's datasheet peak
+
+
 def test_matmul_params_leave_out_the_input_embedding():
     from transformers import LlamaConfig, LlamaForCausalLM
 
