@@ -192,6 +192,27 @@ def run_hf(args: argparse.Namespace, config: Path, out: Path) -> dict:
 # --------------------------------------------------------------------------- the HF Trainer side
 
 
+def hf_ds_config(cfg, world: int, dtype, cuda: bool) -> dict:
+    """The HF side's DeepSpeed JSON: radis train's own (radis/ds_config.py, as the recipe
+    derives it), ZeRO bucket sizes from the model's hidden size included. Without the
+    hidden size the HF side ran on DeepSpeed's defaults (a 5e8 reduce bucket, 5e7 prefetch
+    bucket, 1e5 persistence threshold, against h*h, 0.9*h*h and 10*h on ours), not the
+    same JSON. Less train_batch_size: DeepSpeed derives the global batch itself, and the
+    HF integration on CPU computes it with a world size of 1 (its device state is not the
+    process group's)."""
+    from transformers import AutoConfig
+
+    from radis.ds_config import RunShape, derive_ds_config
+    from radis.models import dtype_name, resolve_model_path
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))
+    shape = RunShape(world_size=world, precision=dtype_name(dtype), hidden_size=getattr(model_config, "hidden_size", None),
+                     cuda=cuda)
+    ds_json = derive_ds_config(cfg, shape)
+    del ds_json["train_batch_size"]
+    return ds_json
+
+
 def hf_worker(args: argparse.Namespace) -> None:
     """One rank of the HF Trainer run (started by torchrun from `run_hf`)."""
     import torch
@@ -206,11 +227,9 @@ def hf_worker(args: argparse.Namespace) -> None:
     from radis.config import load_config
     from radis.data.build import load_or_build
     from radis.data.loader import PackedLoader
-    from radis.ds_config import RunShape, derive_ds_config
     from radis.models import (
         default_attn_implementation,
         default_dtype,
-        dtype_name,
         load_tokenizer,
     )
     from radis.train.metrics import (
@@ -258,11 +277,7 @@ def hf_worker(args: argparse.Namespace) -> None:
         def __getitem__(self, i):
             return micro[i][0]
 
-    ds_json = derive_ds_config(cfg, RunShape(world_size=world, precision=dtype_name(dtype),
-                               hidden_size=None, cuda=cuda))
-    # DeepSpeed derives the global batch itself; the HF integration on CPU computes it with
-    # a world size of 1 (its device state is not the process group's), so leave it out.
-    del ds_json["train_batch_size"]
+    ds_json = hf_ds_config(cfg, world, dtype, cuda)
     targs = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=1, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         max_steps=args.steps, learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, lr_scheduler_type="cosine",
@@ -350,16 +365,26 @@ def main(argv=None) -> int:
         except subprocess.CalledProcessError as err:
             failed[name] = f"exit status {err.returncode}"
         write_json_atomic(out / "results.json", {"args": settings, "results": results, "failed": failed})
+        # each side's row as it ends: a run killed during the second side (gpu-check's time
+        # limit) still leaves the first side's numbers in its log
+        print("\n" + "\n".join(_table(results, failed, only=name)), flush=True)
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {os.cpu_count()} cores"
     print(f"\n{device}, {args.ranks} ranks, ZeRO-{args.zero}, {args.max_tokens}-token packs, "
           f"accumulation {args.accum}, {args.steps} steps (first {args.warmup} left out)\n")
-    print("| trainer | tokens/s | MFU | peak memory (GB) |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.2f}% | {r['peak_mem_gb']:.2f} |")
-    for name, why in failed.items():
-        print(f"| {name} | failed ({why}) | | |")
+    print("\n".join(_table(results, failed)))
     return 1 if failed else 0
+
+
+def _table(results: dict[str, dict], failed: dict[str, str], only: str | None = None) -> list[str]:
+    """The Markdown table of the sides that ran (or only the side `only`)."""
+    lines = ["| trainer | tokens/s | MFU | peak memory (GB) |", "|---|---|---|---|"]
+    for name, r in results.items():
+        if only in (None, name):
+            lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.2f}% | {r['peak_mem_gb']:.2f} |")
+    for name, why in failed.items():
+        if only in (None, name):
+            lines.append(f"| {name} | failed ({why}) | | |")
+    return lines
 
 
 if __name__ == "__main__":
