@@ -89,6 +89,20 @@ def test_a_timed_out_step_leaves_no_process_behind_and_its_rows_are_kept(tmp_pat
     assert "## bench_slow (timed out: the rows it printed)" in text and "| variant | time |" in text
 
 
+def test_summary_carries_each_table_row_once(tmp_path):
+    """bench_train prints each side's row as that side ends, then the whole table: the
+    summary carries each row once, in the order first printed."""
+    gc = _module()
+    step = gc.Step("bench_train", 10, "two sides")
+    step.status = "ok"
+    head = "| trainer | tokens/s |\n|---|---|\n"
+    (tmp_path / "bench_train.log").write_text(head + "| radis train | 900 |\nrank log\n" + head + "| HF Trainer | 700 |\n"
+                                              + head + "| radis train | 900 |\n| HF Trainer | 700 |\n")
+    text = gc.summary([step], tmp_path, started=0.0)
+    table = text.split("## bench_train", 1)[1].split()
+    assert " ".join(table) == "| trainer | tokens/s | |---|---| | radis train | 900 | | HF Trainer | 700 |"
+
+
 def test_time_a_step_leaves_unused_goes_to_the_steps_after_it():
     gc = _module()
     steps = [gc.Step(name, limit, name) for name, limit in [("install", 40), ("tests", 100), ("bench", 100)]]
