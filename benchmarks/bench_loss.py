@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = args.variants or (GPU_VARIANTS if device.startswith("cuda") else CPU_VARIANTS)
     rows, failed = [], []
+    # The table's head now and each row as it is measured (the whole table again at the
+    # end): a run stopped at gpu-check's time limit still leaves the rows that ran.
+    print("\n".join(table([]).splitlines()[:2]), flush=True)
     for n in args.n:
         for variant in variants:
             if variant in OPTIONAL and importlib.util.find_spec(OPTIONAL[variant]) is None:
@@ -369,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                 if device != "cpu":
                     torch.cuda.empty_cache()
             rows.append(row)
-            print(f"  {variant:22s} N={n:6d}: {row['time_s']:.3f} s, {row['peak_extra_mib']:.0f} MiB", file=sys.stderr)
+            print(table(rows).splitlines()[-1], flush=True)
     origin = f"span layout of {args.spans_from}" if args.spans_from else "synthetic"
     for n in args.n:
         mix = next((r["spans"] for r in rows if r["n"] == n), None)
         if mix:
             print(f"N={n}: targets {mix} of the rows ({origin})")
-    print(table(rows))
+    print("\n" + table(rows))
     mismatches = loss_check(rows)
     for line in mismatches + failed:
         print(line)

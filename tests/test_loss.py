@@ -690,6 +690,25 @@ def test_benchmark_names_a_failing_variant_and_still_tables_the_others(monkeypat
     assert "N=64: radis_torch failed: RuntimeError: worker radis_torch N=64 failed: out of memory" in out
 
 
+def test_benchmark_prints_each_row_as_it_is_measured(monkeypatch, capsys):
+    """A run stopped part way (gpu-check's time limit kills it) has already printed the
+    table's head and the rows measured so far."""
+    bench = _bench_loss()
+
+    def worker(args, variant, n):
+        if variant == "radis_linear_torch":
+            raise SystemExit("killed")  # as if stopped here: nothing after this runs
+        return {"variant": variant, "n": n, "v": args.v, "d": args.d, "dtype": "float32", "device": "cpu",
+                "loss": 5.0, "time_s": 1.0, "peak_extra_mib": 2.0, "grads_mib": 1.0, "spans": "-"}
+
+    monkeypatch.setattr(bench, "run_cpu_worker", worker)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--n", "64", "--variants", "naive", "radis_torch", "radis_linear_torch"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| N | V | d |") and out[1].startswith("|---|")
+    assert [ln.split(" | ")[5] for ln in out[2:]] == ["naive", "radis_torch"]
+
+
 @pytest.mark.parametrize("peer", ["liger_flce", "cce"])
 def test_benchmark_peers_compute_the_same_loss_and_gradients(peer):
     """The GPU rows compare radis_linear_triton's time with Liger-Kernel's and
