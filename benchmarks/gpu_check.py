@@ -208,7 +208,18 @@ def summary(steps: list[Step], out: Path, started: float, title: str = "gpu-chec
         if rows:
             lines += [f"## {step.name}" + ("" if step.status == "ok" else f" ({step.status}: the rows it printed)"),
                       "", *rows, ""]
+    # The end of each failed or timed-out step's log (pytest's FAILED lines, an install's
+    # import error, a traceback): summary.md is what surely comes back from the device
+    # call, the logs only if their archive does.
+    for step in steps:
+        log = out / f"{step.name}.log"
+        if step.status in ("failed", "timed out") and log.is_file():
+            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            lines += [f"## {step.name}: the last {len(tail)} lines of {log.name}", "", "```", *tail, "```", ""]
     return "\n".join(lines)
+
+
+LOG_TAIL_LINES = 30
 
 
 # --------------------------------------------------------------------------- sub-steps

@@ -64,6 +64,11 @@ def test_steps_report_ok_failed_timed_out_and_skipped(tmp_path):
     text = gc.summary(steps, tmp_path, started=0.0)
     assert "| failing | failed |" in text and "| slow | timed out |" in text
     assert "## bench_ok" in text and "| a | b |" in text  # the benchmark's own table is carried over
+    # the end of a failed step's log comes back in the summary itself, an ok step's does not
+    (tmp_path / "failing.log").write_text("".join(f"line {i}\n" for i in range(100)) + "FAILED tests/x.py::t - boom\n")
+    text = gc.summary(steps, tmp_path, started=0.0)
+    assert "## failing: the last 30 lines of failing.log" in text and "FAILED tests/x.py::t - boom" in text
+    assert "line 70\n" not in text and "line 71\n" in text and "of bench_ok.log" not in text
     assert (tmp_path / "bench_ok.log").read_text().startswith("+ ")
 
 
