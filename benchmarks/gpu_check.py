@@ -23,8 +23,10 @@ output in DIR/<step>.log:
     bench_train     radis train against the HF Trainer, ~1B Llama, 4k-token packs, MFU
 
 and writes DIR/summary.md (printed last): each step ok, failed (exit status), timed out,
-or skipped with the reason (a missing asset or package is named, never hidden). A step
-that fails does not stop the next.
+or skipped with the reason (a missing asset or package is named, never hidden), the
+table rows each benchmark printed (the benchmarks print each row as it is measured, so
+a step stopped at its limit keeps those that ran), and the last lines of the log of each
+step that failed or timed out. A step that fails does not stop the next.
 
 ASSETS is what `make gpu-assets` (benchmarks/gpu_assets.py) prepares on a machine with
 a network: wheels, SmolLM2's config and tokenizer (no weights), an ALMA de-en slice,
