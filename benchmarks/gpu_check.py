@@ -24,7 +24,7 @@ output in DIR/<step>.log:
 
 and writes DIR/summary.md (printed last): each step ok, failed (exit status), timed out,
 or skipped with the reason (a missing asset or package is named, never hidden), the
-table rows each benchmark printed (the benchmarks print each row as it is measured, so
+table rows each benchmark printed (bench_loss and bench_train print each row as it ends, so
 a step stopped at its limit keeps those that ran), and the last lines of the log of each
 step that failed or timed out. A step that fails does not stop the next.
 
