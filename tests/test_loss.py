@@ -8,6 +8,7 @@ chunks are exercised. Every gradient (logits, hidden, weight, bias) is compared.
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_scripts import load_benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from radis.config import LossConfig
@@ -642,21 +643,10 @@ def test_cuda_triton_matches_torch_without_host_sync():
 # --------------------------------------------------------------------------- benchmark
 
 
-def _bench_loss():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loss.py"
-    spec = importlib.util.spec_from_file_location("bench_loss", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_benchmark_variants_run_and_agree():
     """benchmarks/bench_loss.py's CPU variants compute the same loss (tiny shapes), and its
     loss check names a variant that does not."""
-    bench = _bench_loss()
+    bench = load_benchmark("bench_loss")
     h, w, t, s = bench.make_inputs(40, 300, 16, torch.float32, "cpu")
     losses = [bench.step_fn(v, chunk=16)(h, w, t, s).item() for v in bench.CPU_VARIANTS if v != "matmuls"]
     assert len(losses) == 4 and all(x == pytest.approx(losses[0], rel=1e-5) for x in losses)
@@ -675,7 +665,7 @@ def test_benchmark_variants_run_and_agree():
 
 
 def test_benchmark_names_a_failing_variant_and_still_tables_the_others(monkeypatch, capsys):
-    bench = _bench_loss()
+    bench = load_benchmark("bench_loss")
 
     def worker(args, variant, n):
         if variant == "radis_torch":
@@ -693,7 +683,7 @@ def test_benchmark_names_a_failing_variant_and_still_tables_the_others(monkeypat
 def test_benchmark_prints_each_row_as_it_is_measured(monkeypatch, capsys):
     """A run stopped part way (gpu-check's time limit kills it) has already printed the
     table's head and the rows measured so far."""
-    bench = _bench_loss()
+    bench = load_benchmark("bench_loss")
 
     def worker(args, variant, n):
         if variant == "radis_linear_torch":
@@ -716,7 +706,7 @@ def test_benchmark_peers_compute_the_same_loss_and_gradients(peer):
     loss (CE over the MT and RD targets) and its gradients, or the comparison is of
     another computation. Liger runs its own Triton kernel here (TRITON_INTERPRET=1); cce's
     kernel cannot run in the interpreter, so its torch.compile path checks the call."""
-    bench = _bench_loss()
+    bench = load_benchmark("bench_loss")
     module = bench.OPTIONAL[peer]
     pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[dev]')")
     h, w, t, s = bench.make_inputs(48, 320, 16, torch.float32, "cpu")

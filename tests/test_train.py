@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from radis.cli import main
 from radis.data.packing import Pack, collate_packs
@@ -221,17 +222,6 @@ def test_attention_flops_count_examples_not_packs():
     assert step_flops(100, n_layers=2, hidden=8, tokens=13, sum_sq=77) == 6 * 100 * 13 + 12 * 2 * 8 * 77
 
 
-def _bench_train():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_bench_train_gives_the_hf_side_radis_trains_deepspeed_json(tmp_path):
     """The HF Trainer side gets the ZeRO bucket sizes radis train derives from the model's
     hidden size (it ran on DeepSpeed's defaults, 5e8 / 5e7 / 1e5), and no train_batch_size;
@@ -243,12 +233,12 @@ def test_bench_train_gives_the_hf_side_radis_trains_deepspeed_json(tmp_path):
     LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=64).save_pretrained(tmp_path)
     cfg = load_config(None, [f"model.name_or_path={tmp_path}", "train.zero_stage=3"])
-    ds = _bench_train().hf_ds_config(cfg, world=2, dtype=torch.float32, cuda=False)
+    ds = load_benchmark("bench_train").hf_ds_config(cfg, world=2, dtype=torch.float32, cuda=False)
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 96 * 96
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 96 * 96) and zero["stage3_param_persistence_threshold"] == 960
     assert "train_batch_size" not in ds
-    rows = _bench_train()._table({"radis train": {"tokens_per_s": 900.4, "mfu": 0.4512, "peak_mem_gb": 1.5}},
+    rows = load_benchmark("bench_train")._table({"radis train": {"tokens_per_s": 900.4, "mfu": 0.4512, "peak_mem_gb": 1.5}},
                                  {"HF Trainer": "exit status 137"}, only="radis train")
     assert rows[2:] == ["| radis train | 900 | 45.12% | 1.50 |"]
 
@@ -261,7 +251,7 @@ def test_bench_train_gives_both_sides_one_cpu_peak(monkeypatch):
 
     from radis.train.metrics import peak_flops_per_rank
 
-    bench = _bench_train()
+    bench = load_benchmark("bench_train")
     monkeypatch.delenv("RADIS_PEAK_TFLOPS", raising=False)
     cpu = argparse.Namespace(gpu=False)
     ours, hf = bench.rank_env(cpu), bench.rank_env(cpu)
