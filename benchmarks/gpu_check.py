@@ -205,7 +205,7 @@ def summary(steps: list[Step], out: Path, started: float, title: str = "gpu-chec
     tables = [(s, out / f"{s.name}.log") for s in steps if s.name.startswith("bench") and s.status != "skipped"]
     for step, log in tables:
         text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
-        # each row once: bench_train prints each side's row as it ends, then the whole table
+        # each row once: bench_loss and bench_train print each row as it ends, then the whole table
         rows = list(dict.fromkeys(ln for ln in text.splitlines() if ln.startswith("|")))
         if rows:
             lines += [f"## {step.name}" + ("" if step.status == "ok" else f" ({step.status}: the rows it printed)"),
