@@ -118,7 +118,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 
 lint: install
-	$(PY) -m ruff check radis kernels tests benchmarks
+	$(PY) -m ruff check radis tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

