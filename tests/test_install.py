@@ -15,6 +15,7 @@ most a namespace portion, which Python uses only where no installed package has 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -113,3 +114,71 @@ def test_hugging_faces_kernels_and_a_transformers_model_from_the_root():
     assert Path(found["kernels"]).resolve() == Path(dist.locate_file("kernels/__init__.py")).resolve()
     assert Path(found["radis_loss"]).resolve() == ROOT / "kernels" / "radis_loss.py"
     assert found["logits"] == [1, 3, 64]
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def load_lock_tool():
+    spec = importlib.util.spec_from_file_location("radis_lock_tool", ROOT / "tools" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def setup_py_requirements(monkeypatch) -> tuple[list[str], dict[str, list[str]]]:
+    """(install_requires, extras_require) as setup.py passes them to setuptools."""
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"))
+    return captured["install_requires"], captured["extras_require"]
+
+
+def test_the_lock_pins_what_make_install_installs_within_setup_py_ranges(monkeypatch):
+    """Every requirement of `make install` (the core and the `dev` extra) is pinned in
+    constraints.txt at a version that setup.py's range admits: a dependency added to
+    setup.py and not to the lock, or a range moved past the lock, fails here."""
+    from packaging.requirements import Requirement
+
+    lock = load_lock_tool()
+    pins = lock.read_lock(ROOT / "constraints.txt")
+    core, extras = setup_py_requirements(monkeypatch)
+    problems = []
+    for text in core + extras["dev"]:
+        requirement = Requirement(text)
+        pin = pins.get(lock.canonical(requirement.name))
+        if pin is None:
+            problems.append(f"{text}: not in constraints.txt")
+        elif not requirement.specifier.contains(pin[1], prereleases=True):
+            problems.append(f"{text}: the lock has {pin[1]}")
+    assert not problems, problems
+
+
+def test_lock_tool_reads_pins_and_names_a_bad_line(tmp_path):
+    lock = load_lock_tool()
+    pins = lock.parse_pins(["# a comment", "", "torch==2.13.0+cpu", "Typing_Extensions==4.16.0  # why"], "f")
+    assert pins == {"torch": ("torch", "2.13.0"), "typing-extensions": ("Typing_Extensions", "4.16.0")}
+    with pytest.raises(SystemExit, match=r"constraints.txt:2: expected `name==version`, got 'torch>=2'"):
+        lock.parse_pins(["numpy==2.3.5", "torch>=2"], "constraints.txt")
+    rows = lock.differences({"torch": ("torch", "2.13.0"), "numpy": ("numpy", "2.3.5"), "gone": ("gone", "1")},
+                            {"torch": ("torch", "2.13.0"), "numpy": ("numpy", "2.4.0"), "new": ("new", "2")})
+    assert rows == [("gone", "1", "-"), ("new", "-", "2"), ("numpy", "2.3.5", "2.4.0")]
+
+
+def test_lock_tool_writes_and_diffs_this_venv(tmp_path, capsys):
+    """`write` from the running venv gives a lock that `diff` finds equal, and radis-train
+    itself (the editable install) is not in it."""
+    lock = load_lock_tool()
+    path = tmp_path / "constraints.txt"
+    assert lock.main(["write", sys.executable, "--lock", str(path)]) == 0
+    pins = lock.read_lock(path)
+    assert "radis-train" not in pins and "torch" in pins and "pip" in pins
+    assert "+" not in path.read_text()
+    capsys.readouterr()
+    assert lock.main(["diff", sys.executable, "--lock", str(path)]) == 0
+    assert "every package" in capsys.readouterr().out
