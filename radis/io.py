@@ -127,13 +127,66 @@ def iter_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object") -> 
     leaves raw inside strings.
     """
     path = Path(path)
-    for lineno, line in enumerate(read_user_text(path).split("\n"), 1):
+    text = read_user_text(path)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise FileFormatError(f"{path}:{lineno}: invalid JSON: {err}") from None
+            problem = multiline_json_problem(text, lineno)
+            raise FileFormatError(f"{path}:{lineno}: {problem or f'invalid JSON: {err}'}") from None
         if not isinstance(rec, dict):
             raise FileFormatError(f"{path}:{lineno}: expected {what}, got {type(rec).__name__}")
         yield lineno, rec
+
+
+def multiline_json_problem(text: str, lineno: int, array_ok: bool = False) -> str | None:
+    """What is wrong with line `lineno` of JSON Lines `text` (split at "\n"), when it does
+    not parse because it opens a JSON object or array that ends on a later line (a
+    pretty-printed file); None otherwise. `array_ok`: the reader takes a whole-file JSON
+    array too. Called on the error path only: it decodes the rest of the file. Without
+    it such a file reads as "malformed JSON line 1:2", which says nothing of what the
+    file should have been."""
+    start = sum(len(line) + 1 for line in text.split("\n", lineno - 1)[: lineno - 1])
+    pos = len(text) - len(text[start:].lstrip())
+    try:
+        value, end = json.JSONDecoder().raw_decode(text, pos)
+    except (ValueError, RecursionError):
+        return None
+    last = text.count("\n", 0, end) + 1
+    if last == lineno or not isinstance(value, (dict, list)):
+        return None
+    kind = "object" if isinstance(value, dict) else "array"
+    whole = not text[:start].strip() and not text[end:].strip()  # the file is this one value
+    expected = "a JSON array or JSON Lines" if array_ok and whole else "JSON Lines (one record per line)"
+    return (f"expected {expected}, found {'one' if whole else 'an'} {kind} over several lines (lines {lineno}-{last}); "
+            "write each record on one line")
+
+
+def json_type_name(value: Any) -> str:
+    """A JSON value's type as an error names it: "a number", "a list", "an object", ...
+    (JSON's names, not Python's: the user wrote JSON)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    names = {str: "a string", list: "a list", dict: "an object"}
+    return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def text_field(where: str, key: str, value: Any, required: bool = True, empty: str | None = None) -> str | None:
+    """The text of field `key` of a user file's record (`where`: the file and line), as
+    given; None for an optional field that is absent (None). FileFormatError naming
+    `where` and `key` for a value that is not a string ("got a number (42)": a number is
+    not an empty prompt) or is blank (`empty`, default "field 'key' must be a non-empty
+    string"; a missing CSV cell, None, is blank too)."""
+    if value is None and not required:
+        return None
+    if value is not None and not isinstance(value, str):
+        raise FileFormatError(f"{where}: field {key!r} must be a string, got {json_type_name(value)} ({value!r:.60})")
+    if not (value or "").strip():
+        raise FileFormatError(f"{where}: {empty or f'field {key!r} must be a non-empty string'}, got {value!r}")
+    return value

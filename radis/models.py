@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -44,11 +45,14 @@ def loading(path: str, what: str):
     ModelLoadError naming `path` (a bug elsewhere keeps its own exception type)."""
     try:
         yield
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, struct.error) as err:  # struct: a cut GGUF file's tables
         raise ModelLoadError(f"{path}: cannot load the {what}: {type(err).__name__}: {err}") from None
     except Exception as err:  # safetensors' SafetensorError and torch's unpickling errors are plain Exceptions
         if type(err).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "HeaderTooSmall"):
             raise ModelLoadError(f"{path}: cannot load the {what}: {type(err).__name__}: {err}") from None
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err):  # a cut .bin: torch names no file
+            raise ModelLoadError(f"{path}: cannot load the {what}: a torch weights file (.bin) in it is truncated or "
+                                 f"damaged ({str(err).split('. ')[0]})") from None
         raise
 
 
@@ -139,6 +143,7 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
     system without flock, a directory of another user's lock files) each converts and
     the loser of the rename discards its copy.
     """
+    check_gguf_header(gguf)
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_CONVERSION}".encode()).hexdigest()[:12]
     root = Path(os.path.expanduser(cache_dir)) / "models"
@@ -159,7 +164,8 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
               flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}-", dir=root))
         try:
-            _dequantise(gguf, tmp)
+            with loading(str(gguf), "GGUF model"):  # a damaged file past its header
+                _dequantise(gguf, tmp)
             try:
                 os.replace(tmp, out)
             except OSError:  # another process finished first
@@ -168,6 +174,30 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# The GGUF format versions transformers' and gguf's readers take (v1 is long gone).
+GGUF_VERSIONS = (2, 3)
+
+
+def check_gguf_header(gguf: Path) -> None:
+    """ModelLoadError naming `gguf` unless it starts as a GGUF file does: the magic
+    b"GGUF", then a format version of GGUF_VERSIONS. A file that only has the name (a
+    download that saved an error page, a renamed safetensors file) otherwise fails deep
+    in transformers with a ValueError traceback about an absurd version number."""
+    try:
+        with open(gguf, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise ModelLoadError(f"{gguf}: cannot read it ({err.strerror or err})") from None
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{gguf}: not a GGUF file (bad magic: it starts with {head[:4]!r}, a GGUF file with "
+                             "b'GGUF'); expected a .gguf model file")
+    version = int.from_bytes(head[4:8], "little")
+    if len(head) < 8 or version not in GGUF_VERSIONS:
+        raise ModelLoadError(f"{gguf}: not a GGUF file radis can read (format version "
+                             f"{version if len(head) == 8 else 'missing'}, expected one of {list(GGUF_VERSIONS)}); "
+                             "a damaged or truncated file?")
 
 
 def _dequantise(gguf: Path, out: Path) -> None:

@@ -96,6 +96,49 @@ def test_missing_or_broken_models(tiny_generator, tmp_path, capsys):
                     f"eval.output_dir={tmp_path / 'e'}"], f"{truncated}: cannot load the model")
 
 
+def test_a_truncated_bin_weights_file_is_named(tiny_generator, tmp_path, capsys):
+    """torch's "PytorchStreamReader failed reading zip archive" names no file."""
+    import torch
+    from safetensors.torch import load_file
+
+    bin_model = tmp_path / "bin_model"
+    shutil.copytree(tiny_generator, bin_model)
+    weights = bin_model / "pytorch_model.bin"
+    torch.save(load_file(bin_model / "model.safetensors"), weights)
+    (bin_model / "model.safetensors").unlink()
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    data = _pairs(tmp_path / "p.de-en.jsonl")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"data": {"train": [{"path": str(data)}]}, "rationale": {"output_dir": str(tmp_path / "r")}}))
+    _fails(capsys, ["generate", "--config", str(cfg), f"model.name_or_path={bin_model}", "--no-progress"],
+           f"{bin_model}: cannot load the model: a torch weights file (.bin) in it is truncated or damaged "
+           "(PytorchStreamReader failed reading zip archive")
+
+
+def test_a_gguf_name_on_a_file_that_is_not_gguf(tmp_path, capsys):
+    """Named as not GGUF before transformers' reader meets it (a ValueError traceback about
+    "GGUF v3682080226" there), and a damaged one past its header named too; no cache left."""
+    from radis.models import ModelLoadError, resolve_model_path, smollm2_gguf_path
+
+    data = _pairs(tmp_path / "p.de-en.jsonl")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"data": {"train": [{"path": str(data)}]}, "model": {"cache_dir": str(tmp_path / "cache")}}))
+    page = tmp_path / "page.gguf"
+    page.write_text("<html>404 Not Found</html>\n")  # a download that saved an error page
+    _fails(capsys, ["build-data", "--config", str(cfg), f"model.name_or_path={page}"],
+           f"radis build-data: error: {page}: not a GGUF file (bad magic: it starts with b'<htm'")
+    version = tmp_path / "version.gguf"
+    version.write_bytes(b"GGUF" + (3682080226).to_bytes(4, "little") + bytes(64))
+    _fails(capsys, ["build-data", "--config", str(cfg), f"model.name_or_path={version}"],
+           f"{version}: not a GGUF file radis can read (format version 3682080226, expected one of [2, 3])")
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_gguf_path(), "rb") as f:
+        cut.write_bytes(f.read(300_000))  # the header whole, the tokenizer's tables cut
+    with pytest.raises(ModelLoadError, match=rf"{cut}: cannot load the GGUF model"):
+        resolve_model_path(str(cut), str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").glob("models/*/config.json"))
+
+
 # --------------------------------------------------------------------------- data files
 
 
@@ -117,6 +160,25 @@ def test_data_files_that_are_not_what_they_seem(tmp_path):
     utf16.write_text(json.dumps({"translation": {"de": "a", "en": "b"}}), encoding="utf-16")
     with pytest.raises(DataError, match=r"u.de-en.jsonl: UTF-16 text"):
         read_source(SourceConfig(path=str(utf16)))
+
+
+def test_a_pretty_printed_json_object_is_named_as_such(tmp_path):
+    """Not "malformed JSON line 1:2": the file is one object over several lines."""
+    one = tmp_path / "one.de-en.json"
+    one.write_text(json.dumps({"translation": {"de": "Hallo", "en": "Hello"}}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"one.de-en.json:1: expected a JSON array or JSON Lines, found one object "
+                                        r"over several lines \(lines 1-6\)"):
+        read_source(SourceConfig(path=str(one)))
+    later = tmp_path / "later.de-en.jsonl"  # JSON Lines with one record pretty-printed
+    later.write_text(json.dumps({"translation": {"de": "a", "en": "b"}}) + "\n"
+                     + json.dumps({"translation": {"de": "c", "en": "d"}}, indent=1) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"later.de-en.jsonl:2: expected JSON Lines \(one record per line\), found an "
+                                        r"object over several lines \(lines 2-7\)"):
+        read_source(SourceConfig(path=str(later)))
+    records = tmp_path / "r.rationales.jsonl"
+    records.write_text(json.dumps(_record(0), indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"r.rationales.jsonl:1: .*found one object over several lines"):
+        read_source(SourceConfig(path=str(records)))
 
 
 def test_a_fifo_is_refused_at_once(tmp_path):
@@ -209,6 +271,21 @@ def test_recorded_ids_of_the_wrong_kind_name_the_file_and_line(tmp_path):
             read_sources([SourceConfig(path=str(path))])
 
 
+def test_an_empty_generated_target_is_an_empty_side(tmp_path):
+    """A seqkd / sdft record trains its `target`: an empty one is skipped and counted, or
+    an error with on_empty=error, like any empty side (not an empty MT span)."""
+    from radis.data.sources import read_sources
+
+    path = tmp_path / "t.rationales.jsonl"
+    recs = [_record(i, strategy=strategy, target=target, target_from="generated")
+            for i, (strategy, target) in enumerate([("seqkd", "Sentence 0."), ("seqkd", ""), ("sdft", " \n")])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    examples, stats = read_sources([SourceConfig(path=str(path))])
+    assert [ex.id for ex in examples] == ["r:0"] and stats.skipped["empty_target"] == 2
+    with pytest.raises(DataError, match=rf"{path.name}:2: empty target text \('target'\)"):
+        read_sources([SourceConfig(path=str(path))], on_empty="error")
+
+
 def test_damaged_parts_fail_the_merge_without_touching_what_it_wrote_before(tmp_path):
     from radis.data.records import MERGED, MERGED_TOPK
     from radis.generation.store import GenerationStore, OutputMismatchError
@@ -261,6 +338,109 @@ def test_evaluate_names_a_bad_test_set(tiny_generator, tmp_path, capsys):
     _fails(capsys, ["evaluate", "--config", str(cfg)], f"{test}:1:2: malformed JSON line")
     test.write_text(json.dumps({"translation": {"de": "a", "en": "b"}}), encoding="utf-16")
     _fails(capsys, ["evaluate", "--config", str(cfg)], f"{test}: UTF-16 text")
+
+
+def test_cut_models_must_name_models_of_eval_models(tmp_path, capsys):
+    """A config error before anything runs (the test set is not even read)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"eval": {"models": ["original=smollm2", "radis=outputs/radis/hf"],
+                                        "cut_models": {"radis": True, "radsi": True},
+                                        "test": [{"path": str(tmp_path / "not_read.de-en.jsonl")}]}}))
+    _fails(capsys, ["evaluate", "--config", str(cfg)], "radis evaluate: config error: "
+           "eval.cut_models: no model of eval.models is named 'radsi'; expected names among ['original', 'radis']")
+
+
+def test_a_source_only_test_set_names_a_source_of_the_wrong_type(tmp_path):
+    """Not skipped as an "empty" source: a number is there, of the wrong type."""
+    from radis.evaluate.command import read_test_set
+
+    path = tmp_path / "src.jsonl"
+    path.write_text('{"de": "Hallo."}\n{"de": 42}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"eval.test\[0\]: .*src.jsonl: record 2: 'de': expected a string, "
+                                         r"got a number \(42\)"):
+        read_test_set(SourceConfig(path=str(path), src_lang="de", tgt_lang="en"), "skip", 0)
+    path.write_text('{"de": "Hallo."}\n["Hallo."]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"src.jsonl: record 2: expected .* got a list"):
+        read_test_set(SourceConfig(path=str(path), src_lang="de", tgt_lang="en"), "skip", 0)
+
+
+def test_damaged_evaluation_outputs_are_named(tiny_generator, tmp_path, capsys):
+    """results.json and the original's cached answers, cut by a full disk or an editor:
+    the file is named (json alone names a line and column), and left as it was."""
+    from radis.evaluate.retention import load_cached_answers
+
+    test = _pairs(tmp_path / "t.de-en.jsonl", 1)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"eval": {"models": [f"tiny={tiny_generator}"], "test": [{"path": str(test)}],
+                                        "output_dir": str(tmp_path / "e"), "retention": False, "safety": False}}))
+    results = tmp_path / "e" / "tiny" / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text('{"model": "tiny", "parts": {"transl', encoding="utf-8")
+    _fails(capsys, ["evaluate", "--config", str(cfg)], f"{results}: not valid JSON", "delete it to evaluate this model again")
+    assert results.read_text(encoding="utf-8") == '{"model": "tiny", "parts": {"transl'
+    cache = tmp_path / "original.abc.json"
+    cache.write_text('{"meta": {}, "answers": {"ids": ["a"], "prompt_ids"', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{cache.name}: not valid JSON .*delete it to generate the answers again"):
+        load_cached_answers(cache)
+    cache.write_text('{"meta": {}}', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{cache.name}: expected the cached answers"):
+        load_cached_answers(cache)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(root: Path, config: Path, steps=(2, 4)) -> Path:
+    """A checkpoints root as the trainer leaves it (ZeRO, one rank), `latest` at the last step."""
+    import torch
+
+    for step in steps:
+        tag = root / f"global_step{step}"
+        (tag / "hf").mkdir(parents=True)
+        shutil.copy(config, tag / "hf" / "config.json")
+        torch.save({"module": None, "step": step}, tag / "mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"w": torch.zeros(64)}}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        torch.save({"loader": {"epoch": 0, "position": step}}, tag / "trainer_state_rank0.pt")
+    (root / "latest").write_text(f"global_step{steps[-1]}")
+    return root
+
+
+def test_a_truncated_checkpoint_file_is_named_with_what_to_do(tiny_generator, tmp_path, capsys):
+    """torch says only "PytorchStreamReader failed reading zip archive": export and the
+    resume of train name the file, that it is cut, and the checkpoint to use instead."""
+    from radis.train.checkpoint import CheckpointStateError, load_weights_only
+
+    root = _checkpoints(tmp_path / "out" / "checkpoints", tiny_generator / "config.json")
+    optim = root / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:400])  # a copy or a save cut short
+    _fails(capsys, ["export", "--checkpoint", str(root), "--out", str(tmp_path / "hf")],
+           f"{optim}: truncated or damaged: not a whole torch file",
+           f"export the one before it with --checkpoint {root} --tag global_step2")
+    data = _pairs(tmp_path / "p.de-en.jsonl")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"name_or_path": str(tiny_generator)}, "data": {"train": [{"path": str(data)}]},
+                               "train": {"output_dir": str(tmp_path / "out"), "zero_stage": 0}}))
+    _fails(capsys, ["train", "--config", str(cfg)], f"radis train: error: {optim}: truncated or damaged",
+           f"move {root / 'global_step4'} out of {root} and run the same command again to resume from global_step2")
+    assert not (tmp_path / "hf").exists() and (root / "latest").read_text() == "global_step4"  # nothing touched
+    shutil.rmtree(root / "global_step2")
+    _fails(capsys, ["train", "--config", str(cfg)], "there is no earlier checkpoint")
+    # what DeepSpeed loads itself (a universal checkpoint's files) goes through the same load
+    with pytest.raises(CheckpointStateError, match=rf"{optim.name}: truncated or damaged: not a whole torch file "
+                                                   r"\(PytorchStreamReader failed reading zip archive"):
+        load_weights_only(optim)
+
+
+def test_an_empty_latest_file_is_named(tiny_generator, tmp_path, capsys):
+    """Not "checkpoints/hf: no config.json", which sent the user to the wrong place."""
+    from radis.train.checkpoint import resume_point
+
+    root = _checkpoints(tmp_path / "checkpoints", tiny_generator / "config.json")
+    (root / "latest").write_text("\n")
+    _fails(capsys, ["export", "--checkpoint", str(root), "--out", str(tmp_path / "hf")],
+           f"{root / 'latest'} is empty; expected the tag of a checkpoint (e.g. global_step4); give --tag global_step4")
+    tag, note = resume_point(root)  # train resumes from the newest, saying why
+    assert tag == "global_step4" and "`latest` is empty; resuming from the newest complete checkpoint" in note
 
 
 # --------------------------------------------------------------------------- train

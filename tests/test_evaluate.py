@@ -115,6 +115,21 @@ def test_bad_retention_prompt_file_names_the_line(tmp_path):
         load_retention_prompts(f)
 
 
+def test_a_retention_prompt_needs_only_its_prompt(tmp_path):
+    """id and category are optional, as in a safety-prompts file (README, Evaluation)."""
+    from radis.evaluate.retention import RetentionPrompt
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hi"}\n\n{"prompt": "yo", "id": "b", "category": "c"}\n', encoding="utf-8")
+    assert load_retention_prompts(f) == [RetentionPrompt("p-1", "user", "hi"), RetentionPrompt("b", "c", "yo")]
+    f.write_text('{"id": "p-2", "prompt": "hi"}\n{"prompt": "yo"}\n', encoding="utf-8")  # a default id taken already
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: duplicate id 'p-2'"):
+        load_retention_prompts(f)
+    f.write_text('{"prompt": 42}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: field 'prompt' must be a string, got a number \(42\)"):
+        load_retention_prompts(f)
+
+
 def test_demo_sample_is_parallel_de_en():
     for name, lo, hi in (("train.de-en.jsonl", 140, 200), ("test.de-en.jsonl", 35, 60)):
         rows = [json.loads(line)["translation"] for line in (DEMO / name).read_text(encoding="utf-8").splitlines()]

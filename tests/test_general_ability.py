@@ -102,6 +102,24 @@ def test_unknown_or_offline_tasks_are_named_before_any_model_loads(tiny, tmp_pat
                                       f"eval.general_task_paths=[{tmp_path / 'nope'}]"))
 
 
+def test_a_task_file_lm_eval_cannot_read_is_named(tiny, tmp_path):
+    """lm-eval's index skips a YAML it cannot parse without a word, and its task is then
+    only "unknown": the file and the parse error are named instead."""
+    from radis.evaluate.general import GeneralSuite, GeneralTaskError
+
+    base, _ = tiny
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    mine = tasks / "my_task.yaml"
+    own = (ROOT / "radis" / "resources" / "lm_eval_tasks" / "radis_knowledge.yaml").read_text()
+    mine.write_text(own.replace("task: radis_knowledge", "task: my_task")
+                    .replace("output_type: multiple_choice", "output_type: multiple_choice\n  bad_indent: true"))
+    with pytest.raises(GeneralTaskError, match=rf"'my_task' is not a task or group that lm-eval knows; {mine} cannot be "
+                                               r"read, so lm-eval skipped it: \w+Error: .*line \d+"):
+        GeneralSuite.from_config(_cfg(tmp_path, base, [], "eval.general_tasks=[my_task]",
+                                      f"eval.general_task_paths=[{tasks}]"))
+
+
 def test_every_rank_runs_the_same_tasks(tiny, tmp_path, monkeypatch):
     """Each rank resolves the tasks against its own datasets cache. A task another rank
     had to skip is skipped here too, with that rank's reason (a rank running it alone

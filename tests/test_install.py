@@ -45,7 +45,7 @@ def run_from_root(code: str, **env: str) -> subprocess.CompletedProcess:
     for `python -m radis.cli` there. No PYTHONSAFEPATH: users do not set it."""
     environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     environ.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True, check=False,
                           timeout=300)
 
 

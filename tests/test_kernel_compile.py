@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from radis.kernels.radis_loss import launch_config
 
 try:
     import triton.backends.nvidia.compiler  # noqa: F401  (the CUDA backend compiles without a GPU)
+
     from radis.kernels.compile_check import (
         ARCHS,
         TOP_KS,

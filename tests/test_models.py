@@ -37,7 +37,7 @@ def _convert_at_once(gguf: Path, cache_dir: Path, askers: int = 3) -> list[Path]
 
 def test_askers_at_once_wait_for_one_conversion(tmp_path, counted_conversions, capsys):
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little"))  # the header convert_gguf checks
     outs = _convert_at_once(gguf, tmp_path / "cache")
     assert len(counted_conversions) == 1
     assert len(set(outs)) == 1 and (outs[0] / "config.json").is_file()
@@ -59,7 +59,7 @@ def test_without_a_lock_each_converts_and_one_copy_is_kept(tmp_path, counted_con
 
     monkeypatch.setattr(models, "open", refusing_open, raising=False)  # shadows the builtin in that module only
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little"))  # the header convert_gguf checks
     outs = _convert_at_once(gguf, tmp_path / "cache")
     assert len(counted_conversions) == 3
     assert len(set(outs)) == 1 and (outs[0] / "config.json").is_file()

@@ -207,7 +207,16 @@ def test_limit_is_category_balanced(tmp_path):
     ("a.jsonl", '{"prompt": "ok"}\n["a list"]\n', r"a.jsonl:2: expected a JSON object"),
     ("a.jsonl", '{"prompt": "ok"}\n\n{"goal": "x"}\n', r"line 3: missing field 'prompt'"),
     ("a.jsonl", '{"prompt": ""}\n', r"line 1: empty prompt"),
-    ("a.jsonl", '{"prompt": "x", "id": 7}\n', r"line 1: field 'id' must be a non-empty string"),
+    ("a.jsonl", '{"prompt": "x", "id": 7}\n', r"line 1: field 'id' must be a string, got a number \(7\)"),
+    ("a.jsonl", '{"prompt": "x", "id": " "}\n', r"line 1: field 'id' must be a non-empty string"),
+    # a number is not an empty prompt: the message says what is wrong with it
+    ("a.jsonl", '{"prompt": "ok"}\n{"prompt": 42}\n', r"line 2: field 'prompt' must be a string, got a number \(42\)"),
+    ("a.jsonl", '{"prompt": ["a", "b"]}\n', r"line 1: field 'prompt' must be a string, got a list"),
+    ("a.jsonl", '{\n  "prompt": "x"\n}\n', r"a.jsonl:1: expected JSON Lines .*found one object over several lines"),
+    # an unterminated quote would swallow the rest of the file into one prompt: named where it opens
+    ("a.csv", 'goal,target\nfine,t\n"never closed,t\nthird,t\nfourth,t\n', r"line 3: a quoted field .* never closed"),
+    ("a.csv", 'goal,target\n"two\nlines",t\nx,"open\nmore\n', r"line 4: a quoted field opens there"),
+    ("a.csv", 'goal,target\nfine,t\n"a"b,t\n', r"line 3: malformed CSV: ',' expected after '\"'"),
     ("a.jsonl", '{"prompt": "x", "id": "d"}\n{"prompt": "y", "id": "d"}\n', r"line 2: duplicate id 'd'"),
     ("a.jsonl", "\n\n", r"no prompts"),
     ("a.txt", "prompt\nx\n", r"unknown suffix '\.txt', expected \.csv or \.jsonl"),

@@ -69,6 +69,7 @@ from radis.data.records import (
     topk_path,
 )
 from radis.errors import InputError
+from radis.io import multiline_json_problem
 
 FORMATS = ("json", "jsonl", "text", "tsv", "hf", "rationales")
 # "<src>-<tgt>" inside a file name, e.g. "train.de-en.json", "valid.zh-en"
@@ -293,7 +294,15 @@ def _json_lines(path: Path) -> Iterator[tuple[int, int, Any]]:
     index = 0
     for lineno, line in _streamed_lines(path):
         if line.strip():
-            yield index, lineno, _parse_json(line, path, lineno)
+            try:
+                rec = _parse_json(line, path, lineno)
+            except DataError:
+                # a pretty-printed record (one object over several lines) is named as such
+                problem = multiline_json_problem(read_text_file(path), lineno, array_ok=True)
+                if problem is None:
+                    raise
+                raise DataError(f"{path}:{lineno}: {problem}") from None
+            yield index, lineno, rec
             index += 1
 
 
@@ -676,7 +685,7 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> tu
                 break
             where = _where(path, index, lineno)
             try:
-                check_record(rec, where)
+                strategy = check_record(rec, where)
             except RecordError as err:
                 raise DataError(str(err)) from None
             ex_id = rec["id"]
@@ -687,10 +696,13 @@ def _read_rationales(cfg: SourceConfig, on_empty: str, stats: SourceStats) -> tu
                 stats.skipped["other_direction"] += 1
                 other_directions[f"{rec['src_lang']}-{rec['tgt_lang']}"] += 1
                 continue
-            if not rec["source"].strip() or not rec["reference"].strip():
+            # the target a record trains: a seqkd / sdft record's `target` replaces the reference
+            target_field = "reference" if strategy in RATIONALE_STRATEGIES else "target"
+            if not rec["source"].strip() or not rec[target_field].strip():
                 reason = "empty_source" if not rec["source"].strip() else "empty_target"
                 if on_empty == "error":
-                    raise DataError(f"{where}: empty {reason.split('_')[1]} text")
+                    field_name = "source" if reason == "empty_source" else target_field
+                    raise DataError(f"{where}: empty {reason.split('_')[1]} text ({field_name!r})")
                 stats.skipped[reason] += 1
                 empty += 1
                 continue

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radis.config import RadisConfig, SourceConfig, load_config
+from radis.config import ConfigError, RadisConfig, SourceConfig, load_config
 from radis.data.example import Example
 from radis.data.sources import json_records, text_lines
 from radis.errors import InputError
@@ -55,7 +55,7 @@ from radis.evaluate import metrics, report, retention
 from radis.evaluate.general import GeneralSuite
 from radis.evaluate.translate import Translation, translate
 from radis.generation.decode import pad_token_id
-from radis.io import write_json_atomic
+from radis.io import json_type_name, read_json_object, write_json_atomic
 from radis.runtime import (
     RANK0_WORK_TIMEOUT,
     add_config_arguments,
@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         evaluate(cfg, progress=args.progress)
+    except ConfigError:
+        raise  # radis.cli says `config error:`
     except (FileNotFoundError, ValueError) as err:
         print(f"radis evaluate: {err}", file=sys.stderr)
         return 2
@@ -107,6 +109,11 @@ def parse_model_specs(cfg: RadisConfig) -> list[tuple[str, str]]:
         if name in {n for n, _ in out}:
             raise ValueError(f"eval.models[{i}]: duplicate model name {name!r}; write it as name=path")
         out.append((name, ref))
+    # a name that is no model's would be ignored, and its model scored by the other rules
+    unknown = [name for name in cfg.eval.cut_models if name not in {n for n, _ in out}]
+    if unknown:
+        raise ConfigError(f"eval.cut_models: no model of eval.models is named {', '.join(map(repr, unknown))}; "
+                          f"expected names among {[n for n, _ in out]}")
     return out
 
 
@@ -177,15 +184,24 @@ def read_test_set(src: SourceConfig, on_empty: str, index: int) -> tuple[list[Ex
         if not (src.src_lang and src.tgt_lang):
             raise ValueError(f"{where}: {path}: a test set without references needs src_lang and tgt_lang")
         if path.suffix in (".json", ".jsonl"):
-            texts = [(i + 1, (r.get("translation", r) or {}).get(src.src_lang) if isinstance(r, dict) else None)
-                     for i, r in enumerate(json_records(path))]
+            texts = []
+            for i, r in enumerate(json_records(path)):
+                pair = r.get("translation", r) if isinstance(r, dict) else None
+                if not isinstance(pair, dict):  # bad input, reported like the rest: ValueError
+                    raise ValueError(  # noqa: TRY004
+                        f'{where}: {path}: record {i + 1}: expected {{"translation": {{"<lang>": text}}}} or '
+                        f'{{"<lang>": text}}, got {json_type_name(pair if isinstance(r, dict) else r)}')
+                texts.append((i + 1, pair.get(src.src_lang)))
             unit = "record"
         else:
             texts = list(enumerate(text_lines(path), 1))
             unit = "line"
         examples, skipped = [], 0
         for n, text in texts:
-            if not isinstance(text, str) or not text.strip():
+            if text is not None and not isinstance(text, str):  # not "empty": a number is there, of the wrong type
+                raise ValueError(f"{where}: {path}: {unit} {n}: {src.src_lang!r}: expected a string, "
+                                 f"got {json_type_name(text)} ({text!r:.60})")
+            if text is None or not text.strip():
                 if on_empty == "error":
                     raise ValueError(f"{where}: {path}: {unit} {n}: empty or missing {src.src_lang!r} source text")
                 skipped += 1
@@ -316,6 +332,7 @@ def evaluate(cfg: RadisConfig, progress: bool = False) -> dict[str, Any]:
 def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[str, Any]:
     from radis.models import ModelNotFoundError, resolve_model_path
 
+    specs = parse_model_specs(cfg)  # its config errors before any test set is read
     out_root = eval_output_dir(cfg)
     log = (lambda *a: print("[evaluate]", *a, flush=True)) if rank == 0 else (lambda *a: None)
 
@@ -337,7 +354,7 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
 
     models = []
     wait_group = new_group(RANK0_WORK_TIMEOUT) if world > 1 else None  # for rank 0's lone work
-    for name, ref in parse_model_specs(cfg):
+    for name, ref in specs:
         p = Path(ref).expanduser()
         checkpoint = deepspeed_checkpoint(p)
         if checkpoint is not None:
@@ -426,7 +443,7 @@ def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
     safety_fp = None if ctx.safety_prompts is None else _key(prompts=[(p.id, p.prompt) for p in ctx.safety_prompts])
     keys = part_keys(cfg, model_fp, ctx.test_info, cut, ctx.suite, safety_fp)
     results_path = ctx.out_root / name / "results.json"
-    previous = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    previous = read_json_object(results_path, "delete it to evaluate this model again") or {}
     done = {part for part, key in keys.items() if key is None or previous.get("parts", {}).get(part) == key}
     result: dict[str, Any] = {
         "model": name, "path": path, "parts": {}, "test_sets": ctx.test_info, "directions": {},

@@ -167,9 +167,15 @@ class GeneralSuite:
             try:
                 loaded = _load_tasks(manager, name)
             except KeyError:
-                raise GeneralTaskError(f"eval.general_tasks: {name!r} is not a task or group that lm-eval knows "
-                                       "(list them with `lm-eval ls tasks`; radis's own are radis_knowledge and "
-                                       "radis_arithmetic; more directories go in eval.general_task_paths)") from None
+                unknown = f"eval.general_tasks: {name!r} is not a task or group that lm-eval knows"
+                broken = self._unreadable_task_files()
+                if broken:  # lm-eval skips them without a word: the likely definition of the task
+                    path, why = broken[0]
+                    more = f" (and {len(broken) - 1} more such file(s))" if len(broken) > 1 else ""
+                    raise GeneralTaskError(f"{unknown}; {path} cannot be read, so lm-eval skipped it{more}: {why}; "
+                                           "fix that file (it may be the one that defines the task)") from None
+                raise GeneralTaskError(f"{unknown} (list them with `lm-eval ls tasks`; radis's own are radis_knowledge "
+                                       "and radis_arithmetic; more directories go in eval.general_task_paths)") from None
             except Exception as err:  # noqa: BLE001 -- datasets raises many types; classified below
                 if not _is_download_error(err):
                     raise GeneralTaskError(f"eval.general_tasks: {name!r} cannot be loaded: {type(err).__name__}: {err}") from None
@@ -182,6 +188,29 @@ class GeneralSuite:
                     continue
                 raise GeneralTaskError(f"eval.general_tasks: task {name!r}: {why}; or set eval.general_missing=skip") from None
             self.runnable[name] = _output_types(loaded)
+
+    def _unreadable_task_files(self) -> list[tuple[Path, str]]:
+        """(file, why) for every task YAML of the include paths that lm-eval's own reader
+        refuses (bad YAML, an include that is missing); lm-eval's index leaves them out
+        silently, so their tasks are only "unknown" there."""
+        try:  # lm-eval >= 0.4.10
+            from lm_eval.tasks._yaml_loader import load_yaml
+
+            def read(path: Path) -> Any:
+                return load_yaml(path, resolve_func=False)
+        except ImportError:
+            from lm_eval.utils import load_yaml_config
+
+            def read(path: Path) -> Any:
+                return load_yaml_config(yaml_path=str(path), mode="simple")
+        broken = []
+        for root in self.include_paths:
+            for path in sorted(Path(root).glob("**/*.yaml")):  # the files lm-eval indexes
+                try:
+                    read(path)
+                except Exception as err:  # noqa: BLE001 -- whatever made lm-eval skip it is the answer
+                    broken.append((path, f"{type(err).__name__}: {' '.join(str(err).split())}"))
+        return broken
 
     def uses_chat_template(self, name: str) -> bool:
         if self.chat_template != "auto":

@@ -38,10 +38,17 @@ from sacrebleu.metrics import CHRF
 from radis.evaluate.subsets import category_balanced
 from radis.evaluate.translate import decode_batch, model_device
 from radis.generation.decode import Request, length_sorted_batches
-from radis.io import FileFormatError, iter_jsonl_objects, write_json_atomic
+from radis.io import (
+    FileFormatError,
+    iter_jsonl_objects,
+    read_json_object,
+    text_field,
+    write_json_atomic,
+)
 from radis.runtime import dist_info, gather_objects
 
-REQUIRED_FIELDS = ("id", "category", "prompt")
+FIELDS = ("id", "category", "prompt")
+REQUIRED_FIELDS = ("prompt",)  # a missing id or category gets a default
 
 
 @dataclass
@@ -57,24 +64,26 @@ def shipped_prompts_path() -> Path:
 
 
 def load_retention_prompts(path: str | os.PathLike | None = None, limit: int | None = None) -> list[RetentionPrompt]:
-    """Read a JSONL of {"id", "category", "prompt"}; `limit` keeps a category-balanced subset.
+    """Read a JSONL of {"prompt", "id", "category"}; `limit` keeps a category-balanced subset.
 
-    The subset takes prompts round-robin over categories (in file order), so a small
-    `limit` still mixes knowledge, reasoning, math, ... and refusals.
+    `prompt` is required; `id` and `category` are optional, as in a safety-prompts file
+    (radis.evaluate.safety): a missing id becomes "<file stem>-<line number>", a
+    missing category "user". The subset takes prompts round-robin over categories (in
+    file order), so a small `limit` still mixes knowledge, reasoning, math, ... and refusals.
     """
     p = Path(path) if path is not None else shipped_prompts_path()
     if not p.is_file():
         raise FileFormatError(f"retention prompts {p}: no such file")
     prompts: list[RetentionPrompt] = []
     seen: set[str] = set()
-    for lineno, rec in iter_jsonl_objects(p, f"a JSON object with {REQUIRED_FIELDS}"):
-        for key in REQUIRED_FIELDS:
-            if not isinstance(rec.get(key), str) or not rec[key].strip():
-                raise FileFormatError(f"{p}:{lineno}: field {key!r} must be a non-empty string, got {rec.get(key)!r}")
-        if rec["id"] in seen:
-            raise FileFormatError(f"{p}:{lineno}: duplicate id {rec['id']!r}")
-        seen.add(rec["id"])
-        prompts.append(RetentionPrompt(rec["id"], rec["category"], rec["prompt"]))
+    for lineno, rec in iter_jsonl_objects(p, "a JSON object with a 'prompt'"):
+        where = f"{p}:{lineno}"
+        text = {key: text_field(where, key, rec.get(key), required=key in REQUIRED_FIELDS) for key in FIELDS}
+        pid = text["id"] or f"{p.stem}-{lineno}"
+        if pid in seen:
+            raise FileFormatError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        prompts.append(RetentionPrompt(pid, text["category"] or "user", text["prompt"]))
     if not prompts:
         raise FileFormatError(f"retention prompts {p}: no prompts in the file")
     return category_balanced(prompts, limit, "retention prompt")
@@ -229,10 +238,16 @@ def model_fingerprint(model_dir: str) -> str:
 
 
 def load_cached_answers(path: Path) -> Answers | None:
-    if not path.is_file():
+    """The answers `save_cached_answers` wrote to `path` (None: no such file); a file
+    that is not whole is a ValueError naming it, not json's line and column alone."""
+    hint = "delete it to generate the answers again"
+    data = read_json_object(path, hint)
+    if data is None:
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return Answers(**data["answers"])
+    try:
+        return Answers(**data["answers"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: expected the cached answers {{\"answers\": {{...}}}} of radis evaluate; {hint}") from None
 
 
 def save_cached_answers(path: Path, answers: Answers, meta: dict[str, Any]) -> None:

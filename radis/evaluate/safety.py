@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from radis.evaluate.subsets import category_balanced
-from radis.io import FileFormatError, iter_jsonl_objects, read_user_text
+from radis.io import FileFormatError, iter_jsonl_objects, read_user_text, text_field
 
 # Why 250 characters: a refusing chat model says so in its first one or two sentences,
 # sometimes after a short acknowledgement ("That's a serious question. ..."); 250
@@ -242,31 +242,44 @@ def load_harmful_prompts(path: str | os.PathLike | None = None, limit: int | Non
 
 
 def _check_text(p: Path, where: str, key: str, value: Any, required: bool) -> str | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        what = "empty prompt" if key in ("prompt", "goal") else f"field {key!r} must be a non-empty string"
-        raise FileFormatError(f"{p}: {where}: {what}, got {value!r}")
-    return value.strip()
+    value = text_field(f"{p}: {where}", key, value, required, empty="empty prompt" if key in ("prompt", "goal") else None)
+    return None if value is None else value.strip()
 
 
 def _csv_rows(p: Path, text: str) -> list[tuple[str, int, dict[str, str | None]]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if not header:
-        raise FileFormatError(f"{p}: line 1: expected a header row with a 'prompt' or 'goal' column, the file is empty")
-    reader.fieldnames = header
-    column = "prompt" if "prompt" in header else "goal" if "goal" in header else None
-    if column is None:
-        raise FileFormatError(f"{p}: line 1: header {header} has no 'prompt' or 'goal' column")
-    out = []
-    for rowno, row in enumerate(reader, 1):
-        where = f"row {rowno} (line {reader.line_num})"
-        out.append((where, rowno, {
-            "prompt": _check_text(p, where, column, row.get(column), True),
-            "id": _check_text(p, where, "id", row.get("id"), False) if "id" in header else None,
-            "category": _check_text(p, where, "category", row.get("category"), False) if "category" in header else None,
-        }))
+    lines = text.splitlines(keepends=True)
+    # strict: a quote that is never closed is an error, not a field that swallows the
+    # rest of the file (the default reader ends it silently at the end of the file)
+    reader = csv.DictReader(lines, strict=True)
+    out: list[tuple[str, int, dict[str, str | None]]] = []
+    row_end = 0  # the last line of the previous row
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if not header:
+            raise FileFormatError(f"{p}: line 1: expected a header row with a 'prompt' or 'goal' column, the file is empty")
+        reader.fieldnames = header
+        column = "prompt" if "prompt" in header else "goal" if "goal" in header else None
+        if column is None:
+            raise FileFormatError(f"{p}: line 1: header {header} has no 'prompt' or 'goal' column")
+        row_end = reader.line_num
+        for rowno, row in enumerate(reader, 1):
+            where = f"row {rowno} (line {reader.line_num})"
+            out.append((where, rowno, {
+                "prompt": _check_text(p, where, column, row.get(column), True),
+                "id": _check_text(p, where, "id", row.get("id"), False) if "id" in header else None,
+                "category": _check_text(p, where, "category", row.get("category"), False) if "category" in header else None,
+            }))
+            row_end = reader.line_num
+    except csv.Error as err:
+        if "unexpected end of data" not in str(err):
+            # the csv reader's own count: DictReader's moves only once a row is whole
+            raise FileFormatError(f"{p}: line {reader.reader.line_num}: malformed CSV: {err}") from None
+        # The open field is the row's last and runs to the end of the file: read
+        # leniently, its lines counted back from the end give the line its quote opened on.
+        fields = next((f for f in csv.reader(lines[row_end:]) if f), [""])
+        opened = len(lines) - max(1, len(fields[-1].splitlines())) + 1
+        raise FileFormatError(f'{p}: line {opened}: a quoted field opens there and is never closed; expected a closing " '
+                              '(a quote inside a quoted field is written "")') from None
     return out
 
 

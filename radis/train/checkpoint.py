@@ -103,11 +103,12 @@ def resume_point(ckpt_dir: str | os.PathLike) -> tuple[str | None, str | None]:
         if newest != named:
             return newest, f"{root}: `{LATEST}` names {named}, but {newest} is newer and complete; resuming from it"
         return named, None
+    missing = f"names {named!r}, which does not exist" if named else "is empty"  # an empty one names no tag
     if newest is None:
         raise CheckpointStateError(
-            f"{root}: `{LATEST}` names {named!r}, which does not exist, and there is no complete checkpoint to "
-            f"resume from; delete {root / LATEST} to start afresh, or restore {root / named}")
-    return newest, f"{root}: `{LATEST}` names {named!r}, which does not exist; resuming from the newest complete checkpoint {newest}"
+            f"{root}: `{LATEST}` {missing}, and there is no complete checkpoint to "
+            f"resume from; delete {root / LATEST} to start afresh" + (f", or restore {root / named}" if named else ""))
+    return newest, f"{root}: `{LATEST}` {missing}; resuming from the newest complete checkpoint {newest}"
 
 
 def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
@@ -144,6 +145,47 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[str]:
             shutil.rmtree(Path(ckpt_dir) / UNIVERSAL_SUBDIR / tag, ignore_errors=True)
             removed.append(tag)
     return removed
+
+
+def damaged_file(ckpt_dir: str | os.PathLike, tag: str) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the first torch file of checkpoint `tag` that is not
+    whole (a copy or a save cut short by a full disk or a kill); None when all are.
+
+    A `torch.save` file (torch >= 1.6, as DeepSpeed writes them) is a zip archive whose
+    directory is at its end: a truncated one has none, and reading it fails inside torch with "PytorchStreamReader failed
+    reading zip archive", naming no file. Only the directories are read here (a few
+    KB a file), so every shard is checked before a resume or an export loads any.
+    """
+    import zipfile
+
+    for path in sorted((Path(ckpt_dir) / tag).glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return path, f"truncated or damaged: not a whole torch file ({path.stat().st_size} bytes; {err})"
+    return None
+
+
+def earlier_tag(ckpt_dir: str | os.PathLike, tag: str) -> str | None:
+    """The newest complete checkpoint saved before `tag` (None: there is none)."""
+    step = step_of_tag(tag)
+    older = [t for t in list_tags(ckpt_dir) if step is not None and step_of_tag(t) < step]
+    return older[-1] if older else None
+
+
+def check_resumable(ckpt_dir: str | os.PathLike, tag: str) -> None:
+    """CheckpointStateError naming a damaged file of checkpoint `tag` (`damaged_file`)
+    and the checkpoint to resume from instead, before any rank loads it."""
+    bad = damaged_file(ckpt_dir, tag)
+    if bad is None:
+        return
+    root, tag_dir = Path(ckpt_dir), Path(ckpt_dir) / tag
+    instead = earlier_tag(ckpt_dir, tag)
+    what_to_do = (f"move {tag_dir} out of {root} and run the same command again to resume from {instead}, the newest "
+                  "complete checkpoint before it" if instead else
+                  "there is no earlier checkpoint: restore the file, or start afresh in another train.output_dir")
+    raise CheckpointStateError(f"{bad[0]}: {bad[1]}; checkpoint {tag_dir} cannot be resumed: {what_to_do}")
 
 
 def saved_trainer_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
@@ -257,6 +299,13 @@ def load_weights_only(path: str | os.PathLike, **kwargs: Any) -> Any:
     try:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             return _TORCH_LOAD(path, **kwargs)
+    except (RuntimeError, EOFError) as err:
+        # a cut file: torch names neither the file nor the cause ("PytorchStreamReader
+        # failed reading zip archive: failed finding central directory", "Ran out of input")
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise
+        raise CheckpointStateError(f"{path}: truncated or damaged: not a whole torch file "
+                                   f"({str(err).split('. ')[0][:200] if str(err) else type(err).__name__})") from None
     except pickle.UnpicklingError as err:
         raise CheckpointStateError(
             f"{path}: holds pickled Python objects that radis does not load (a file not written by this radis, "

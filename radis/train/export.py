@@ -24,7 +24,13 @@ import torch
 
 from radis.errors import InputError
 from radis.models import DTYPES
-from radis.train.checkpoint import HF_SUBDIR, LATEST
+from radis.train.checkpoint import (
+    HF_SUBDIR,
+    LATEST,
+    damaged_file,
+    earlier_tag,
+    list_tags,
+)
 from radis.training_info import FILENAME as TRAINING_INFO
 
 _DTYPES = DTYPES
@@ -65,6 +71,11 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, tag: str | None = None) ->
         return p, tag
     if (p / LATEST).is_file():
         t = (p / LATEST).read_text(encoding="utf-8").strip()
+        if not t:  # else p / "" is p itself, and the error would be about a missing hf/ there
+            tags = list_tags(p)
+            raise ExportError(f"--checkpoint {p}: its `{LATEST}` file {p / LATEST} is empty; expected the tag of a "
+                              "checkpoint" + (f" (e.g. {tags[-1]}); give --tag {tags[-1]}" if tags else
+                                              f"; {p} holds no complete checkpoint"))
         if not (p / t).is_dir():
             raise ExportError(f"--checkpoint {p}: `latest` names {t!r} but {p / t} does not exist")
         return p, t
@@ -123,6 +134,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, tag
     out = Path(os.path.expanduser(str(out)))
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out}: already exists (use --overwrite)")
+    bad = damaged_file(root, tag)
+    if bad is not None:  # before DeepSpeed's reader meets it (torch's error names no file)
+        instead = earlier_tag(root, tag)
+        raise ExportError(f"{bad[0]}: {bad[1]}; checkpoint {root / tag} cannot be exported"
+                          + (f"; export the one before it with --checkpoint {root} --tag {instead}" if instead else ""))
 
     config = AutoConfig.from_pretrained(str(hf_dir))
     with torch.device("meta"):

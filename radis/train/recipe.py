@@ -134,6 +134,9 @@ def preflight(cfg: RadisConfig) -> None:
         # Starting over would overwrite (or, for the same step, be shadowed by) them.
         raise ConfigError(f"train.output_dir: {out} already holds checkpoints (latest {latest}); "
                           "use train.resume=auto to continue, or another train.output_dir")
+    if latest is not None:
+        # a cut shard fails inside DeepSpeed's load on one rank, naming no file: found here, on every rank
+        ckpt.check_resumable(out / "checkpoints", latest)
 
 
 def _check_teacher_sources(cfg: RadisConfig) -> None:
