@@ -166,6 +166,10 @@ def convert_gguf(gguf: Path, cache_dir: str) -> Path:
         try:
             with loading(str(gguf), "GGUF model"):  # a damaged file past its header
                 _dequantise(gguf, tmp)
+            if out.is_dir() and not (out / "config.json").is_file():
+                # a conversion that was never whole (the rank-1 save of transformers 5.25,
+                # save_model_directory): the rename cannot replace a non-empty directory
+                shutil.rmtree(out, ignore_errors=True)
             try:
                 os.replace(tmp, out)
             except OSError:  # another process finished first
@@ -216,8 +220,31 @@ def _dequantise(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    model.save_pretrained(out)
+    save_model_directory(model, out)
     tok.save_pretrained(out)
+
+
+def save_model_directory(model: torch.nn.Module, out: Path) -> None:
+    """What `model.save_pretrained(out)` writes (config.json, generation_config.json,
+    model.safetensors), written by whichever process calls it.
+
+    Not save_pretrained itself: from transformers 5.25 it writes the weights only on rank 0
+    of an initialised process group, and a GGUF conversion is made by whichever rank takes
+    the lock (the first 2-rank run on a fresh machine kept a directory of tokenizer files
+    alone, and every later run failed on it). A tied weight (lm_head = embed_tokens) is
+    stored once, under its first name, as save_pretrained stores it.
+    """
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    weights, stored = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in stored:
+            stored.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 # The dtypes a config or command line may name (`model.dtype`, `radis export --dtype`).

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,3 +65,60 @@ def test_without_a_lock_each_converts_and_one_copy_is_kept(tmp_path, counted_con
     assert len(counted_conversions) == 3
     assert len(set(outs)) == 1 and (outs[0] / "config.json").is_file()
     assert [p.name for p in outs[0].parent.iterdir()] == [outs[0].name]  # no copy left behind
+
+
+def test_a_conversion_on_rank_1_of_a_process_group_writes_the_whole_model(tmp_path):
+    """Whichever rank takes the lock converts. From transformers 5.25, save_pretrained
+    writes weights only on rank 0 of an initialised process group, so a conversion made by
+    rank 1 of a first 2-rank run kept the tokenizer files alone (and every later run failed
+    on that directory). save_model_directory writes the whole model on any rank; the model
+    it wrote loads back with the same logits and its tied head still tied."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    code = (
+        "import os, sys, torch, torch.distributed as dist\n"
+        "from pathlib import Path\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "from radis.models import save_model_directory\n"
+        "dist.init_process_group('gloo')\n"
+        "torch.manual_seed(0)\n"
+        "config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+        "                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)\n"
+        "model = AutoModelForCausalLM.from_config(config)\n"
+        "if dist.get_rank() == 1:\n"
+        "    out = Path(sys.argv[1]); out.mkdir()\n"
+        "    save_model_directory(model, out)\n"
+        "    torch.save(model(torch.tensor([[1, 2, 3]])).logits, out.parent / 'logits.pt')\n"
+        "dist.barrier(); dist.destroy_process_group()\n")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "model")], env={**env, "RANK": str(r)})
+             for r in range(2)]
+    assert [p.wait(timeout=240) for p in ranks] == [0, 0]
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "model"
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert torch.equal(loaded(torch.tensor([[1, 2, 3]])).logits, torch.load(tmp_path / "logits.pt"))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_directory_left_by_a_broken_conversion_is_replaced(tmp_path, counted_conversions):
+    """A cache directory without config.json (what the rank-1 save above used to leave)
+    is converted again and replaced, not a 'Directory not empty' error on every run."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little"))
+    first = models.convert_gguf(gguf, str(tmp_path / "cache"))
+    (first / "config.json").unlink()
+    (first / "tokenizer.json").write_text("{}")
+    assert models.convert_gguf(gguf, str(tmp_path / "cache")) == first
+    assert (first / "config.json").is_file() and not (first / "tokenizer.json").exists()
+    assert len(counted_conversions) == 2
