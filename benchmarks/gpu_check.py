@@ -84,12 +84,24 @@ class Step:
 
 
 def unimportable(modules: tuple[str, ...]) -> list[str]:
-    """The modules a step's process (started in ROOT, after the install step) cannot import.
-    Asked in a fresh process: an install made by this run is invisible to this one."""
+    """The modules a step's process (a script of benchmarks/, after the install step)
+    cannot import. Asked in a fresh process (an install made by this run is invisible to
+    this one) whose first sys.path entry is benchmarks/, as a script's is, not the root:
+    from the root `radis` and `radis.kernels` import without any install (radis/kernels
+    links to kernels/), so asking there left the checkout uninstalled and every benchmark
+    script failed with "No module named 'radis'" (gpu-rehearsal, 2026-12-07)."""
     if not modules:
         return []
-    probe = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
-    proc = subprocess.run([PY, "-c", probe, *modules], cwd=ROOT, capture_output=True, text=True, check=False)
+    # find_spec("a.b") imports `a`, and raises where there is none
+    probe = ("import importlib.util as u, sys\n"
+             "def found(m):\n"
+             "    try:\n"
+             "        return u.find_spec(m) is not None\n"
+             "    except ModuleNotFoundError:\n"
+             "        return False\n"
+             "print(' '.join(m for m in sys.argv[1:] if not found(m)))\n")
+    proc = subprocess.run([PY, "-c", probe, *modules], cwd=Path(__file__).resolve().parent, capture_output=True,
+                          text=True, check=False)
     return proc.stdout.split() if proc.returncode == 0 else list(modules)
 
 

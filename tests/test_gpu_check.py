@@ -216,3 +216,13 @@ def test_the_install_step_names_a_package_that_does_not_import():
     ok = subprocess.run([sys.executable, str(SCRIPT), "--import-check", "json"], capture_output=True, text=True,
                         check=False, timeout=120)
     assert ok.returncode == 0 and "1 of 1 import" in ok.stdout
+
+
+def test_a_module_importable_only_from_the_root_counts_as_not_importable():
+    """The steps are scripts of benchmarks/: the root is not on their sys.path. From the
+    root, `radis.kernels` imports without an install (radis/kernels links to kernels/), so
+    a probe run there skipped installing the checkout on the GPU machine and every
+    benchmark failed on `import radis`. tools/lock.py stands for such a module: importable
+    from the root (a namespace folder), not from benchmarks/."""
+    gpu_check = _module()
+    assert gpu_check.unimportable(("json", "tools.lock")) == ["tools.lock"]
