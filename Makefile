@@ -149,7 +149,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 
 lint: install
-	$(PY) -m ruff check radis tests benchmarks tools
+	$(PY) -m ruff check radis kernels tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache

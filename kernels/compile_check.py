@@ -115,9 +115,10 @@ _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 def compile_variant(variant: Variant, arch: int) -> CompileReport:
     """Compile `variant` for sm_`arch` and read its resources from `ptxas -v`."""
     import triton
-    from radis.kernels.radis_loss import _radis_loss_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from radis.kernels.radis_loss import _radis_loss_kernel
 
     sig, constexprs = _signature(variant)
     t0 = time.perf_counter()
