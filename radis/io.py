@@ -102,6 +102,17 @@ def read_user_text(path: str | os.PathLike, what: str = "file") -> str:
         raise FileFormatError(f"{what} {path}: cannot read ({err.strerror or err})") from None
 
 
+def cut_torch_file(err: BaseException) -> str | None:
+    """torch's own first sentence for a torch file that is cut short (a truncated zip
+    archive: "PytorchStreamReader failed reading zip archive: failed finding central
+    directory"; an empty pickle: "Ran out of input"), which names neither the file nor
+    the cause; None for any other error. One test for the model loader and the
+    checkpoint loader, which each name the file."""
+    if isinstance(err, EOFError) or (isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err)):
+        return str(err).split(". ")[0][:200] or type(err).__name__
+    return None
+
+
 def read_json_object(path: str | os.PathLike, hint: str = "") -> dict | None:
     """The JSON object in `path`, None when there is no such file; ValueError naming the
     file (and `hint`: what to do about it) when it is not a JSON object."""

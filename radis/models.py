@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from radis.errors import InputError
-from radis.io import exclusive_flock
+from radis.io import cut_torch_file, exclusive_flock
 from radis.runtime import use_cuda
 
 SMOLLM2_ALIAS = "smollm2"
@@ -50,9 +50,10 @@ def loading(path: str, what: str):
     except Exception as err:  # safetensors' SafetensorError and torch's unpickling errors are plain Exceptions
         if type(err).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "HeaderTooSmall"):
             raise ModelLoadError(f"{path}: cannot load the {what}: {type(err).__name__}: {err}") from None
-        if isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err):  # a cut .bin: torch names no file
+        cut = cut_torch_file(err)
+        if cut is not None:  # a cut .bin: torch names no file
             raise ModelLoadError(f"{path}: cannot load the {what}: a torch weights file (.bin) in it is truncated or "
-                                 f"damaged ({str(err).split('. ')[0]})") from None
+                                 f"damaged ({cut})") from None
         raise
 
 

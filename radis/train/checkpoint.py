@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from radis.errors import InputError
-from radis.io import write_text_atomic
+from radis.io import cut_torch_file, write_text_atomic
 from radis.runtime import on_every_rank, on_rank0, use_cuda
 from radis.train import faults
 
@@ -300,12 +300,10 @@ def load_weights_only(path: str | os.PathLike, **kwargs: Any) -> Any:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             return _TORCH_LOAD(path, **kwargs)
     except (RuntimeError, EOFError) as err:
-        # a cut file: torch names neither the file nor the cause ("PytorchStreamReader
-        # failed reading zip archive: failed finding central directory", "Ran out of input")
-        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+        cut = cut_torch_file(err)
+        if cut is None:
             raise
-        raise CheckpointStateError(f"{path}: truncated or damaged: not a whole torch file "
-                                   f"({str(err).split('. ')[0][:200] if str(err) else type(err).__name__})") from None
+        raise CheckpointStateError(f"{path}: truncated or damaged: not a whole torch file ({cut})") from None
     except pickle.UnpicklingError as err:
         raise CheckpointStateError(
             f"{path}: holds pickled Python objects that radis does not load (a file not written by this radis, "
