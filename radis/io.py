@@ -201,3 +201,50 @@ def text_field(where: str, key: str, value: Any, required: bool = True, empty: s
     if not (value or "").strip():
         raise FileFormatError(f"{where}: {empty or f'field {key!r} must be a non-empty string'}, got {value!r}")
     return value
+
+
+class AppendOnlyJsonl:
+    """A JSONL file that records are appended to as they arrive (answers, judgments), so a
+    run killed halfway keeps everything finished before the kill.
+
+    Each line is written whole, flushed and fsynced; a last line cut short by a kill is
+    dropped when the file is read again (and overwritten by the next append). Not for
+    several writers at once: one process writes (rank 0), under `lock` when it is threaded.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import threading
+
+        self.path = Path(path)
+        self.lock = threading.Lock()
+
+    def read(self) -> list[dict]:
+        """Every complete record, in file order; a torn last line is cut off the file."""
+        if not self.path.is_file():
+            return []
+        data = self.path.read_bytes()
+        records, good = [], 0
+        for line in data.splitlines(keepends=True):
+            try:
+                rec = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
+                break  # a kill mid-line: everything after it is lost anyway
+            records.append(rec)
+            good += len(line)
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return records
+
+    def append(self, records: Sequence[dict]) -> None:
+        if not records:
+            return
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
