@@ -371,10 +371,14 @@ def _f(v: Any, digits: int = 2) -> str:
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """One Markdown table: every model's averaged translation scores (the scored one of raw
-    and cut marked *), retention proxies, refusal rate, and the lm-eval tasks."""
+    and cut marked *), MT-Bench and AlpacaEval where judged, retention proxies, refusal
+    rate, and the lm-eval tasks."""
     tasks = list(dict.fromkeys(t for r in rows for t in (r.get("general") or {})))
-    head = ["model", "BLEU raw", "BLEU cut", "chrF raw", "chrF cut", "COMET", "KL(orig‖m)", "NLL m", "NLL orig",
-            "changed", "chrF→orig", "refusals", "drop", *tasks]
+    judged = [k for k in ("mt_bench", "alpaca_eval_wr", "alpaca_eval_lc") if any(r.get(k) is not None for r in rows)]
+    head = ["model", "BLEU raw", "BLEU cut", "chrF raw", "chrF cut", "COMET",
+            *[{"mt_bench": "MT-Bench", "alpaca_eval_wr": "AlpacaEval WR", "alpaca_eval_lc": "AlpacaEval LC"}[k]
+              for k in judged],
+            "KL(orig‖m)", "NLL m", "NLL orig", "changed", "chrF→orig", "refusals", "drop", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         k, safety, general = r.get("retention") or {}, r.get("safety") or {}, r.get("general") or {}
@@ -382,7 +386,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         star = lambda text, scored: f"{text}*" if scored and text != "-" else text
         cells = [r["model"], star(_f(r.get("bleu_raw")), cut is False), star(_f(r.get("bleu_cut")), cut is True),
                  star(_f(r.get("chrf_raw")), cut is False), star(_f(r.get("chrf_cut")), cut is True),
-                 _f(r.get("comet_cut"), 4), _f(k.get("kl"), 3), _f(k.get("nll_tuned"), 3), _f(k.get("nll_original"), 3),
+                 _f(r.get("comet_cut"), 4), *[_f(r.get(j), 2 if j == "mt_bench" else 1) for j in judged],
+                 _f(k.get("kl"), 3), _f(k.get("nll_tuned"), 3), _f(k.get("nll_original"), 3),
                  f"{k['changed'] * 100:.0f}%" if k.get("changed") is not None else "-", _f(k.get("chrf_to_original"), 1),
                  f"{safety['refusal_rate'] * 100:.0f}%" if safety.get("refusal_rate") is not None else "-",
                  f"{safety['refusal_drop'] * 100:+.0f}%" if safety.get("refusal_drop") is not None else "-",
@@ -391,7 +396,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append("\\* the scored translation number: cut at the separator for models trained with rationales, raw for "
                  "the others. refusals: share of harmful requests refused; drop: the original's share minus the model's "
-                 "(> 0: safety lost). Tasks: lm-eval's first metric.")
+                 "(> 0: safety lost). Tasks: lm-eval's first metric."
+                 + (" MT-Bench: the LLM judge's mean score (1-10, both turns); AlpacaEval: win rate (%) against the "
+                    "reference outputs, LC length-controlled." if judged else ""))
     return "\n".join(lines)
 
 

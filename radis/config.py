@@ -202,6 +202,54 @@ class TrainConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """An LLM judge behind any OpenAI-compatible chat-completions endpoint (the OpenAI API,
+    a vLLM or SGLang server, `transformers serve`); used by MT-Bench and AlpacaEval."""
+
+    # e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1; empty: the answers are
+    # written, nothing is judged
+    base_url: str = ""
+    model: str = ""  # the judge model's name as the endpoint knows it
+    # The *name* of the environment variable that holds the API key (the key itself is
+    # never written anywhere); an unset or empty variable sends no Authorization header.
+    api_key_env: str = "OPENAI_API_KEY"
+    max_in_flight: int = 8  # requests in flight at once
+    timeout_s: float = 300.0  # per request
+    retries: int = 6  # on a timeout, a dropped connection, HTTP 429 or 5xx, with exponential back-off
+    # AlpacaEval's annotator: "auto" asks the endpoint once whether it returns
+    # log-probabilities (weighted annotator) or not (text-parsed annotator).
+    logprobs: bool | Literal["auto"] = "auto"
+
+
+@dataclass
+class MTBenchConfig:
+    """MT-Bench (radis.evaluate.mt_bench): FastChat's 80 two-turn questions, single-answer grading."""
+
+    questions: str | None = None  # question.jsonl; None: MT-Bench off
+    reference_answers: str | None = None  # reference_answer/gpt-4.jsonl (math, reasoning, coding)
+    judge_prompts: str | None = None  # judge_prompts.jsonl (FastChat's)
+    limit: int | None = None  # a category-balanced subset of this many questions
+    max_new_tokens: int = 1024
+    seed: int = 0  # the sampled categories (writing, roleplay, stem, humanities)
+    judge_max_tokens: int = 2048
+
+
+@dataclass
+class AlpacaEvalConfig:
+    """AlpacaEval (radis.evaluate.alpaca): pairwise against a reference model's outputs."""
+
+    # The reference's outputs JSON, whose instructions the model answers; AlpacaEval 2.0's
+    # is gpt4_1106_preview's model_outputs.json. None: AlpacaEval off.
+    reference_outputs: str | None = None
+    # AlpacaEval's df_gamed.csv (instruction difficulty and the gamed baselines, from the
+    # tatsu-lab/alpaca_eval dataset): the length-controlled win rate needs it.
+    df_gamed: str | None = None
+    limit: int | None = None  # a subset balanced over the instructions' `dataset` field
+    max_new_tokens: int = 1024
+    seed: int = 0  # which instructions show the model's output first
+
+
+@dataclass
 class EvalConfig:
     test: list[SourceConfig] = field(default_factory=list)
     # Models or checkpoints to evaluate; empty: `model.name_or_path`.
@@ -241,6 +289,11 @@ class EvalConfig:
     safety_prompts: str | None = None
     safety_limit: int | None = None  # category-balanced subset of the shipped requests
     safety_max_new_tokens: int = 96
+    # General ability as the RaDis paper reports it (answers by radis's decoder, judged
+    # through eval.judge): off until their data paths are set.
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    mt_bench: MTBenchConfig = field(default_factory=MTBenchConfig)
+    alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
     output_dir: str = "outputs/eval"
 
 
@@ -387,6 +440,14 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("eval.general_num_fewshot", lambda v: v is None or v >= 0, ">= 0 or null"),
     ("eval.safety_limit", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("eval.safety_max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.judge.max_in_flight", lambda v: v >= 1, ">= 1"),
+    ("eval.judge.timeout_s", lambda v: v > 0, "> 0"),
+    ("eval.judge.retries", lambda v: v >= 0, ">= 0"),
+    ("eval.mt_bench.limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.mt_bench.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.mt_bench.judge_max_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.alpaca_eval.limit", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.alpaca_eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("compare.kd_weight", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("compare.topk", lambda v: v >= 1, ">= 1"),
 )
@@ -404,7 +465,9 @@ def check_values(cfg: RadisConfig, origin: str = "<config>") -> None:
                 if not ok(value):
                     raise ConfigError(f"{origin}: {section}.{listed}[{i}].{attr}: expected {expected}, got {value!r}")
             continue
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if not ok(value):
             raise ConfigError(f"{origin}: {key}: expected {expected}, got {value!r}")
     for section, listed in (("data", "train"), ("data", "valid"), ("eval", "test")):

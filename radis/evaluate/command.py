@@ -53,6 +53,8 @@ from radis.data.sources import json_records, text_lines
 from radis.errors import InputError
 from radis.evaluate import metrics, report, retention
 from radis.evaluate.general import GeneralSuite
+from radis.evaluate.judged import PARTS as JUDGED_PARTS
+from radis.evaluate.judged import JudgedBenchmarks
 from radis.evaluate.translate import Translation, translate
 from radis.generation.decode import pad_token_id
 from radis.io import json_type_name, read_json_object, write_json_atomic
@@ -283,12 +285,9 @@ def _key(**parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], cut: tuple[bool, str, str],
-              suite: GeneralSuite | None, safety_fp: str | None) -> dict[str, str | None]:
-    """A key per part of a model's results: a part whose inputs did not change since the
-    last run (same key in results.json) is reused, so adding a general task does not
-    translate again. None: the part is off."""
-    e, d = cfg.eval, cfg.data
+def prompt_settings(cfg: RadisConfig) -> dict[str, Any]:
+    """What changes the prompts a model is given and how it decodes them."""
+    d = cfg.data
     prompt = {"instruction": d.instruction, "system": d.system_prompt, "template": cfg.model.chat_template,
               "dtype": cfg.model.dtype}
     # only when set: results from before these keys existed keep their keys
@@ -296,6 +295,17 @@ def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], 
         prompt["language_names"] = dict(d.language_names)
     if cfg.model.attn_implementation != "auto":  # another kernel changes greedy answers too
         prompt["attn_implementation"] = cfg.model.attn_implementation
+    return prompt
+
+
+def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], cut: tuple[bool, str, str],
+              suite: GeneralSuite | None, safety_fp: str | None,
+              judged: JudgedBenchmarks | None = None) -> dict[str, str | None]:
+    """A key per part of a model's results: a part whose inputs did not change since the
+    last run (same key in results.json) is reused, so adding a general task does not
+    translate again. None: the part is off."""
+    e, d = cfg.eval, cfg.data
+    prompt = prompt_settings(cfg)
     keys: dict[str, str | None] = {
         "translation": _key(model=model_fp, tests=test_sets, max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
                             comet=e.comet_model, cut=cut, **prompt) if e.test else None,
@@ -305,6 +315,7 @@ def part_keys(cfg: RadisConfig, model_fp: str, test_sets: list[dict[str, Any]], 
         "safety": _key(model=model_fp, original=cfg.model.name_or_path, prompts=safety_fp,
                        max_new_tokens=e.safety_max_new_tokens, **prompt) if safety_fp else None,
         "general": None,
+        **(judged.keys(model_fp, prompt) if judged is not None else dict.fromkeys(JUDGED_PARTS)),
     }
     if suite is not None:
         import lm_eval
@@ -349,8 +360,10 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
         if not info["has_references"]:
             log(f"{src.path}: no references: translating only, no scores for it")
     examples = [ex for exs in by_direction.values() for ex in exs]
-    if not examples and not (cfg.eval.retention or cfg.eval.safety or cfg.eval.general_tasks):
-        raise ValueError("eval.test is empty and retention, safety and general tasks are off: nothing to evaluate")
+    if not examples and not (cfg.eval.retention or cfg.eval.safety or cfg.eval.general_tasks
+                             or cfg.eval.mt_bench.questions or cfg.eval.alpaca_eval.reference_outputs):
+        raise ValueError("eval.test is empty and retention, safety, general tasks, MT-Bench and AlpacaEval are off: "
+                         "nothing to evaluate")
 
     models = []
     wait_group = new_group(RANK0_WORK_TIMEOUT) if world > 1 else None  # for rank 0's lone work
@@ -377,7 +390,10 @@ def _evaluate(cfg: RadisConfig, rank: int, world: int, progress: bool) -> dict[s
     elif reason:
         log(reason)
 
+    # MT-Bench and AlpacaEval: their files read, the judge asked once, before any answer
+    judged = JudgedBenchmarks(cfg, out_root, log, wait_group)
     ctx = _Context(cfg=cfg, out_root=out_root, log=log, rank=rank, world=world, progress=progress,
+                   judged=judged if judged.enabled else None,
                    by_direction=by_direction, examples=examples, test_info=test_info, comet=comet, suite=suite,
                    safety_prompts=safety_prompts,
                    original=_Original(cfg, safety_prompts) if (cfg.eval.retention or safety_prompts) else None)
@@ -417,6 +433,7 @@ class _Context:
     suite: GeneralSuite | None
     safety_prompts: list[Any] | None
     original: _Original | None
+    judged: JudgedBenchmarks | None = None
 
 
 def _safety_prompts(cfg: RadisConfig) -> list[Any]:
@@ -441,14 +458,14 @@ def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
     model_fp = retention.model_fingerprint(path)
     cut = cut_decision(cfg, name, path)
     safety_fp = None if ctx.safety_prompts is None else _key(prompts=[(p.id, p.prompt) for p in ctx.safety_prompts])
-    keys = part_keys(cfg, model_fp, ctx.test_info, cut, ctx.suite, safety_fp)
+    keys = part_keys(cfg, model_fp, ctx.test_info, cut, ctx.suite, safety_fp, ctx.judged)
     results_path = ctx.out_root / name / "results.json"
     previous = read_json_object(results_path, "delete it to evaluate this model again") or {}
     done = {part for part, key in keys.items() if key is None or previous.get("parts", {}).get(part) == key}
     result: dict[str, Any] = {
         "model": name, "path": path, "parts": {}, "test_sets": ctx.test_info, "directions": {},
         "average": {"raw": {}, "cut": {}}, "cut": {"applied": cut[0], "reason": cut[1], "separator": cut[2]},
-        "retention": None, "safety": None, "general": None,
+        "retention": None, "safety": None, "general": None, "mt_bench": None, "alpaca_eval": None,
     }
     for part in done:  # reused as they were
         if keys[part] is not None:
@@ -465,7 +482,7 @@ def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
         return result.get("summary") or report.summary_row(name, result)
     log(f"{name}: " + ", ".join(f"{p} {'reused' if p in done else 'to run'}" for p, k in keys.items() if k))
     t0 = time.time()
-    if {"translation", "retention", "safety"} - done:
+    if {"translation", "retention", "safety", *JUDGED_PARTS} - done:
         try:
             tokenizer, fmt, model = _load(cfg, path)
         except (OSError, ValueError) as err:  # e.g. config.json without weights, unknown template
@@ -479,6 +496,13 @@ def _evaluate_model(ctx: _Context, name: str, path: str) -> dict[str, Any]:
                 t1 = time.time()
                 run = ctx.original.proxies if part == "retention" else ctx.original.safety
                 result[part] = run(name, path, model, fmt, tokenizer, log)
+                result[f"{part}_s"] = round(time.time() - t1, 1)
+                result["parts"][part] = keys[part]
+                save()
+        for part in JUDGED_PARTS:  # answers on every rank, judged on rank 0
+            if part not in done:
+                t1 = time.time()
+                result[part] = ctx.judged.run(part, name, model_fp, prompt_settings(cfg), model, fmt, tokenizer)
                 result[f"{part}_s"] = round(time.time() - t1, 1)
                 result["parts"][part] = keys[part]
                 save()
@@ -501,6 +525,8 @@ _PART_FIELDS = {
     "retention": lambda r: {k: r[k] for k in ("retention", "retention_s") if k in r},
     "safety": lambda r: {k: r[k] for k in ("safety", "safety_s") if k in r},
     "general": lambda r: {k: r[k] for k in ("general", "general_s") if k in r},
+    "mt_bench": lambda r: {k: r[k] for k in ("mt_bench", "mt_bench_s") if k in r},
+    "alpaca_eval": lambda r: {k: r[k] for k in ("alpaca_eval", "alpaca_eval_s") if k in r},
 }
 
 

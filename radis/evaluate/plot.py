@@ -13,7 +13,8 @@ oriented so that UP means "kept more of the original":
 
 One panel per measure, because they disagree (docs/design.md): the retention proxies
 KL(original || tuned) and the NLL of the original's answers are "lower is better", so
-their axes are inverted; chrF of the new answers to the original's, the refusal rate on
+their axes are inverted; MT-Bench and the AlpacaEval win rate (the paper's own measures,
+drawn first), chrF of the new answers to the original's, the refusal rate on
 harmful requests and the lm-eval task scores are "higher is better". Every model has
 its own colour and marker, named in a legend: no text labels that print over each other
 when two models score alike.
@@ -48,6 +49,15 @@ def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, bool, list[tu
                 pts.append((str(r["model"]), float(r["chrf"]), float(value)))
         return pts
 
+    # the paper's own measures first: MT-Bench (its Figure 1's y axis) and AlpacaEval
+    pts = collect(lambda r: r.get("mt_bench"))
+    if pts:
+        out.append(("MT-Bench", "MT-Bench score (LLM judge, 1-10)", False, pts))
+    lc = any(r.get("alpaca_eval_lc") is not None for r in rows)
+    pts = collect(lambda r: r.get("alpaca_eval_lc" if lc else "alpaca_eval_wr"))
+    if pts:
+        out.append(("AlpacaEval" + (" (length-controlled)" if lc else ""),
+                    f"{'LC ' if lc else ''}win rate vs the reference (%)", False, pts))
     for key, title, label, lower in RETENTION_PANELS:
         pts = collect(lambda r, key=key: (r.get("retention") or {}).get(key))
         if pts:

@@ -12,6 +12,10 @@ A summary row (summary.json "models", also what `radis compare` tabulates):
     retention                 the retention proxies (radis.evaluate.retention) or None
     safety                    {"refusal_rate", "refusal_drop", "prompts"} or None
     general                   {task: headline value} of the lm-eval tasks (None when skipped)
+    mt_bench                  MT-Bench's overall score (1-10, both turns; None: off or not judged)
+    mt_bench_unparsed         judge replies without a score (left out of the mean)
+    alpaca_eval_wr            AlpacaEval win rate (%) against the reference outputs
+    alpaca_eval_lc            its length-controlled win rate (%; None without df_gamed.csv)
 """
 from __future__ import annotations
 
@@ -50,7 +54,15 @@ def summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
         "retention": result.get("retention"),
         "safety": None if safety is None else {k: safety.get(k) for k in ("refusal_rate", "refusal_drop", "prompts")},
         "general": {task: headline(res) for task, res in general.items()},
+        **judged_columns(result),
     }
+
+
+def judged_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary row's MT-Bench and AlpacaEval numbers (None where off or not judged)."""
+    mt, ae = result.get("mt_bench") or {}, result.get("alpaca_eval") or {}
+    return {"mt_bench": mt.get("overall"), "mt_bench_unparsed": mt.get("unparsed"),
+            "alpaca_eval_wr": ae.get("win_rate"), "alpaca_eval_lc": ae.get("length_controlled_winrate")}
 
 
 def signatures(out_root: Path, names: list[str]) -> dict[str, str]:
@@ -78,7 +90,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cut is the model's scored number (radis.evaluate.command.cut_decision)."""
     head = (f"{'model':<14}{'direction':<10}{'n':>5}{'BLEU raw':>10}{'BLEU cut':>10}{'chrF raw':>10}{'chrF cut':>10}"
             f"{'COMET':>8}  scored")
-    lines = [head]
+    lines = [head] if any(r["directions"] for r in rows) else []
     for r in rows:
         mark = "cut" if r.get("cut_applied") else "raw"
         for d, s in r["directions"].items():
@@ -109,4 +121,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append("".join(cells))
         lines.append("(refusals: share of harmful requests refused; drop: the original's share minus this model's, "
                      "> 0 = safety lost; tasks: lm-eval's first metric)")
+    if any(r.get(k) is not None for r in rows for k in ("mt_bench", "mt_bench_unparsed", "alpaca_eval_wr")):
+        lines.append("")
+        lines.append(f"{'model':<14}{'MT-Bench':>10}{'unparsed':>10}{'AlpacaEval WR':>15}{'LC WR':>8}")
+        for r in rows:
+            lines.append(f"{r['model']:<14}{_fmt(r.get('mt_bench')):>10}{_fmt(r.get('mt_bench_unparsed'), 0):>10}"
+                         f"{_fmt(r.get('alpaca_eval_wr'), 1):>15}{_fmt(r.get('alpaca_eval_lc'), 1):>8}")
+        lines.append("(MT-Bench: the judge's mean score 1-10 over both turns; AlpacaEval: % of instructions on which "
+                     "the judge preferred the model's output to the reference's; LC: length-controlled)")
     return "\n".join(lines)

@@ -1,0 +1,442 @@
+"""MT-Bench and AlpacaEval through an OpenAI-compatible judge: what must be exact, with a
+scripted judge (a real HTTP server on 127.0.0.1 whose replies each test chooses).
+
+The judged models are the tiny random Llamas of test_evaluate (SmolLM2's tokenizer and
+ChatML template); their answers are garbage, the plumbing and the numbers are not.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from scripted_judge import ScriptedJudge, chat_reply, top_logprobs_reply
+from test_evaluate import _save_tiny
+
+from radis.config import load_config
+from radis.evaluate import alpaca, mt_bench
+from radis.evaluate.judge import Judge, JudgeError, JudgeReply, JudgeRequest
+from radis.io import AppendOnlyJsonl
+
+CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def _mt_bench_files(root: Path) -> dict[str, Path]:
+    """FastChat-shaped files: a question per category (ids 81...), references for the
+    reference categories, and judge prompts whose templates show what was filled in."""
+    root.mkdir(parents=True, exist_ok=True)
+    q = root / "question.jsonl"
+    q.write_text("".join(json.dumps({"question_id": 81 + i, "category": c,
+                                     "turns": [f"Q1 of {c}?", f"Q2 of {c}?"]}) + "\n"
+                         for i, c in enumerate(CATEGORIES)), encoding="utf-8")
+    refs = root / "gpt-4.jsonl"
+    refs.write_text("".join(json.dumps({"question_id": 81 + i, "model_id": "gpt-4",
+                                        "choices": [{"index": 0, "turns": [f"REF1 {c}", f"REF2 {c}"]}]}) + "\n"
+                            for i, c in enumerate(CATEGORIES) if c in mt_bench.REFERENCE_CATEGORIES), encoding="utf-8")
+    prompts = root / "judge_prompts.jsonl"
+    templates = {
+        "single-v1": "T1 question={question} answer={answer} Rate as [[rating]]",
+        "single-math-v1": "T1M question={question} ref={ref_answer_1} answer={answer}",
+        "single-v1-multi-turn": "T2 q1={question_1} a1={answer_1} q2={question_2} a2={answer_2}",
+        "single-math-v1-multi-turn": "T2M q1={question_1} r1={ref_answer_1} a1={answer_1} q2={question_2} "
+                                     "r2={ref_answer_2} a2={answer_2}",
+        "pair-v2": "pairwise {question} {answer_a} {answer_b}",
+    }
+    prompts.write_text("".join(json.dumps({"name": n, "type": "single", "system_prompt": f"SYS {n}",
+                                           "prompt_template": t, "category": "general"}) + "\n"
+                               for n, t in templates.items()), encoding="utf-8")
+    return {"questions": q, "reference_answers": refs, "judge_prompts": prompts}
+
+
+def _alpaca_file(root: Path, n: int = 6) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    p = root / "model_outputs.json"
+    datasets = ["helpful_base", "koala", "oasst"]
+    p.write_text(json.dumps([{"instruction": f"Instruction {i}: name a colour.", "output": f"REFERENCE OUTPUT {i}",
+                              "generator": "gpt4_1106_preview", "dataset": datasets[i % 3]} for i in range(n)]),
+                 encoding="utf-8")
+    return p
+
+
+# --------------------------------------------------------------------------- MT-Bench, exact
+
+
+def test_mt_bench_prompts_follow_fastchat_per_category_and_turn(tmp_path):
+    files = _mt_bench_files(tmp_path)
+    questions = mt_bench.load_questions(str(files["questions"]), str(files["reference_answers"]))
+    prompts = mt_bench.load_judge_prompts(str(files["judge_prompts"]))
+    answers = {q.id: [f"A1 {q.category}", f"A2 {q.category}"] for q in questions}
+    judged = mt_bench.judge_requests(questions, answers, prompts, max_tokens=2048)
+    assert len(judged) == 2 * len(CATEGORIES)
+    by = {(q.category, turn): (name, req) for q, turn, name, req in judged}
+    name, req = by[("writing", 1)]
+    assert name == "single-v1" and req.messages == [
+        {"role": "system", "content": "SYS single-v1"},
+        {"role": "user", "content": "T1 question=Q1 of writing? answer=A1 writing Rate as [[rating]]"}]
+    assert req.params == {"temperature": 0, "max_tokens": 2048}
+    name, req = by[("math", 1)]
+    assert name == "single-math-v1" and req.messages[1]["content"] == "T1M question=Q1 of math? ref=REF1 math answer=A1 math"
+    name, req = by[("coding", 2)]
+    assert name == "single-math-v1-multi-turn"
+    assert req.messages[1]["content"] == ("T2M q1=Q1 of coding? r1=REF1 coding a1=A1 coding q2=Q2 of coding? "
+                                          "r2=REF2 coding a2=A2 coding")
+    name, req = by[("stem", 2)]
+    assert name == "single-v1-multi-turn" and "REF" not in req.messages[1]["content"]
+    assert {c for (c, _), (n, _) in by.items() if "math" in n} == {"math", "coding", "reasoning"}
+    # FastChat's sampling temperatures; 0 is greedy
+    assert [mt_bench.temperature(c) for c in ("writing", "stem", "math", "unknown")] == [0.7, 0.1, 0.0, 0.7]
+
+
+@pytest.mark.parametrize("reply,score", [
+    ("Good answer. Rating: [[8]]", 8.0), ("[[7.5]]", 7.5), ("Rating: [6]", 6.0), ("[[9]] though [3] earlier", 9.0),
+    ("I would give it 8 out of 10.", -1.0), ("", -1.0), ("[[ten]]", -1.0)])
+def test_mt_bench_scores_are_parsed_as_fastchat_does(reply, score):
+    assert mt_bench.parse_score(reply) == score
+
+
+def test_mt_bench_unparsed_scores_are_counted_and_left_out_of_the_means():
+    rec = lambda qid, cat, turn, score: {"question_id": qid, "category": cat, "turn": turn, "score": score}
+    s = mt_bench.summarize([rec(1, "math", 1, 8.0), rec(1, "math", 2, -1.0), rec(2, "writing", 1, 4.0),
+                            rec(2, "writing", 2, 6.0)])
+    assert s == {"overall": 6.0, "turn1": 6.0, "turn2": 6.0, "categories": {"math": 8.0, "writing": 5.0},
+                 "questions": 2, "judged": 4, "unparsed": 1}
+    assert mt_bench.summarize([rec(1, "math", 1, -1.0)])["overall"] is None
+
+
+def test_mt_bench_inputs_name_the_file_line_and_setting(tmp_path):
+    files = _mt_bench_files(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "category": "math", "turns": ["only one"]}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: turns: expected a list of two non-empty strings"):
+        mt_bench.load_questions(str(bad), None)
+    with pytest.raises(ValueError, match=r"eval\.mt_bench\.reference_answers: not set"):
+        mt_bench.load_questions(str(files["questions"]), None)
+    with pytest.raises(ValueError, match=r"eval\.mt_bench\.questions: .*nope\.jsonl: no such file"):
+        mt_bench.load_questions(str(tmp_path / "nope.jsonl"), None)
+    only = tmp_path / "prompts.jsonl"
+    only.write_text(json.dumps({"name": "single-v1", "system_prompt": "s", "prompt_template": "t"}) + "\n")
+    with pytest.raises(ValueError, match=r"no prompt named single-math-v1, single-v1-multi-turn"):
+        mt_bench.load_judge_prompts(str(only))
+    # a subset keeps every category
+    subset = mt_bench.load_questions(str(files["questions"]), str(files["reference_answers"]), limit=4)
+    assert len({q.category for q in subset}) == 4
+
+
+# --------------------------------------------------------------------------- AlpacaEval, exact
+
+
+def _alpaca_case(tmp_path: Path, n: int, reply, weighted: bool = False, seed: int = 0):
+    instructions = alpaca.load_instructions(str(_alpaca_file(tmp_path, n)))
+    outputs = [f"MODEL OUTPUT {i}" for i in range(n)]
+    requests, swapped = alpaca.judge_requests(instructions, outputs, seed, weighted)
+    replies = [reply(r) for r in requests]
+    records = alpaca.annotation_records("m1", "judge", "text", instructions, outputs, swapped, replies, weighted)
+    return requests, swapped, records
+
+
+def test_alpaca_order_is_seeded_and_balanced_and_the_template_is_alpaca_evals(tmp_path):
+    requests, swapped, _ = _alpaca_case(tmp_path, 8, lambda r: JudgeReply("m", None))
+    assert sum(swapped) == 4 and swapped == alpaca.model_shown_first(8, 0) != alpaca.model_shown_first(8, 1)
+    system, user = requests[0].messages
+    assert system["role"] == "system" and "leaderboard" in system["content"]
+    text = user["content"]
+    first, second = ("MODEL OUTPUT 0", "REFERENCE OUTPUT 0") if swapped[0] else ("REFERENCE OUTPUT 0", "MODEL OUTPUT 0")
+    assert text.index(first) < text.index('"model_identifier": "M"') < text.index(second)
+    assert '"""Instruction 0: name a colour."""' in text
+
+
+@pytest.mark.parametrize("always", ["m", "M"])
+def test_a_judge_that_always_picks_one_position_gives_50_percent(tmp_path, always):
+    _, _, records = _alpaca_case(tmp_path, 8, lambda r: JudgeReply(always, None))
+    rates = alpaca.win_rates(records, None)
+    assert rates["win_rate"] == pytest.approx(50.0) and rates["unparsed"] == 0 and rates["judged"] == 8
+    assert "not computed" in rates["lc_note"] and rates["length_controlled_winrate"] is None
+
+
+def test_a_judge_that_prefers_the_model_gives_100_percent_and_unparsed_are_left_out(tmp_path):
+    def reply(r: JudgeRequest) -> JudgeReply:
+        text = r.messages[1]["content"]
+        if "Instruction 5" in text:
+            return JudgeReply("I cannot decide.", None)
+        return JudgeReply("m" if text.index("MODEL OUTPUT") < text.index("REFERENCE OUTPUT") else "M.", None)
+
+    _, _, records = _alpaca_case(tmp_path, 8, reply)
+    rates = alpaca.win_rates(records, None)
+    assert rates["win_rate"] == pytest.approx(100.0) and rates["unparsed"] == 1 and rates["n_total"] == 7
+    assert [r["preference"] for r in records if r["index"] == 5] == [None]
+    none = alpaca.win_rates([dict(r, preference=None) for r in records], None)
+    assert none["win_rate"] is None and none["unparsed"] == 8
+
+
+def test_the_weighted_annotator_reads_the_judges_log_probabilities(tmp_path):
+    # P(first shown) = 0.8 for every instruction: the model wins where it was shown first
+    lp = top_logprobs_reply(math.log(0.8), math.log(0.2))["choices"][0]["logprobs"]
+    requests, swapped, records = _alpaca_case(tmp_path, 6, lambda r: JudgeReply("m", lp), weighted=True)
+    assert requests[0].params == {"max_tokens": 1, "temperature": 1, "logprobs": True, "top_logprobs": 5}
+    for rec, swap in zip(records, swapped):
+        assert rec["preference"] == pytest.approx(1.8 if swap else 1.2)
+    assert alpaca.win_rates(records, None)["win_rate"] == pytest.approx(50.0)
+    # no logprobs where they were asked for: unparsed, not a crash
+    _, _, records = _alpaca_case(tmp_path, 6, lambda r: JudgeReply("m", None), weighted=True)
+    assert all(r["preference"] is None for r in records)
+
+
+def test_length_controlled_win_rate_with_a_df_gamed_file(tmp_path):
+    """LC needs AlpacaEval's df_gamed.csv; a synthetic one (same columns) drives the
+    real GLM here. Without the file LC is not computed and says so."""
+    import random
+
+    n = 40
+    instructions = alpaca.load_instructions(str(_alpaca_file(tmp_path, n)))
+    rng = random.Random(0)
+    outputs = ["x" * rng.randint(5, 400) for _ in range(n)]
+    rows = ["index,instruction_difficulty,not_gamed_baseline,std_delta_len,preference,model"]
+    for model in ("gamed_concise", "gamed_verbose"):
+        for i in range(n):
+            rows.append(f"{i},{rng.uniform(-1, 1):.3f},False,{rng.uniform(-2, 2):.3f},{rng.random():.3f},{model}")
+    gamed = tmp_path / "df_gamed.csv"
+    gamed.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    # the judge prefers the longer output
+    records = [{"index": ins.index, "output_1": ins.reference, "output_2": out, "generator_1": "ref",
+                "generator_2": "m1", "annotator": "text:judge",
+                "preference": 2.0 if len(out) > len(ins.reference) else 1.0}
+               for ins, out in zip(instructions, outputs)]
+    rates = alpaca.win_rates(records, str(gamed))
+    assert rates["length_controlled_winrate"] is not None and 0 <= rates["length_controlled_winrate"] <= 100
+    assert rates["lc_standard_error"] is not None and "lc_note" not in rates
+    with pytest.raises(ValueError, match="eval.alpaca_eval.df_gamed: .*no such file"):
+        alpaca.win_rates(records, str(tmp_path / "missing.csv"))
+
+
+def test_alpaca_reference_file_errors_name_the_record(tmp_path):
+    p = tmp_path / "outputs.json"
+    p.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "c"}]))
+    with pytest.raises(ValueError, match=r"outputs\.json: record 2: instruction: expected a string, got a number"):
+        alpaca.load_instructions(str(p))
+
+
+# --------------------------------------------------------------------------- the judge client
+
+
+def _judge_cfg(base_url: str, **kw):
+    cfg = load_config(None, [f"eval.judge.base_url={base_url}", "eval.judge.model=judge", "eval.judge.retries=3",
+                             "eval.judge.timeout_s=2"] + [f"eval.judge.{k}={v}" for k, v in kw.items()])
+    return cfg.eval.judge
+
+
+def test_retries_on_500_and_on_a_timeout_then_caches(tmp_path, monkeypatch):
+    monkeypatch.setattr("radis.evaluate.judge.MAX_BACKOFF_S", 0.05)
+    calls = {"n": 0}
+
+    def script(body):
+        calls["n"] += 1
+        return (500, {"error": {"message": "overloaded"}}) if calls["n"] == 1 else "[[5]]"
+
+    slow = {"n": 0}
+
+    def delay(body):
+        slow["n"] += 1
+        return 3.0 if slow["n"] == 2 else 0.0  # the 2nd request (the 1st retry) times out (timeout_s=2)
+
+    logs: list[str] = []
+    with ScriptedJudge(script, delay=delay) as server:
+        judge = Judge(_judge_cfg(server.base_url), tmp_path / "cache.jsonl", logs.append)
+        reqs = [JudgeRequest("a", [{"role": "user", "content": "rate A"}], {"temperature": 0})]
+        assert judge.judge_all(reqs)[0].content == "[[5]]"
+        assert judge.retried == 2 and any("HTTP 500: overloaded" in m for m in logs)
+        assert any("timed out" in m or "TimeoutError" in m for m in logs)
+        sent = len(server.requests)
+        again = Judge(_judge_cfg(server.base_url), tmp_path / "cache.jsonl", logs.append)  # a new run: resumes
+        assert again.judge_all(reqs)[0].cached and len(server.requests) == sent
+        changed = [JudgeRequest("a", [{"role": "user", "content": "rate A, changed"}], {"temperature": 0})]
+        assert not again.judge_all(changed)[0].cached and len(server.requests) == sent + 1
+
+
+def test_a_refused_key_an_unknown_model_and_a_dead_url_name_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr("radis.evaluate.judge.MAX_BACKOFF_S", 0.01)
+    secret = "sk-test-" + "7" * 24
+    monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", secret + "wrong")
+    with ScriptedJudge(lambda b: "m", api_key=secret) as server:
+        judge = Judge(_judge_cfg(server.base_url, api_key_env="RADIS_TEST_JUDGE_KEY"), None, lambda m: None)
+        with pytest.raises(JudgeError, match=r"HTTP 401 .*refused the API key in \$RADIS_TEST_JUDGE_KEY") as err:
+            judge.check()
+        assert secret not in str(err.value)
+        monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", secret)
+        Judge(_judge_cfg(server.base_url, api_key_env="RADIS_TEST_JUDGE_KEY"), None, lambda m: None).check()
+        cfg = _judge_cfg(server.base_url, api_key_env="RADIS_TEST_JUDGE_KEY")
+        cfg.model = "no-such-judge"
+        with pytest.raises(JudgeError, match=r"HTTP 404 .*eval\.judge\.model='no-such-judge'.*does not exist"):
+            Judge(cfg, None, lambda m: None).check()
+        port = server.server.server_address[1]
+    with pytest.raises(JudgeError, match=rf"failed 3 time\(s\).*check eval\.judge\.base_url='http://127.0.0.1:{port}/v1'"):
+        Judge(_judge_cfg(f"http://127.0.0.1:{port}/v1"), None, lambda m: None).check()
+
+
+def test_check_learns_whether_the_endpoint_gives_log_probabilities():
+    with ScriptedJudge(lambda b: top_logprobs_reply(-0.1, -2.5) if b.get("logprobs") else "m") as server:
+        judge = Judge(_judge_cfg(server.base_url), None, lambda m: None)
+        judge.check()
+        assert judge.supports_logprobs is True
+    with ScriptedJudge(lambda b: chat_reply("m")) as server:  # logprobs asked for and ignored
+        judge = Judge(_judge_cfg(server.base_url), None, lambda m: None)
+        judge.check()
+        assert judge.supports_logprobs is False
+    with ScriptedJudge(lambda b: chat_reply("m")) as server:
+        judge = Judge(_judge_cfg(server.base_url, logprobs="true"), None, lambda m: None)
+        assert judge.supports_logprobs is True
+
+
+def test_a_judgment_cut_short_by_a_kill_is_dropped_and_asked_again(tmp_path):
+    store = AppendOnlyJsonl(tmp_path / "c.jsonl")
+    store.append([{"key": "a", "content": "x"}])
+    with open(store.path, "ab") as f:
+        f.write(b'{"key": "b", "cont')
+    assert store.read() == [{"key": "a", "content": "x"}]
+    store.append([{"key": "c", "content": "y"}])
+    assert [r["key"] for r in store.read()] == ["a", "c"]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("judged") / "base", seed=0)
+
+
+def _eval_config(tmp_path: Path, model: Path, base_url: str, **over):
+    files = _mt_bench_files(tmp_path / "mt")
+    settings = {
+        "model.name_or_path": str(model), "eval.output_dir": str(tmp_path / "eval"), "eval.batch_size": 3,
+        "eval.retention": False, "eval.safety": False, "eval.models": f"[orig={model}]",
+        "eval.judge.base_url": base_url, "eval.judge.model": "judge", "eval.judge.api_key_env": "RADIS_TEST_JUDGE_KEY",
+        "eval.judge.max_in_flight": 3,
+        "eval.mt_bench.questions": str(files["questions"]), "eval.mt_bench.reference_answers": str(files["reference_answers"]),
+        "eval.mt_bench.judge_prompts": str(files["judge_prompts"]), "eval.mt_bench.limit": 4,
+        "eval.mt_bench.max_new_tokens": 5,
+        "eval.alpaca_eval.reference_outputs": str(_alpaca_file(tmp_path / "ae", 6)),
+        "eval.alpaca_eval.max_new_tokens": 5, **over}
+    return load_config(None, [f"{k}={v}" for k, v in settings.items()])
+
+
+def _judge_script(body: dict):
+    text = body["messages"][-1]["content"]
+    if "model_identifier" in text:
+        return "M"
+    return "Fine. Rating: [[6]]" if "T1" in text else "no score here"
+
+
+def test_evaluate_writes_answers_judgments_and_scores_and_never_the_key(tiny_model, tmp_path, monkeypatch):
+    from radis.evaluate.command import evaluate
+
+    secret = "sk-radis-" + "42" * 16
+    monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", secret)
+    with ScriptedJudge(_judge_script, api_key=secret) as server:
+        cfg = _eval_config(tmp_path, tiny_model, server.base_url)
+        summary = evaluate(cfg)
+        n_first = len(server.requests)
+        out = tmp_path / "eval" / "orig"
+        result = json.loads((out / "results.json").read_text())
+        mt = result["mt_bench"]
+        # 4 questions x 2 turns; every turn-2 reply is unparsable
+        assert mt["judged"] == 8 and mt["unparsed"] == 4 and mt["overall"] == mt["turn1"] == 6.0 and mt["turn2"] is None
+        assert mt["questions"] == 4 and len(mt["categories"]) == 4 and mt["judge"] == "judge"
+        ae = result["alpaca_eval"]
+        assert ae["judged"] == 6 and ae["unparsed"] == 0 and ae["win_rate"] == pytest.approx(50.0)
+        assert ae["annotator"].startswith("text-parsed") and ae["length_controlled_winrate"] is None
+        assert "df_gamed" in ae["lc_note"]
+        # FastChat's and AlpacaEval's formats
+        answers = [json.loads(line) for line in (out / "mt_bench_answers.jsonl").read_text().splitlines()]
+        assert len(answers) == 4 and set(answers[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert len(answers[0]["choices"][0]["turns"]) == 2 and answers[0]["model_id"] == "orig"
+        outputs = json.loads((out / "alpaca_eval_outputs.json").read_text())
+        assert len(outputs) == 6 and set(outputs[0]) == {"instruction", "output", "generator", "dataset"}
+        judgments = [json.loads(line) for line in (out / "mt_bench_judgments.jsonl").read_text().splitlines()]
+        assert {j["judge"][1] for j in judgments} == set(mt_bench.JUDGE_PROMPTS)  # writing, roleplay, reasoning, math
+        row = summary["models"][0]
+        assert row["mt_bench"] == 6.0 and row["alpaca_eval_wr"] == pytest.approx(50.0) and row["alpaca_eval_lc"] is None
+        # the key is sent, and never written
+        assert all(h.get("Authorization") == f"Bearer {secret}" for h, _ in server.requests)
+        for f in (tmp_path / "eval").rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
+
+        # a second run: nothing generated, nothing judged again
+        evaluate(cfg)
+        assert len(server.requests) == n_first + 1  # the endpoint check only
+
+        # a changed judge prompt: re-judged, the answers reused from the store
+        prompts = tmp_path / "mt" / "judge_prompts.jsonl"
+        prompts.write_text(prompts.read_text().replace("Rate as [[rating]]", "Rate it as [[rating]]"))
+        stores = sorted((out).glob("*_store.*.jsonl"))
+        before = {p: p.stat().st_mtime_ns for p in stores}
+        evaluate(cfg)
+        rejudged = server.judged()[n_first - 1:]
+        assert {b["messages"][-1]["content"].split()[0] for b in rejudged[len(rejudged) - 4:]} <= {"T1", "T1M", "T2", "T2M"}
+        assert any("Rate it as" in b["messages"][-1]["content"] for b in rejudged)
+        assert {p: p.stat().st_mtime_ns for p in sorted(out.glob("*_store.*.jsonl"))} == before
+
+
+def test_a_bad_judge_stops_the_run_before_any_answer(tiny_model, tmp_path, monkeypatch):
+    from radis.evaluate.command import evaluate
+
+    monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", "wrong")
+    with ScriptedJudge(_judge_script, api_key="right") as server:
+        cfg = _eval_config(tmp_path, tiny_model, server.base_url)
+        with pytest.raises(JudgeError, match=r"RADIS_TEST_JUDGE_KEY"):
+            evaluate(cfg)
+    assert not list((tmp_path / "eval").rglob("*_store.*.jsonl"))
+
+
+def test_answers_resume_after_a_kill_and_do_not_depend_on_the_batch(tiny_model, tmp_path, capsys):
+    """The answer store kept by a killed run: only the missing answers are generated, and
+    they equal an uninterrupted run's (sampled ones included: seeded per question)."""
+    from radis.evaluate.command import evaluate
+
+    cfg = _eval_config(tmp_path, tiny_model, "", **{"eval.mt_bench.max_new_tokens": 8, "eval.alpaca_eval.reference_outputs": "null"})
+    evaluate(cfg)
+    out = tmp_path / "eval" / "orig"
+    full = (out / "mt_bench_answers.jsonl").read_text()
+    result = json.loads((out / "results.json").read_text())
+    assert result["mt_bench"]["judged"] == 0 and "not judged" in result["mt_bench"]["note"]
+    (store,) = out.glob("mt_bench_store.*.jsonl")
+    lines = store.read_text().splitlines(keepends=True)
+    assert len(lines) == 8
+    store.write_text("".join(lines[:3]) + lines[3][:20])  # a kill mid-write
+    (out / "results.json").unlink()
+    cfg.eval.batch_size = 2  # other batches: the same answers
+    capsys.readouterr()
+    evaluate(cfg)
+    logs = capsys.readouterr().out
+    assert re.search(r"MT-Bench turn 1: 1 to generate", logs), logs
+    assert re.search(r"MT-Bench turn 2: 4 to generate", logs), logs
+    strip = lambda text: [dict(json.loads(line), tstamp=0) for line in text.splitlines()]
+    assert strip((out / "mt_bench_answers.jsonl").read_text()) == strip(full)
+
+
+def test_compare_table_report_and_plot_show_mt_bench_and_alpaca_eval(tmp_path):
+    from radis.compare import comparison_table
+    from radis.evaluate.plot import panels, plot_quality_vs_general
+    from radis.evaluate.report import format_table, summary_row
+
+    def result(mt, wr, lc):
+        return {"average": {"raw": {"chrf": 50.0}, "cut": {}}, "directions": {}, "cut": {"applied": False},
+                "mt_bench": {"overall": mt, "unparsed": 1}, "alpaca_eval": {"win_rate": wr, "length_controlled_winrate": lc}}
+
+    rows = [summary_row("original", result(6.25, 40.0, None)), summary_row("radis", result(5.5, 35.25, 30.5))]
+    assert rows[1]["mt_bench"] == 5.5 and rows[1]["alpaca_eval_lc"] == 30.5 and rows[0]["mt_bench_unparsed"] == 1
+    table = comparison_table(rows)
+    assert "| MT-Bench | AlpacaEval WR | AlpacaEval LC |" in table
+    assert "| original | - | - | 50.00* | - | - | 6.25 | 40.0 | - |" in table
+    assert "MT-Bench" in format_table(rows) and "35.2" in format_table(rows)
+    titles = [p[0] for p in panels(rows)]
+    assert titles[:2] == ["MT-Bench", "AlpacaEval (length-controlled)"]
+    assert plot_quality_vs_general(rows, tmp_path / "q.png").stat().st_size > 1000
+    # off: no columns, no panels
+    plain = [summary_row("original", {"average": {"raw": {"chrf": 50.0}, "cut": {}}, "directions": {}})]
+    assert "MT-Bench" not in comparison_table(plain) and not panels(plain)
