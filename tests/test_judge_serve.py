@@ -18,11 +18,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-from test_judged import _eval_config
 from test_evaluate import _save_tiny
+from test_judged import _eval_config
 
 pytestmark = pytest.mark.slow
 

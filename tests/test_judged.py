@@ -440,3 +440,30 @@ def test_compare_table_report_and_plot_show_mt_bench_and_alpaca_eval(tmp_path):
     # off: no columns, no panels
     plain = [summary_row("original", {"average": {"raw": {"chrf": 50.0}, "cut": {}}, "directions": {}})]
     assert "MT-Bench" not in comparison_table(plain) and not panels(plain)
+
+
+def test_the_real_mt_bench_and_alpaca_eval_files_give_every_request(shared_data):
+    """FastChat's and AlpacaEval's own files (../shared/data): 80 questions, 30 of them
+    with references, the four single prompts filled for all 160 turns; 805 instructions
+    in alpaca_eval's template."""
+    mt = shared_data / "mt_bench"
+    if not (mt / "question.jsonl").is_file():
+        pytest.skip(f"no MT-Bench files at {mt}")
+    questions = mt_bench.load_questions(str(mt / "question.jsonl"), str(mt / "reference_answer" / "gpt-4.jsonl"))
+    assert len(questions) == 80 and sum(q.reference is not None for q in questions) == 30
+    prompts = mt_bench.load_judge_prompts(str(mt / "judge_prompts.jsonl"))
+    judged = mt_bench.judge_requests(questions, {q.id: ["first answer", "second answer"] for q in questions}, prompts, 2048)
+    assert len(judged) == 160
+    for q, turn, name, req in judged:
+        text = req.messages[1]["content"]
+        assert "second answer" in text if turn == 2 else "first answer" in text
+        assert (q.reference[turn - 1] in text) if q.needs_reference else ("-math-" not in name)
+        assert "{" + "answer" not in text  # every placeholder filled
+    refs = shared_data / "alpaca_eval" / "results" / "gpt4_1106_preview" / "model_outputs.json"
+    instructions = alpaca.load_instructions(str(refs))
+    assert len(instructions) == 805 and instructions[0].generator == "gpt4_1106_preview"
+    subset = alpaca.load_instructions(str(refs), limit=40)
+    assert len(subset) == 40 and len({i.dataset for i in subset}) == 5  # balanced over AlpacaEval's five sources
+    requests, swapped = alpaca.judge_requests(instructions, [i.reference for i in instructions], 0, weighted=False)
+    assert len(requests) == 805 and sum(swapped) == 402
+    assert all(r.messages[1]["content"].count(i.reference) >= 1 for r, i in zip(requests[:50], instructions))

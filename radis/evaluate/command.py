@@ -6,7 +6,7 @@
 
 For every model in `eval.models` ("name=path" or a path; empty: `model.name_or_path`):
 an HF model directory is used as is, a DeepSpeed checkpoint directory is first exported
-with `radis export`. Per model, four parts:
+with `radis export`. Per model, up to six parts:
 
     translation  every test set of `eval.test`, greedy (or beam search with eval.num_beams
                  > 1), scored with sacreBLEU BLEU and chrF (+ COMET where installed) on the
@@ -17,6 +17,28 @@ with `radis export`. Per model, four parts:
     safety       the refusal rate on harmful requests and its drop from the original's
                  (eval.safety; radis.evaluate.safety)
     general      lm-evaluation-harness tasks (eval.general_tasks; radis.evaluate.general)
+    mt_bench     MT-Bench: both turns answered, graded 1-10 by an LLM judge as FastChat
+                 does (eval.mt_bench, eval.judge; radis.evaluate.mt_bench)
+    alpaca_eval  AlpacaEval: win rate against a reference's outputs, judged pairwise
+                 (eval.alpaca_eval, eval.judge; radis.evaluate.alpaca)
+
+MT-Bench and AlpacaEval as the RaDis paper reports them, with an open judge model served
+by vLLM on a GPU of its own (or the OpenAI API: base_url https://api.openai.com/v1,
+model gpt-4-1106-preview, the key in $OPENAI_API_KEY):
+
+    vllm serve meta-llama/Meta-Llama-3.1-70B-Instruct --port 8000 --tensor-parallel-size 4 &
+    radis evaluate --config recipes/llama2_7b_chat.yaml \\
+        eval.judge.base_url=http://judge-host:8000/v1 eval.judge.model=meta-llama/Meta-Llama-3.1-70B-Instruct \\
+        eval.mt_bench.questions=data/mt_bench/question.jsonl \\
+        eval.mt_bench.reference_answers=data/mt_bench/reference_answer/gpt-4.jsonl \\
+        eval.mt_bench.judge_prompts=data/mt_bench/judge_prompts.jsonl \\
+        eval.alpaca_eval.reference_outputs=data/alpaca_eval/results/gpt4_1106_preview/model_outputs.json \\
+        eval.alpaca_eval.df_gamed=data/alpaca_eval/df_gamed.csv
+
+The judge is asked once before any answer is generated (a wrong URL, key or model stops
+the run at once); every judgment is cached in eval.output_dir/judge_cache.jsonl, and
+answers in <name>/*_store.*.jsonl as they finish, so a killed run resumes. Without
+eval.judge.base_url the answers are written and not judged.
 
 Each part has its own key in results.json: a re-run redoes only the parts whose inputs
 changed (adding a general task does not translate again). Everything that can fail
@@ -30,6 +52,9 @@ Writes under eval.output_dir (atomically):
                                 decision, retention proxies, safety, lm-eval results
     <name>/retention_answers.json, <name>/safety_answers.json   the answers behind them
     retention/original.<key>.json, safety/original.<key>.json   the original's cached answers
+    <name>/mt_bench_answers.jsonl, <name>/mt_bench_judgments.jsonl   FastChat's formats
+    <name>/alpaca_eval_outputs.json, <name>/alpaca_eval_annotations.json   AlpacaEval's formats
+    judge_cache.jsonl           every judgment: request, raw reply (never the API key)
     summary.json                one row per model (radis.evaluate.report)
     quality_vs_retention.png    scored chrF against each measure of general ability
 """
