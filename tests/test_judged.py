@@ -467,3 +467,39 @@ def test_the_real_mt_bench_and_alpaca_eval_files_give_every_request(shared_data)
     requests, swapped = alpaca.judge_requests(instructions, [i.reference for i in instructions], 0, weighted=False)
     assert len(requests) == 805 and sum(swapped) == 402
     assert all(r.messages[1]["content"].count(i.reference) >= 1 for r, i in zip(requests[:50], instructions))
+
+
+@pytest.mark.distributed
+def test_two_ranks_answer_and_score_as_one(tiny_model, tmp_path):
+    """torchrun with 2 CPU ranks: answers sharded and gathered (sampled ones too), judged
+    once on rank 0; the same answers, judge requests and scores as one process."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from radis.evaluate.command import evaluate
+
+    with ScriptedJudge(_judge_script) as server:
+        cfg = _eval_config(tmp_path, tiny_model, server.base_url, **{"eval.judge.api_key_env": "RADIS_NO_SUCH_KEY_VAR"})
+        cfg_file = tmp_path / "c.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--module",
+               "radis.cli", "evaluate", "--config", str(cfg_file), f"eval.output_dir={tmp_path / 'eval2'}"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        two = sorted(json.dumps(b, sort_keys=True) for b in server.judged())
+        n = len(server.requests)
+        evaluate(load_config(cfg_file, [f"eval.output_dir={tmp_path / 'eval1'}"]))
+        one = sorted(json.dumps(b, sort_keys=True) for _, b in server.requests[n:] if b in server.judged())
+    assert len(two) == 4 * 2 + 6 and one == two
+    for name in ("mt_bench_answers.jsonl", "alpaca_eval_outputs.json"):
+        a, b = ((tmp_path / f"eval{k}" / "orig" / name).read_text() for k in (1, 2))
+        assert re.sub(r'"tstamp": [0-9.]+', "", a) == re.sub(r'"tstamp": [0-9.]+', "", b)
+    results = [json.loads((tmp_path / f"eval{k}" / "orig" / "results.json").read_text()) for k in (1, 2)]
+    for part in ("mt_bench", "alpaca_eval"):
+        drop = ("answer_s", "judge_s", "answers")
+        assert {k: v for k, v in results[0][part].items() if k not in drop} == \
+            {k: v for k, v in results[1][part].items() if k not in drop}
