@@ -443,6 +443,8 @@ def compare(config: Path, out: Path, arms: Sequence[str], *, nproc: int | None =
               file=sys.stderr)
         return 2
     nproc = nproc or default_nproc()
+    if not dry_run:
+        early_judge_check(config, overrides)
     if dry_run:
         for s in plan.stages:
             print(f"[{s.name}] {shlex.join(command_line(s, nproc))}")
@@ -455,6 +457,25 @@ def compare(config: Path, out: Path, arms: Sequence[str], *, nproc: int | None =
     if rc == 0:
         report(plan)
     return rc
+
+
+def early_judge_check(config: Path, overrides: Sequence[str], log=print) -> bool:
+    """Ask the MT-Bench / AlpacaEval judge once before the first stage, so that a wrong URL,
+    key or model shows now, not after hours of training. Only a warning: the judge may be
+    started later, before the evaluate stage (which checks it again and stops there)."""
+    from radis.config import load_config
+    from radis.evaluate.judge import Judge
+
+    cfg = load_config(config, list(overrides))
+    e = cfg.eval
+    if not e.judge.base_url or not (e.mt_bench.questions or e.alpaca_eval.reference_outputs):
+        return True
+    try:
+        Judge(e.judge, None, log=lambda m: log(f"[compare] {m}")).check()
+    except InputError as err:
+        log(f"[compare] warning: the judge does not answer yet ({err}); the evaluate stage needs it")
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- CLI

@@ -503,3 +503,20 @@ def test_two_ranks_answer_and_score_as_one(tiny_model, tmp_path):
         drop = ("answer_s", "judge_s", "answers")
         assert {k: v for k, v in results[0][part].items() if k not in drop} == \
             {k: v for k, v in results[1][part].items() if k not in drop}
+
+
+def test_compare_asks_the_judge_before_its_first_stage_and_only_warns(tmp_path, monkeypatch):
+    from radis.compare import early_judge_check
+
+    monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", "wrong")
+    cfg_file = tmp_path / "c.yaml"
+    logs: list[str] = []
+    with ScriptedJudge(_judge_script, api_key="right") as server:
+        cfg_file.write_text(f"eval:\n  judge: {{base_url: '{server.base_url}', model: judge, "
+                            f"api_key_env: RADIS_TEST_JUDGE_KEY}}\n  alpaca_eval: {{reference_outputs: x.json}}\n")
+        assert early_judge_check(cfg_file, [], log=logs.append) is False
+        assert "warning: the judge does not answer yet" in logs[-1] and "RADIS_TEST_JUDGE_KEY" in logs[-1]
+        monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", "right")
+        assert early_judge_check(cfg_file, [], log=logs.append) is True
+        assert early_judge_check(cfg_file, ["eval.alpaca_eval.reference_outputs=null"], log=logs.append) is True
+        assert len(server.requests) == 2  # nothing to judge: not asked
