@@ -520,3 +520,18 @@ def test_compare_asks_the_judge_before_its_first_stage_and_only_warns(tmp_path, 
         assert early_judge_check(cfg_file, [], log=logs.append) is True
         assert early_judge_check(cfg_file, ["eval.alpaca_eval.reference_outputs=null"], log=logs.append) is True
         assert len(server.requests) == 2  # nothing to judge: not asked
+
+
+def test_bench_judged_tabulates_each_models_judged_parts(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_judged")
+    (tmp_path / "eval" / "radis").mkdir(parents=True)
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps({"models": [{"model": "radis"}]}))
+    (tmp_path / "eval" / "radis" / "results.json").write_text(json.dumps({
+        "mt_bench": {"answer_s": 12.0, "judge_s": 80.5, "judged": 16, "unparsed": 11, "overall": 4.2},
+        "alpaca_eval": {"answer_s": 20.0, "judge_s": 30.0, "judged": 20, "unparsed": 3, "win_rate": 12.5,
+                        "annotator": "text-parsed (the reply's m / M)"}}))
+    lines = bench.table(tmp_path).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 13
+    assert lines[2] == "| radis | 12.0 | 80.5 | 16 | 11 | 4.20 | 20.0 | 30.0 | 20 | 3 | 12.5 | text-parsed |"
