@@ -104,7 +104,7 @@ def test_mt_bench_unparsed_scores_are_counted_and_left_out_of_the_means():
     s = mt_bench.summarize([rec(1, "math", 1, 8.0), rec(1, "math", 2, -1.0), rec(2, "writing", 1, 4.0),
                             rec(2, "writing", 2, 6.0)])
     assert s == {"overall": 6.0, "turn1": 6.0, "turn2": 6.0, "categories": {"math": 8.0, "writing": 5.0},
-                 "questions": 2, "judged": 4, "unparsed": 1}
+                 "questions": 2, "judged": 4, "unparsed": 1, "judge_errors": 0}
     assert mt_bench.summarize([rec(1, "math", 1, -1.0)])["overall"] is None
 
 
@@ -188,7 +188,9 @@ def test_the_weighted_annotator_reads_the_judges_log_probabilities(tmp_path):
 
 def test_length_controlled_win_rate_with_a_df_gamed_file(tmp_path):
     """LC needs AlpacaEval's df_gamed.csv; a synthetic one (same columns) drives the
-    real GLM here. Without the file LC is not computed and says so."""
+    real GLM here: a model that always wins gets an LC far above 50, one that always
+    loses far below. Without the file, or with a reference file of another size, LC is
+    not computed and says why."""
     import random
 
     n = 40
@@ -201,16 +203,44 @@ def test_length_controlled_win_rate_with_a_df_gamed_file(tmp_path):
             rows.append(f"{i},{rng.uniform(-1, 1):.3f},False,{rng.uniform(-2, 2):.3f},{rng.random():.3f},{model}")
     gamed = tmp_path / "df_gamed.csv"
     gamed.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    # the judge prefers the longer output
-    records = [{"index": ins.index, "output_1": ins.reference, "output_2": out, "generator_1": "ref",
-                "generator_2": "m1", "annotator": "text:judge",
-                "preference": 2.0 if len(out) > len(ins.reference) else 1.0}
-               for ins, out in zip(instructions, outputs)]
-    rates = alpaca.win_rates(records, str(gamed))
-    assert rates["length_controlled_winrate"] is not None and 0 <= rates["length_controlled_winrate"] <= 100
-    assert rates["lc_standard_error"] is not None and "lc_note" not in rates
+
+    def records(pref):
+        return [{"index": ins.index, "output_1": ins.reference, "output_2": out, "generator_1": "gpt4_1106_preview",
+                 "generator_2": "m1", "annotator": "text:judge", "preference": pref(i)}
+                for i, (ins, out) in enumerate(zip(instructions, outputs))]
+
+    wins = alpaca.win_rates(records(lambda i: 2.0 if i % 8 else 1.0), str(gamed), reference_size=n,
+                            reference="gpt4_1106_preview", judge="gpt-4-1106-preview")
+    losses = alpaca.win_rates(records(lambda i: 1.0 if i % 8 else 2.0), str(gamed), reference_size=n,
+                              reference="gpt4_1106_preview", judge="gpt-4-1106-preview")
+    assert wins["win_rate"] == pytest.approx(87.5) and losses["win_rate"] == pytest.approx(12.5)
+    assert wins["length_controlled_winrate"] > 60 and losses["length_controlled_winrate"] < 40
+    assert wins["lc_standard_error"] is not None and "lc_note" not in wins
+    other = alpaca.win_rates(records(lambda i: 2.0), str(gamed), reference_size=n, reference="gpt4_1106_preview",
+                             judge="smollm2")
+    assert "indicative only" in other["lc_note"] and other["length_controlled_winrate"] is not None
+    resized = alpaca.win_rates(records(lambda i: 2.0), str(gamed), reference_size=805)
+    assert resized["length_controlled_winrate"] is None and "indexes 40 instructions" in resized["lc_note"]
     with pytest.raises(ValueError, match="eval.alpaca_eval.df_gamed: .*no such file"):
-        alpaca.win_rates(records, str(tmp_path / "missing.csv"))
+        alpaca.win_rates(records(lambda i: 2.0), str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.parametrize("reply,pref", [("m", 1.0), ("M", 2.0), ("Model M", 2.0), ("`m`", 1.0), ('"M".', 2.0),
+                                        ("Best model identifier: M", 2.0), ("**m**", 1.0), ("Mm", None),
+                                        ("I think m", None), ("", None), ("model", None)])
+def test_the_text_annotator_reads_m_or_M(reply, pref):
+    got = alpaca.parse_preference(JudgeReply(reply, None), weighted=False)
+    assert (math.isnan(got) and pref is None) or got == pref
+
+
+def test_identical_outputs_are_a_draw_without_asking(tmp_path):
+    instructions = alpaca.load_instructions(str(_alpaca_file(tmp_path, 4)))
+    outputs = [instructions[0].reference, "other", "other", "other"]
+    requests, swapped = alpaca.judge_requests(instructions, outputs, 0, weighted=False)
+    assert requests[0] is None and all(r is not None for r in requests[1:])
+    replies = [None] + [JudgeReply("m", None)] * 3
+    records = alpaca.annotation_records("m1", "judge", "text", instructions, outputs, swapped, replies, False)
+    assert records[0]["preference"] == 1.5 and records[0]["raw_completion"] is None
 
 
 def test_alpaca_reference_file_errors_name_the_record(tmp_path):
@@ -286,9 +316,14 @@ def test_check_learns_whether_the_endpoint_gives_log_probabilities():
         judge = Judge(_judge_cfg(server.base_url), None, lambda m: None)
         judge.check()
         assert judge.supports_logprobs is False
-    with ScriptedJudge(lambda b: chat_reply("m")) as server:
-        judge = Judge(_judge_cfg(server.base_url, logprobs="true"), None, lambda m: None)
-        assert judge.supports_logprobs is True
+    with ScriptedJudge(lambda b: chat_reply("m")) as server, \
+            pytest.raises(JudgeError, match=r"eval\.judge\.logprobs=true, but judge .* returned no log-probabilities"):
+        Judge(_judge_cfg(server.base_url, logprobs="true"), None, lambda m: None).check()  # forced: fails now, not later
+    with ScriptedJudge(lambda b: (400, {"error": {"message": "logprobs not supported"}}) if b.get("logprobs")
+                       else chat_reply("m")) as server:  # refused outright: the text-parsed annotator
+        judge = Judge(_judge_cfg(server.base_url), None, lambda m: None)
+        judge.check()
+        assert judge.supports_logprobs is False
 
 
 def test_a_judgment_cut_short_by_a_kill_is_dropped_and_asked_again(tmp_path):
@@ -464,7 +499,8 @@ def test_the_real_mt_bench_and_alpaca_eval_files_give_every_request(shared_data)
     assert len(instructions) == 805 and instructions[0].generator == "gpt4_1106_preview"
     subset = alpaca.load_instructions(str(refs), limit=40)
     assert len(subset) == 40 and len({i.dataset for i in subset}) == 5  # balanced over AlpacaEval's five sources
-    requests, swapped = alpaca.judge_requests(instructions, [i.reference for i in instructions], 0, weighted=False)
+    requests, swapped = alpaca.judge_requests(instructions, [f"answer {i.index}" for i in instructions], 0,
+                                              weighted=False)
     assert len(requests) == 805 and sum(swapped) == 402
     assert all(r.messages[1]["content"].count(i.reference) >= 1 for r, i in zip(requests[:50], instructions))
 
@@ -535,3 +571,89 @@ def test_bench_judged_tabulates_each_models_judged_parts(tmp_path):
     lines = bench.table(tmp_path).splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 13
     assert lines[2] == "| radis | 12.0 | 80.5 | 16 | 11 | 4.20 | 20.0 | 30.0 | 20 | 3 | 12.5 | text-parsed |"
+
+
+def test_the_key_is_scrubbed_from_every_message_and_never_sent_on(tmp_path, monkeypatch, capsys):
+    """A server that echoes the Authorization header in its errors (a 400 for one request,
+    a 500 for another), a key with a trailing newline, a redirect, the key pasted where
+    its variable's name belongs: the key is in no message, log or file."""
+    monkeypatch.setattr("radis.evaluate.judge.MAX_BACKOFF_S", 0.01)
+    secret = "sk-echo-" + "9" * 30
+    monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", secret + "\n")  # as a secrets file leaves it
+    seen = {"n": 0}
+
+    def script(body):
+        text = body["messages"][-1]["content"]
+        if text == "too long":
+            return 400, {"error": {"message": f"context length exceeded for Bearer {secret}"}}
+        if text == "flaky":
+            seen["n"] += 1
+            if seen["n"] == 1:
+                return 500, {"error": {"message": f"upstream saw Authorization: Bearer {secret}"}}
+        return "[[3]]"
+
+    logs: list[str] = []
+    with ScriptedJudge(script, api_key=secret) as server:
+        judge = Judge(_judge_cfg(server.base_url, api_key_env="RADIS_TEST_JUDGE_KEY"), tmp_path / "c.jsonl", logs.append)
+        judge.check()
+        replies = judge.judge_all([JudgeRequest(k, [{"role": "user", "content": k}]) for k in ("too long", "flaky", "ok")])
+    assert replies[0].error is not None and replies[0].content == "" and "context length exceeded" in replies[0].error
+    assert [r.content for r in replies[1:]] == ["[[3]]", "[[3]]"] and judge.errors == 1
+    assert not any(secret in m for m in logs + [replies[0].error]) and any("<key>" in m for m in logs)
+    assert secret not in (tmp_path / "c.jsonl").read_text() and "too long" not in (tmp_path / "c.jsonl").read_text()
+    monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", "sk-bad\x07key")
+    with pytest.raises(JudgeError, match="control characters") as err:
+        Judge(_judge_cfg("http://127.0.0.1:9/v1", api_key_env="RADIS_TEST_JUDGE_KEY"), None, logs.append)
+    assert "sk-bad" not in str(err.value)
+    with pytest.raises(JudgeError, match="expected the NAME of an environment variable") as err:
+        Judge(_judge_cfg("http://127.0.0.1:9/v1", api_key_env=secret), None, logs.append)
+    assert secret not in str(err.value)
+    # a redirect is refused: the header would travel with it
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(307)
+            self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RADIS_TEST_JUDGE_KEY", secret)
+        judge = Judge(_judge_cfg(f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key_env="RADIS_TEST_JUDGE_KEY"),
+                      None, logs.append)
+        with pytest.raises(JudgeError, match="redirects .* to http://127.0.0.1:9/elsewhere"):
+            judge.check()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+
+
+def test_judging_killed_halfway_resumes_with_what_was_cached(tmp_path, monkeypatch):
+    """The judge goes away after 3 judgments (the run dies with a JudgeError, as a kill
+    would stop it): the 3 are in the cache, and the next run asks only for the rest."""
+    monkeypatch.setattr("radis.evaluate.judge.MAX_BACKOFF_S", 0.01)
+    answered = {"n": 0}
+
+    def script(body):
+        answered["n"] += 1
+        return "[[4]]" if answered["n"] <= 3 else (503, {"error": {"message": "gone"}})
+
+    reqs = [JudgeRequest(f"q{i}", [{"role": "user", "content": f"rate {i}"}]) for i in range(8)]
+    with ScriptedJudge(script) as server:
+        judge = Judge(_judge_cfg(server.base_url, max_in_flight=1, retries=0), tmp_path / "c.jsonl", lambda m: None)
+        with pytest.raises(JudgeError, match="failed 1 time"):
+            judge.judge_all(reqs)
+    assert len(AppendOnlyJsonl(tmp_path / "c.jsonl").read()) == 3
+    with ScriptedJudge(lambda body: "[[5]]") as server:
+        judge = Judge(_judge_cfg(server.base_url), tmp_path / "c.jsonl", lambda m: None)
+        replies = judge.judge_all(reqs)
+        assert len(server.requests) == 5
+    assert [r.content for r in replies] == ["[[4]]"] * 3 + ["[[5]]"] * 5 and sum(r.cached for r in replies) == 3

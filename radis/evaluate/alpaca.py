@@ -36,6 +36,7 @@ import importlib.metadata
 import math
 import os
 import random
+import re
 import sys
 import types
 from collections.abc import Iterator, Sequence
@@ -83,10 +84,12 @@ def alpaca_eval_package() -> types.ModuleType:
 def _pkg_resources_stand_in() -> Iterator[None]:
     try:
         importlib.import_module("pkg_resources")
+        present = True
+    except ImportError:
+        present = False
+    if present:
         yield
         return
-    except ImportError:
-        pass
     from packaging.version import parse as parse_version
 
     stand_in = types.ModuleType("pkg_resources")
@@ -146,8 +149,9 @@ def model_shown_first(n: int, seed: int) -> list[bool]:
 
 
 def judge_requests(instructions: Sequence[Instruction], outputs: Sequence[str], seed: int,
-                   weighted: bool) -> tuple[list[JudgeRequest], list[bool]]:
-    """The judge request per instruction (alpaca_eval's template), and which are swapped."""
+                   weighted: bool) -> tuple[list[JudgeRequest | None], list[bool]]:
+    """The judge request per instruction (alpaca_eval's template), and which are swapped.
+    None where the two outputs are identical: a draw, not asked (as alpaca_eval does)."""
     pkg = alpaca_eval_package()
     import pandas as pd
 
@@ -162,24 +166,31 @@ def judge_requests(instructions: Sequence[Instruction], outputs: Sequence[str], 
     # for a few words, since a judge may write "M." or "Model M"
     params = ({"max_tokens": 1, "temperature": 1, "logprobs": True, "top_logprobs": 5} if weighted
               else {"max_tokens": 8, "temperature": 0})
-    requests = [JudgeRequest(key=f"alpaca_eval:{ins.index}", messages=pkg.utils.prompt_to_chatml(prompt), params=params)
-                for ins, prompt in zip(instructions, prompts)]
+    requests = [None if out == ins.reference else
+                JudgeRequest(key=f"alpaca_eval:{ins.index}", messages=pkg.utils.prompt_to_chatml(prompt), params=params)
+                for ins, out, prompt in zip(instructions, outputs, prompts)]
     return requests, swapped
+
+
+# A text judge's answer: "m" / "M", maybe quoted or led by "Model" / "Best model identifier:".
+TEXT_ANSWER = re.compile(r"^\W*(?:(?i:the\s+)?(?i:best\s+)?(?i:model|output)(?:\s+(?i:identifier))?\s*(?:is)?\s*[:=-]?\s*)?"
+                         r"[\"'`*(\[]*([mM])(?![A-Za-z0-9])")
 
 
 def parse_preference(reply: JudgeReply, weighted: bool) -> float:
     """Preference of the output shown first (1) or second (2), in [1, 2]; NaN if unparsed."""
     pkg = alpaca_eval_package()
+    if reply.error is not None:
+        return math.nan
     if weighted:
         try:
             return float(pkg.completion_parsers.logprob_parser(
                 {"logprobs": reply.logprobs or {}}, numerator_token=FIRST, denominator_tokens=[FIRST, SECOND], is_binarize=False)[0])
         except (AssertionError, ValueError, KeyError, IndexError, TypeError):
             return math.nan
-    words = reply.content.strip().split()
-    word = words[0].strip("\"'`.,:;!*()[]") if words else ""
+    match = TEXT_ANSWER.match(reply.content.strip())
     try:
-        value = pkg.completion_parsers.replace_parser(word or " ", replacer={FIRST: 1, SECOND: 2},
+        value = pkg.completion_parsers.replace_parser(match.group(1) if match else " ", replacer={FIRST: 1, SECOND: 2},
                                                       default_replacer=math.nan)[0]
     except ValueError:
         return math.nan
@@ -187,29 +198,40 @@ def parse_preference(reply: JudgeReply, weighted: bool) -> float:
 
 
 def annotation_records(name: str, judge_model: str, annotator: str, instructions: Sequence[Instruction],
-                       outputs: Sequence[str], swapped: Sequence[bool], replies: Sequence[JudgeReply],
+                       outputs: Sequence[str], swapped: Sequence[bool], replies: Sequence[JudgeReply | None],
                        weighted: bool) -> list[dict[str, Any]]:
     """One record per instruction in AlpacaEval's annotation layout: output_1 is the
-    reference's, output_2 the model's, preference 2 = the model wins (un-swapped)."""
+    reference's, output_2 the model's, preference 2 = the model wins (un-swapped); 1.5
+    where the outputs are identical (reply None: not asked)."""
     out = []
     for ins, output, swap, reply in zip(instructions, outputs, swapped, replies):
-        shown = parse_preference(reply, weighted)
+        shown = 1.5 if reply is None else parse_preference(reply, weighted)
         pref = (3.0 - shown) if swap and not math.isnan(shown) else shown
         out.append({"index": ins.index, "instruction": ins.instruction, "dataset": ins.dataset,
                     "output_1": ins.reference, "generator_1": ins.generator, "output_2": output, "generator_2": name,
-                    "annotator": f"{annotator}:{judge_model}", "model_shown_first": swap, "raw_completion": reply.content,
+                    "annotator": f"{annotator}:{judge_model}", "model_shown_first": swap,
+                    "raw_completion": None if reply is None else reply.content,
+                    "judge_error": None if reply is None else reply.error,
                     "preference": None if math.isnan(pref) else pref})
     return out
 
 
-def win_rates(annotations: Sequence[dict[str, Any]], df_gamed: str | None) -> dict[str, Any]:
-    """Win rate (and LC win rate with df_gamed) over the parsed preferences."""
+def win_rates(annotations: Sequence[dict[str, Any]], df_gamed: str | None, reference_size: int | None = None,
+              reference: str = "", judge: str = "") -> dict[str, Any]:
+    """Win rate (and LC win rate with df_gamed) over the parsed preferences.
+
+    LC's GLM looks each instruction up in df_gamed.csv by its index in AlpacaEval's set
+    and is regularised towards baselines annotated by GPT-4-turbo against
+    gpt4_1106_preview: it is computed only when the reference file has as many
+    instructions as df_gamed indexes (`reference_size`), and flagged when the reference
+    or the judge is another."""
     pkg = alpaca_eval_package()
     import pandas as pd
 
     parsed = [a for a in annotations if a["preference"] is not None]
     out: dict[str, Any] = {"instructions": len(annotations), "judged": len(annotations),
-                           "unparsed": len(annotations) - len(parsed), "win_rate": None, "standard_error": None,
+                           "unparsed": len(annotations) - len(parsed),
+                           "judge_errors": sum(1 for a in annotations if a.get("judge_error")), "win_rate": None, "standard_error": None,
                            "length_controlled_winrate": None, "lc_standard_error": None}
     if not parsed:
         out["lc_note"] = out["note"] = "no judge reply could be parsed: no win rate"
@@ -224,6 +246,11 @@ def win_rates(annotations: Sequence[dict[str, Any]], df_gamed: str | None) -> di
     gamed = Path(os.path.expanduser(df_gamed))
     if not gamed.is_file():
         raise FileFormatError(f"eval.alpaca_eval.df_gamed: {gamed}: no such file")
+    indexes = pd.read_csv(gamed, usecols=["index"])["index"].nunique()
+    if reference_size is not None and reference_size != indexes:
+        out["lc_note"] = (f"length-controlled win rate not computed: {gamed} indexes {indexes} instructions, the "
+                          f"reference file has {reference_size} (LC needs AlpacaEval's own set, in its order)")
+        return out
     if len(parsed) < 10:
         out["lc_note"] = f"length-controlled win rate not computed: {len(parsed)} parsed preferences (its GLM needs >= 10)"
         return out
@@ -240,6 +267,9 @@ def win_rates(annotations: Sequence[dict[str, Any]], df_gamed: str | None) -> di
         glm.hf_hub_download = real
     out["length_controlled_winrate"] = _plain(lc["length_controlled_winrate"])
     out["lc_standard_error"] = _plain(lc["lc_standard_error"])
+    if reference != "gpt4_1106_preview" or not judge.startswith("gpt-4"):
+        out["lc_note"] = (f"LC's GLM is calibrated on GPT-4-turbo's judgments against gpt4_1106_preview; with "
+                          f"{judge or 'this judge'} against {reference or 'this reference'} it is indicative only")
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 
 from radis.generation.decode import DecodingSettings, Request, decode
 from radis.io import AppendOnlyJsonl
-from radis.runtime import dist_info, gather_objects, on_rank0
+from radis.runtime import dist_info, gather_objects, on_every_rank, on_rank0
 
 
 @dataclass
@@ -67,14 +67,20 @@ def generate_answers(
     t0, step = time.time(), batch_size * world
     for start in range(0, len(pending), step):
         mine = pending[start:start + step][rank::world]
-        local: list[dict[str, Any]] = []
-        for group in _by_settings(mine):
-            gens = decode(model, [Request(key=r.key, prompt_ids=r.prompt_ids) for r in group], group[0].settings,
-                          stop_token_ids=stop_token_ids, pad_token_id=pad_id)
-            local += [{"key": g.key, "token_ids": g.token_ids, "stop_reason": g.stop_reason} for g in gens]
+
+        def decode_mine(mine: list[AnswerRequest] = mine) -> list[dict[str, Any]]:
+            local = []
+            for group in _by_settings(mine):
+                gens = decode(model, [Request(key=r.key, prompt_ids=r.prompt_ids) for r in group], group[0].settings,
+                              stop_token_ids=stop_token_ids, pad_token_id=pad_id)
+                local += [{"key": g.key, "token_ids": g.token_ids, "stop_reason": g.stop_reason} for g in gens]
+            return local
+
+        # a rank that fails (out of memory on the longest prompts) stops every rank with
+        # its error, instead of leaving them in the gather until the group's timeout
+        local = on_every_rank(f"decoding {what}", decode_mine)
         merged = [rec for part in gather_objects(local) for rec in part]
-        if rank == 0:
-            store.append(merged)
+        on_rank0(f"writing {store.path}", lambda merged=merged: store.append(merged), wait_group)
         done.update((rec["key"], rec) for rec in merged)
         finished = min(start + step, len(pending))
         log(f"{what}: {finished}/{len(pending)} ({time.time() - t0:.0f} s)")

@@ -27,11 +27,14 @@ raises or logs.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
+import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -47,7 +50,17 @@ MAX_BACKOFF_S = 30.0
 
 
 class JudgeError(InputError):
-    """The judge endpoint cannot be used as configured (URL, key, model)."""
+    """The judge endpoint cannot be used as configured (URL, key, model). `status`: the
+    HTTP status that said so, where one did."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# Statuses that no retry mends and that concern every request alike: the run stops.
+FATAL_STATUSES = (401, 403, 404)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -63,17 +76,47 @@ class JudgeRequest:
 class JudgeReply:
     """The judge's reply: its text and, where the endpoint gives them, the log-probabilities
     of its tokens (OpenAI's `choices[0].logprobs`: {"content": [{"token", "logprob",
-    "top_logprobs": [...]}, ...]})."""
+    "top_logprobs": [...]}, ...]}). `error`: why there is no reply (an HTTP 400 for this
+    one request, e.g. a prompt longer than the judge's context); its content is empty, it
+    parses as unparsed and is not cached (a re-run asks again)."""
 
     content: str
     logprobs: dict[str, Any] | None
     cached: bool = False
+    error: str | None = None
 
 
 def judgment_key(model: str, messages: Sequence[dict[str, str]], params: dict[str, Any]) -> str:
     """The cache key of one judgment: what the judge is asked, and by which model."""
     blob = json.dumps({"model": model, "messages": list(messages), "params": params}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header to wherever it points: refuse it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
+        raise JudgeError(f"judge: {req.full_url} redirects (HTTP {code}) to {newurl}: set eval.judge.base_url to "
+                         "the final address (the API key is not sent on to a redirect)", code)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def read_api_key(env_name: str) -> str:
+    """The key in $env_name ("" when unset). A name that is not a variable name (the key
+    itself pasted there) or a key with control characters (a trailing newline of a
+    secrets file, which http.client would print whole in its error) is refused without
+    echoing it."""
+    if not env_name:
+        return ""
+    if not ENV_NAME.fullmatch(env_name):
+        raise JudgeError("eval.judge.api_key_env: expected the NAME of an environment variable (letters, digits, _), "
+                         "not the key itself")
+    key = os.environ.get(env_name, "").strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise JudgeError(f"${env_name} (eval.judge.api_key_env): the key holds control characters (a line break?)")
+    return key
 
 
 class Judge:
@@ -86,7 +129,7 @@ class Judge:
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self.log = log
-        self._key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self._key = read_api_key(cfg.api_key_env)
         self.cache = AppendOnlyJsonl(cache_path) if cache_path is not None else None
         self._cached: dict[str, dict[str, Any]] = {}
         if self.cache is not None:
@@ -96,34 +139,44 @@ class Judge:
         self.supports_logprobs: bool | None = None if cfg.logprobs == "auto" else bool(cfg.logprobs)
         self.requests_sent = 0
         self.retried = 0
+        self.errors = 0
 
     # ------------------------------------------------------------------ public
 
     def check(self) -> None:
         """One tiny request: the endpoint answers, the key is accepted, the model exists.
-        With eval.judge.logprobs "auto", also whether it returns log-probabilities."""
+        With eval.judge.logprobs "auto", also whether it returns log-probabilities; with
+        true, that it does."""
+        host = urllib.parse.urlsplit(self.cfg.base_url)
+        if self._key and host.scheme == "http" and host.hostname not in ("127.0.0.1", "localhost", "::1"):
+            self.log(f"judge: warning: the API key goes to {host.hostname} unencrypted (http://)")
         messages = [{"role": "user", "content": "Reply with the single letter m."}]
         ask_logprobs = self.supports_logprobs is not False
         params: dict[str, Any] = {"max_tokens": 1, "temperature": 0}
         if ask_logprobs:
             params.update(logprobs=True, top_logprobs=5)
+        retries = min(self.cfg.retries, 2)
         try:
-            body = self._post(messages, params, retries=min(self.cfg.retries, 2))
+            body = self._post(messages, params, retries)
         except JudgeError as err:
-            if not (ask_logprobs and "400" in str(err)):
+            if not (ask_logprobs and self.supports_logprobs is None and err.status == 400):
                 raise
             # some models refuse logprobs outright (HTTP 400): then they have none
-            body = self._post(messages, {"max_tokens": 1, "temperature": 0}, retries=min(self.cfg.retries, 2))
+            body = self._post(messages, {"max_tokens": 1, "temperature": 0}, retries)
             ask_logprobs = False
         reply = _reply(body, self.cfg.model)
-        if self.supports_logprobs is None:
-            self.supports_logprobs = ask_logprobs and _has_top_logprobs(reply.logprobs)
+        got = ask_logprobs and _has_top_logprobs(reply.logprobs)
+        if self.supports_logprobs and not got:
+            raise JudgeError(f"eval.judge.logprobs=true, but {self.cfg.model} at {self.cfg.base_url} returned no "
+                             "log-probabilities: set it to auto (or false) for the text-parsed annotator")
+        self.supports_logprobs = got
         self.log(f"judge {self.cfg.model} at {self.cfg.base_url}: answers "
                  f"({'with' if self.supports_logprobs else 'without'} log-probabilities)")
 
     def judge_all(self, requests: Sequence[JudgeRequest], what: str = "judgments") -> list[JudgeReply]:
         """Replies in request order; cached ones are not sent again, new ones are cached as
-        they arrive. A JudgeError (bad key, unknown model) stops the whole batch."""
+        they arrive. A refused key or an unknown model (FATAL_STATUSES) stops the whole
+        batch; another HTTP 4xx fails only its own request (JudgeReply.error)."""
         replies: list[JudgeReply | None] = [None] * len(requests)
         todo = []
         for i, r in enumerate(requests):
@@ -138,26 +191,33 @@ class Judge:
         if not todo:
             return replies  # type: ignore[return-value]
         done, t0, last_log = 0, time.time(), time.time()
-        with ThreadPoolExecutor(max_workers=self.cfg.max_in_flight) as pool:
-            futures = {pool.submit(self._ask, key, r): (i, key, r) for i, key, r in todo}
-            try:
-                for fut in as_completed(futures):
-                    i, key, r = futures[fut]
-                    replies[i] = fut.result()
-                    done += 1
-                    if time.time() - last_log > 30 or done == len(todo):
-                        last_log = time.time()
-                        self.log(f"{what}: {done}/{len(todo)} judged ({time.time() - t0:.0f} s)")
-            except BaseException:
-                for f in futures:
-                    f.cancel()  # the ones not started; those in flight finish and are cached
-                raise
+        pool = ThreadPoolExecutor(max_workers=self.cfg.max_in_flight)
+        futures = {pool.submit(self._ask, key, r): (i, key, r) for i, key, r in todo}
+        try:
+            for fut in as_completed(futures):
+                i, key, r = futures[fut]
+                replies[i] = fut.result()
+                done += 1
+                if time.time() - last_log > 30 or done == len(todo):
+                    last_log = time.time()
+                    self.log(f"{what}: {done}/{len(todo)} judged ({time.time() - t0:.0f} s)")
+        finally:
+            # on an error or Ctrl-C: the requests not started are dropped at once (those in
+            # flight finish in the background and are cached); no wait for their retries
+            pool.shutdown(wait=False, cancel_futures=True)
         return replies  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ internals
 
     def _ask(self, key: str, r: JudgeRequest) -> JudgeReply:
-        reply = _reply(self._post(r.messages, r.params, retries=self.cfg.retries), self.cfg.model)
+        try:
+            reply = _reply(self._post(r.messages, r.params, retries=self.cfg.retries), self.cfg.model)
+        except JudgeError as err:
+            if err.status is None or err.status in FATAL_STATUSES:
+                raise
+            self.errors += 1
+            self.log(f"judge: {r.key}: no judgment: {err}")
+            return JudgeReply("", None, error=str(err))
         rec = {"key": key, "request": r.key, "model": self.cfg.model, "messages": r.messages, "params": r.params,
                "content": reply.content, "logprobs": reply.logprobs, "time": round(time.time(), 3)}
         if self.cache is not None:
@@ -179,7 +239,7 @@ class Judge:
             try:
                 self.requests_sent += 1
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                with _OPENER.open(req, timeout=self.cfg.timeout_s) as resp:
                     text = resp.read().decode("utf-8", errors="replace")
                 try:
                     return json.loads(text)
@@ -190,12 +250,15 @@ class Judge:
                 if err.code in (401, 403):
                     raise JudgeError(f"judge: HTTP {err.code} from {self.url}: the endpoint refused the API key in "
                                      f"${self.cfg.api_key_env} (eval.judge.api_key_env"
-                                     f"{'; the variable is unset or empty' if not self._key else ''}): {detail}") from None
-                if err.code != 429 and err.code < 500:  # a wrong model or URL: no retry mends it
+                                     f"{'; the variable is unset or empty' if not self._key else ''}): {detail}",
+                                     err.code) from None
+                if err.code != 429 and err.code < 500:  # a wrong model or URL, a bad request: no retry mends it
                     raise JudgeError(f"judge: HTTP {err.code} from {self.url}: check {where} and "
-                                     f"eval.judge.model={self.cfg.model!r}: {detail}") from None
+                                     f"eval.judge.model={self.cfg.model!r}: {detail}", err.code) from None
                 problem = f"HTTP {err.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            except JudgeError:
+                raise
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as err:
                 reason = getattr(err, "reason", err)
                 problem = f"{type(reason).__name__}: {self._scrub(str(reason))}"
             if attempt == retries:

@@ -55,6 +55,8 @@ class JudgedBenchmarks:
             if self.questions and self.judging else None
         self.instructions = alpaca.load_instructions(e.alpaca_eval.reference_outputs, e.alpaca_eval.limit) \
             if e.alpaca_eval.reference_outputs else None
+        self.reference_size = len(alpaca.load_instructions(e.alpaca_eval.reference_outputs)) \
+            if e.alpaca_eval.reference_outputs else None
         if self.instructions is not None and self.judging:
             alpaca.alpaca_eval_package()  # a missing extra fails here, not after the answers
         self.judge: Judge | None = None
@@ -194,12 +196,14 @@ class JudgedBenchmarks:
     def _judge_alpaca(self, name: str, outputs: list[str]) -> dict[str, Any]:
         e = self.cfg.eval
         requests, swapped = alpaca.judge_requests(self.instructions, outputs, e.alpaca_eval.seed, bool(self.weighted))
-        replies = self.judge.judge_all(requests, what=f"{name}: AlpacaEval judgments")
+        asked = iter(self.judge.judge_all([r for r in requests if r is not None], what=f"{name}: AlpacaEval judgments"))
+        replies = [None if r is None else next(asked) for r in requests]  # None: identical outputs, a draw
         kind = "weighted" if self.weighted else "text"
         records = alpaca.annotation_records(name, e.judge.model, kind, self.instructions, outputs, swapped, replies,
                                             bool(self.weighted))
         write_json_atomic(self.out_root / name / "alpaca_eval_annotations.json", records)
-        rates = alpaca.win_rates(records, e.alpaca_eval.df_gamed)
+        rates = alpaca.win_rates(records, e.alpaca_eval.df_gamed, reference_size=self.reference_size,
+                                 reference=self.instructions[0].generator, judge=e.judge.model)
         lc = rates["length_controlled_winrate"]
         self.log(f"{name}: AlpacaEval win rate {rates['win_rate']} (LC {lc if lc is not None else 'not computed'}; "
                  f"{rates['judged']} judged, {rates['unparsed']} unparsed; {self.annotator})")

@@ -201,7 +201,7 @@ def judgment_records(name: str, judge_model: str, judged: Sequence[tuple[Questio
     now = time.time()
     return [{"question_id": q.id, "category": q.category, "model": name, "judge": [judge_model, prompt_name],
              "user_prompt": req.messages[-1]["content"], "judgment": reply.content,
-             "score": parse_score(reply.content), "turn": turn, "tstamp": now}
+             "score": parse_score(reply.content), "turn": turn, "tstamp": now, "error": reply.error}
             for (q, turn, prompt_name, req), reply in zip(judged, replies)]
 
 
@@ -219,5 +219,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "categories": {c: mean([r["score"] for r in valid if r["category"] == c]) for c in cats},
         "questions": len({r["question_id"] for r in records}),
         "judged": len(records),
-        "unparsed": len(records) - len(valid),
+        "unparsed": len(records) - len(valid),  # judge errors included
+        "judge_errors": sum(1 for r in records if r.get("error")),
     }
