@@ -42,7 +42,7 @@ DEMO_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast test-latest lock test-image demo bench gpu-assets gpu-check gpu-rehearsal lint clean
+.PHONY: install test test-cluster cluster-deps test-fast test-latest lock test-image demo bench gpu-assets gpu-check gpu-rehearsal lint clean
 
 install: $(STAMP)
 
@@ -66,7 +66,19 @@ $(STAMP): setup.py Makefile $(wildcard $(LOCK_FILE))
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not cluster" $(PYTEST_ARGS)
+
+# The launchers on a two-host cluster built on this machine (tests/local_cluster.py:
+# network namespaces, sshd, pdsh, munge, Slurm). Needs root and the Debian packages below
+# (`make cluster-deps` installs them); its tests skip, saying why, where either is missing.
+# One pytest process: every test runs ranks on both hosts, which share this machine's cores.
+CLUSTER_PACKAGES := iproute2 procps openssh-server openssh-client pdsh munge slurmd slurmctld slurm-client
+cluster-deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_PACKAGES)
+
+test-cluster: install
+	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 # The whole pipeline on SmolLM2-135M-Instruct and the shipped de-en sample: rationales ->
 # train RaDis and vanilla (2 CPU ranks, ZeRO-3; the GPUs where present) -> evaluate.

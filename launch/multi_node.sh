@@ -44,12 +44,16 @@ for user_file in "$HOME/.deepspeed_env" ./.deepspeed_env; do
   fi
 done
 for name in DS_ACCELERATOR OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE TRANSFORMERS_OFFLINE TOKENIZERS_PARALLELISM \
-            TRITON_CACHE_DIR $(compgen -e | grep '^RADIS_' || true); do
+            TRITON_CACHE_DIR GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME $(compgen -e | grep '^RADIS_' || true); do
   if [[ -n "${!name+set}" ]]; then
     printf '%s=%s\n' "$name" "${!name}" >> "$env_file"
   fi
 done
 export DS_ENV_FILE=$env_file
+# ssh keep-alives on every pdsh connection: a host that dies or is cut off ends its
+# session after 3 unanswered probes 3 s apart, so pdsh and the runner exit (non-zero)
+# instead of waiting for a TCP timeout of hours. Appended to the user's own options.
+export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -o ServerAliveInterval=3 -o ServerAliveCountMax=3 -o BatchMode=yes"
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank
      --module radis.cli train --config "$CONFIG" "$@")

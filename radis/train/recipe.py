@@ -404,6 +404,23 @@ class RadisRecipe:
                     f"attn {self.attn}, loss "
                     + (f"radis/{cfg.loss.mode}" if cfg.loss.method == "radis" else "vanilla (MT only)")
                     + (f"; resumed at step {self.step} from {resume_tag}" if resume_tag else ""))
+        self._print_hosts()
+
+    def _print_hosts(self) -> None:
+        """Where the ranks run: `hosts: n1 10.0.0.1 (rank 0), n2 10.0.0.2 (rank 1)`; on a
+        cluster the first thing to check when ranks fail to meet or one is slow."""
+        from radis.runtime import gather_objects
+
+        name = socket.gethostname()
+        try:
+            address = socket.gethostbyname(name)
+        except OSError:  # a host that cannot resolve its own name (torchrun's rendezvous would fail too)
+            address = "unresolved"
+        hosts: dict[tuple[str, str], list[int]] = {}
+        for rank, host in enumerate(gather_objects((name, address))):
+            hosts.setdefault(tuple(host), []).append(rank)
+        self._print("hosts: " + ", ".join(
+            f"{n} {a} (rank{'s' if len(r) > 1 else ''} {_ranges(r)})" for (n, a), r in hosts.items()))
 
     def _check_same_data_on_every_rank(self, train_ds, valid_ds) -> None:
         """Each rank reads its own copy of the packed data, and builds it where its cache
@@ -894,6 +911,17 @@ class RadisRecipe:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _seed_everything(seed: int) -> None:
