@@ -58,5 +58,31 @@ cmd=(deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank
      --module radis.cli train --config "$CONFIG" "$@")
 echo "+ ${cmd[*]}" >&2
-# not exec: the env file is removed when the launcher ends
-"${cmd[@]}"
+# Stopping (Ctrl-C, a scheduler's SIGTERM): this job's ranks and no other job's. DeepSpeed's
+# runner, on SIGINT/SIGTERM, runs `pkill -f "<python> -u -m deepspeed.launcher.launch"` on
+# every host, which matches every DeepSpeed job of this venv there, other users' runs
+# included. So the runner gets no signal: it runs in a session of its own (a terminal's
+# Ctrl-C reaches only this script), and on a signal this script SIGKILLs the runner's
+# process group (runner, pdsh, ssh clients: no clean-up of DeepSpeed's runs) and stops the
+# per-host launchers of this job alone, matched by its master address and port, which no
+# other live job shares (a second job there could not bind them). Each per-host launcher
+# stops its ranks as it exits (DeepSpeed's launch.py). Not exec: the env file is removed at
+# the end.
+hosts=$(awk 'NF && $1 !~ /^#/ {print $1}' "$HOSTFILE" | paste -sd, -)
+stop_job() {
+  trap - INT TERM
+  echo "$0: stopping this job (master $MASTER_ADDR:$MASTER_PORT) on $hosts" >&2
+  kill -KILL -- "-$runner" 2>/dev/null || true
+  if [[ "${LAUNCHER:-pdsh}" == pdsh ]]; then
+    # [d]: the pattern does not match the shell that runs pkill on the host
+    local pattern="[d]eepspeed[.]launcher[.]launch .*--master_addr=${MASTER_ADDR//./[.]} --master_port=$MASTER_PORT( |\$)"
+    local stop="pkill -TERM -f -- '$pattern'; for i in \$(seq 20); do pgrep -f -- '$pattern' > /dev/null || exit 0; sleep 0.5; done; pkill -KILL -f -- '$pattern'; true"
+    PDSH_RCMD_TYPE=ssh timeout 60 pdsh -S -w "$hosts" "$stop" \
+      || echo "$0: could not reach every host to stop the job's ranks (see above)" >&2
+  fi
+  exit 143
+}
+trap stop_job INT TERM
+setsid "${cmd[@]}" &
+runner=$!
+wait "$runner"

@@ -306,7 +306,7 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-SlurmdTimeout=10
+SlurmdTimeout=60
 SlurmctldTimeout=10
 InactiveLimit=0
 KillWait=5
@@ -327,9 +327,13 @@ PartitionName=main Nodes={','.join(self.hosts)} Default=YES MaxTime=INFINITE Sta
         self.state["daemons"]["slurmctld"] = _read_pid(r / "slurm" / "slurmctld.pid")
         self._save()
         for host in self.hosts:
-            self.run(host, [_which("slurmd"), "-N", host, "-f", str(r / "slurm.conf")], env=env, check=True,
-                     capture_output=True, timeout=60)
+            self._start_slurmd(host)
         self.wait_nodes_idle()
+
+    def _start_slurmd(self, host: str) -> None:
+        conf = str(self.root / "slurm.conf")
+        self.run(host, [_which("slurmd"), "-N", host, "-f", conf], env={**os.environ, **self.slurm_env}, check=True,
+                 capture_output=True, timeout=60)
 
     def wait_nodes_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -365,6 +369,16 @@ PartitionName=main Nodes={','.join(self.hosts)} Default=YES MaxTime=INFINITE Sta
             os.kill(self.host_pid(host), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def restart(self, host: str) -> None:
+        """A crashed host booted again: a new PID 1 in the same network namespace, sshd and
+        (where the cluster has Slurm) slurmd, which registers with the controller again."""
+        self.crash(host)
+        _kill(self.state.get("unshare", {}).get(host, 0))
+        self._start_host(host)
+        if self.state["daemons"].get("slurmctld"):
+            self._start_slurmd(host)
+            self.wait_nodes_idle()
 
     def partition(self, host: str, cut: bool = True) -> None:
         """The host's link down (cut=True) or up again: it is unreachable, its processes live on."""
@@ -408,6 +422,8 @@ def _read_pid(path: Path, timeout: float = 10) -> int:
 
 
 def _kill(pid: int) -> None:
+    if pid <= 0:  # never a process group
+        return
     try:
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -168,4 +169,161 @@ def test_torchrun_on_each_host_with_a_rendezvous_on_n1(cluster, work, run_a, tmp
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-4000:] + logs[1][-4000:]
     assert _hosts_line(cluster) in logs[0], logs[0][-4000:]
+    _assert_same_as_run_a(out, run_a)
+
+
+def _child(pid: int) -> int:
+    """The one child of `pid` (what nsenter started inside the host)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} started nothing")
+
+
+def _processes_with(text: str) -> list[int]:
+    """PIDs (on every host: their PID namespaces are inside this one) whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _wait_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 180, checkpoint: str | None = None
+               ) -> None:
+    """Until the run has logged `step` (and, if given, `latest` names `checkpoint`)."""
+    from radis.train.checkpoint import latest_tag
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(r.get("step", 0) >= step for r in read_metrics(out / "metrics.jsonl", kind=None)) and \
+                    (checkpoint is None or latest_tag(out / "checkpoints") == checkpoint):
+                return
+        except (OSError, ValueError):  # not there yet, or a line half written
+            pass
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before step {step}"
+        time.sleep(0.2)
+    raise AssertionError(f"{out}: no step {step} after {timeout} s")
+
+
+def test_sigterm_to_multi_node_stops_its_own_ranks_and_no_other_job(cluster, work, tmp_path):
+    """A scheduler's SIGTERM to launch/multi_node.sh while a second, unrelated DeepSpeed job
+    of the same venv runs on the same hosts: this job's launchers and ranks are gone from
+    both hosts within seconds, the other job trains on to its end (DeepSpeed's own clean-up,
+    `pkill -f "<python> -u -m deepspeed.launcher.launch"` on every host, would kill both)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=1\nn2 slots=1\n")
+    jobs, logs = {}, {}
+    for name, port, steps in (("other", "29600", "30"), ("stopped", "29500", "1000")):
+        out = tmp_path / name
+        logs[name] = open(tmp_path / f"{name}.log", "w")
+        jobs[name] = cluster.popen("n1", ["bash", "launch/multi_node.sh", str(work["config"]), f"train.output_dir={out}",
+                                          f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=100"],
+                                   cwd=ROOT, env=_env(RADIS_CPU="1", HOSTFILE=str(hostfile), MASTER_PORT=port),
+                                   stdout=logs[name], stderr=subprocess.STDOUT)
+    try:
+        for name in jobs:
+            _wait_step(tmp_path / name, 1, jobs[name])
+        assert _processes_with(f"train.output_dir={tmp_path / 'other'}")
+        t0 = time.monotonic()
+        os.kill(_child(jobs["stopped"].pid), signal.SIGTERM)  # the script itself, not nsenter
+        rc = jobs["stopped"].wait(timeout=60)
+        stopped_s = time.monotonic() - t0
+        while _processes_with(f"train.output_dir={tmp_path / 'stopped'}") and time.monotonic() - t0 < 30:
+            time.sleep(0.2)
+        gone_s = time.monotonic() - t0
+        log = (tmp_path / "stopped.log").read_text()
+        assert rc == 143, log[-3000:]
+        assert "stopping this job (master n1:29500) on n1,n2" in log, log[-3000:]
+        assert not _processes_with(f"train.output_dir={tmp_path / 'stopped'}"), log[-3000:]
+        assert stopped_s < 30 and gone_s < 30, (stopped_s, gone_s)
+        assert jobs["other"].wait(timeout=300) == 0, (tmp_path / "other.log").read_text()[-3000:]
+        assert max(r["step"] for r in read_metrics(tmp_path / "other" / "metrics.jsonl")) == 30
+    finally:
+        for p in jobs.values():
+            if p.poll() is None:
+                os.kill(_child(p.pid), signal.SIGTERM)
+                p.wait(timeout=60)
+        for f in logs.values():
+            f.close()
+
+
+CRASH_SEED = 26
+
+
+def _multi_node(cluster: LocalCluster, work, out: Path, hostfile: Path, log: Path, **env: str) -> subprocess.Popen:
+    with open(log, "a") as f:
+        return cluster.popen("n1", ["bash", "launch/multi_node.sh", str(work["config"]), f"train.output_dir={out}"],
+                             cwd=ROOT, env=_env(RADIS_CPU="1", HOSTFILE=str(hostfile), **env), stdout=f,
+                             stderr=subprocess.STDOUT)
+
+
+def _until_gone(text: str, since: float, limit: float = 120, cluster: LocalCluster | None = None,
+                host: str | None = None) -> float:
+    """Seconds from `since` until no process (on `host`, or on any) has `text` in its command line."""
+    def left() -> list[int]:
+        pids = _processes_with(text)
+        if host is None:
+            return pids
+        uts = _uts(cluster.host_pid(host))
+        return [p for p in pids if _uts(p) == uts]
+
+    while left() and time.monotonic() - since < limit:
+        time.sleep(0.1)
+    return time.monotonic() - since
+
+
+@pytest.mark.parametrize("fault", ["crash", "partition"])
+def test_deepspeed_launcher_survives_a_lost_host_and_resumes_bit_exact(cluster, work, run_a, tmp_path, fault):
+    """Host n2 (rank 1) crashes (its PID 1 killed: every process in it dies at once) or is
+    cut off (its link down) after step k (drawn from a seed): the rank on n1 stops within
+    train.dist_timeout_s (30 s) naming rank 1 and the last complete checkpoint, the
+    launcher exits non-zero within 60 s (no hang of pdsh: ssh keep-alives), and the same
+    command, started again once n2 is back, resumes and ends with run A's weights."""
+    import random
+
+    k = random.Random(f"{CRASH_SEED}-{fault}").randint(5, 7)  # after the checkpoint of step 5
+    hostfile, out, log = tmp_path / "hostfile", tmp_path / "run", tmp_path / "launcher.log"
+    hostfile.write_text("n1 slots=1\nn2 slots=1\n")
+    proc = _multi_node(cluster, work, out, hostfile, log)
+    try:
+        _wait_step(out, k, proc, checkpoint="global_step5")
+        t0 = time.monotonic()
+        cluster.crash("n2") if fault == "crash" else cluster.partition("n2")
+        rc = proc.wait(timeout=120)
+        launcher_s = time.monotonic() - t0
+        survivor_s = _until_gone(f"train.output_dir={out}", t0, cluster=cluster, host="n1")
+    finally:
+        if proc.poll() is None:
+            os.kill(_child(proc.pid), signal.SIGTERM)
+        if fault == "crash":
+            cluster.restart("n2")
+    text = log.read_text()
+    assert rc != 0, text[-3000:]
+    assert launcher_s < 60 and survivor_s < 30 + 5, (launcher_s, survivor_s, text[-3000:])
+    assert "radis train: error: rank 0: a collective failed" in text and "lost rank 1" in text, text[-3000:]
+    assert f"the last complete checkpoint is {out / 'checkpoints' / 'global_step5'}" in text, text[-3000:]
+    if fault == "partition":
+        # rank 1 lived on behind the cut: it stops by its own collective timeout (30 s), then
+        # gives up on the unreachable store (radis.train.heartbeat.STORE_REPLY_S) and exits
+        cut_off_s = _until_gone(f"train.output_dir={out}", t0)
+        assert cut_off_s < 30 + 30, cut_off_s
+        print(f"the rank behind the cut exited after {cut_off_s:.1f} s")
+    print(f"{fault} after step {k}: the launcher exited {rc} after {launcher_s:.1f} s, "
+          f"the survivor after {survivor_s:.1f} s")
+
+    if fault == "partition":
+        cluster.partition("n2", cut=False)
+    t1 = time.monotonic()
+    proc = _multi_node(cluster, work, out, hostfile, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    print(f"resumed and finished in {time.monotonic() - t1:.1f} s")
+    assert "resumed at step 5 from global_step5" in log.read_text()
     _assert_same_as_run_a(out, run_a)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 PREFIX = "radis/heartbeat/"
+STORE_REPLY_S = 5.0  # how long a read of the store may take before it counts as unreachable
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Diagnosis:
     def describe(self, store_address: str) -> str:
         if self.store_gone:
             return (f"the rendezvous store at {store_address} cannot be reached: the node of rank 0 (or the "
-                    "launcher that hosts the store) is gone")
+                    "launcher that hosts the store) is gone or cut off from this one")
         if not self.lost:
             return "every rank is still beating: the failure is in the network or the collective itself"
         parts = [f"rank {r} (" + ("never started beating" if self.ages[r] == float("inf") else
@@ -125,6 +126,28 @@ class Heartbeat:
             out[r] = (now - float(stamp), int(step))
         return out
 
+    def _read_within(self, seconds: float) -> dict[int, tuple[float, int] | None]:
+        """read(), or TimeoutError after `seconds`: a store behind a network cut does not
+        answer, and its client waits on the socket far longer than the store's own timeout
+        (seen: over a minute), which would leave this rank hanging after its collective
+        failed. The reading thread is a daemon and is left behind."""
+        result: dict = {}
+
+        def target() -> None:
+            try:
+                result["beats"] = self.read()
+            except BaseException as err:  # handed to the caller
+                result["error"] = err
+
+        reader = threading.Thread(target=target, name=f"radis-heartbeat-read-{self.rank}", daemon=True)
+        reader.start()
+        reader.join(seconds)
+        if reader.is_alive():
+            raise TimeoutError(f"the store at {self.address} did not answer in {seconds:.0f} s")
+        if "error" in result:
+            raise result["error"]
+        return result["beats"]
+
     def lost_ranks(self, wait: float | None = None, stale: float | None = None) -> Diagnosis:
         """The ranks that stopped beating, waiting up to `wait` seconds (default 4
         intervals) for a just-dead rank's last beat to grow older than `stale`
@@ -133,7 +156,7 @@ class Heartbeat:
         deadline = time.monotonic() + (4 * self.interval if wait is None else wait)
         while True:
             try:
-                beats = self.read()
+                beats = self._read_within(max(deadline - time.monotonic(), 0) + STORE_REPLY_S)
             except (RuntimeError, OSError, ValueError):  # DistStoreError is a RuntimeError
                 return Diagnosis([], {}, {}, store_gone=True)
             lost = [r for r, b in beats.items() if r != self.rank and (b is None or b[0] > stale)]
