@@ -1,6 +1,7 @@
 # Sourced by the launch scripts: CPU mode and the count of this node's GPUs.
 #
 #   radis_ranks_per_node VAR_NAME_OF_OVERRIDE   -> prints the ranks to start on this node
+#   radis_command                               -> prints the radis command the ranks run (RADIS_COMMAND)
 #   radis_visible_gpus VAR_NAME_OF_OVERRIDE     -> prints the CUDA_VISIBLE_DEVICES indices to
 #                                                  use (the first VAR of them when it is set)
 #
@@ -52,4 +53,15 @@ radis_visible_gpus() {
     ids=("${ids[@]:0:$override}")
   fi
   (IFS=,; echo "${ids[*]}")
+}
+
+radis_command() {
+  # What the ranks run: RADIS_COMMAND, default train. Generation and evaluation are
+  # data-parallel over the same ranks, so every launcher starts them too.
+  local command=${RADIS_COMMAND:-train}
+  case "$command" in
+    train|generate|rationales|evaluate) echo "$command" ;;
+    *) echo "$0: RADIS_COMMAND=$command: expected train, generate, rationales or evaluate" >&2
+       return 2 ;;
+  esac
 }

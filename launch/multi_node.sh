@@ -9,6 +9,7 @@
 # passwordless ssh from this node, and `output_dir` / `data.cache_dir` on a file system
 # shared by all nodes (checkpoints are renamed into place by rank 0).
 #
+# RADIS_COMMAND=generate or evaluate runs that command on the same ranks (default: train).
 # Environment: HOSTFILE (required), MASTER_ADDR (default: first host of HOSTFILE),
 # MASTER_PORT (29500), LAUNCHER (pdsh; or openmpi, mvapich, slurm), RADIS_CPU=1 for
 # CPU ranks (slots= ranks per node, gloo, OMP_NUM_THREADS=1).
@@ -30,6 +31,7 @@ shift
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 MASTER_PORT=${MASTER_PORT:-29500}
 source "$(dirname "$0")/common.sh"
+COMMAND=$(radis_command) || exit 2
 # pdsh starts every rank over ssh, this node's too, with only the variables DeepSpeed
 # exports (PYTHON*, NCCL*, ...) and the lines of its env file. So this run's own go in an
 # env file of the run (DS_ENV_FILE, an absolute path): CPU mode (DS_ACCELERATOR,
@@ -56,7 +58,7 @@ export DS_ENV_FILE=$env_file
 export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -o ServerAliveInterval=3 -o ServerAliveCountMax=3 -o BatchMode=yes"
 cmd=(deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank
-     --module radis.cli train --config "$CONFIG" "$@")
+     --module radis.cli "$COMMAND" --config "$CONFIG" "$@")
 echo "+ ${cmd[*]}" >&2
 # Stopping (Ctrl-C, a scheduler's SIGTERM): this job's ranks and no other job's. DeepSpeed's
 # runner, on SIGINT/SIGTERM, runs `pkill -f "<python> -u -m deepspeed.launcher.launch"` on
