@@ -9,7 +9,7 @@ which append one JSON row per measured run to RADIS_CLUSTER_REPORT, then prints 
 per launcher:
 
     test | set-up s | first step s | after step | survivor exit s | launcher exit s (status)
-         | cut-off rank exit s | resume s | bit-exact
+         | cut-off rank exit s | this job's ranks gone s | other job | resume s | bit-exact
 
 Times: `first step` from the launch command to the first optimizer step's record;
 `survivor exit` and `launcher exit` from the moment the host was killed or cut off (for
@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [("test", "test"), ("set-up s", "setup_s"), ("first step s", "first_step_s"), ("after step", "after_step"),
            ("survivor exit s", "survivor_exit_s"), ("launcher exit s (status)", None),
-           ("cut-off rank exit s", "cut_off_rank_exit_s"), ("resume s", "resume_s"), ("bit-exact", "bit_exact")]
+           ("cut-off rank exit s", "cut_off_rank_exit_s"), ("this job's ranks gone s", "ranks_gone_s"),
+           ("other job", "other_job"), ("resume s", "resume_s"), ("bit-exact", "bit_exact")]
 
 
 def _cell(row: dict, key: str | None) -> str:

@@ -216,27 +216,30 @@ def test_torchrun_on_each_host_with_a_rendezvous_on_n1(cluster, work, run_a, tmp
             first_step_s=round(_first_step_s(out, started), 1), steps=10, bit_exact=True)
 
 
-def test_torchrun_host_crash_then_resume_bit_exact(cluster, work, run_a, tmp_path):
-    """n2 crashes after step k under torchrun: n1's rank stops naming rank 1 and the
-    checkpoint, n1's torchrun exits non-zero; both started again once n2 is back resume
-    and end with run A's weights."""
+@pytest.mark.parametrize("fault", ["crash", "partition"])
+def test_torchrun_lost_host_then_resume_bit_exact(cluster, work, run_a, tmp_path, fault):
+    """n2 crashes or is cut off after step k under torchrun: n1's rank stops naming rank 1
+    and the checkpoint, n1's torchrun exits non-zero; both started again once n2 is back
+    resume and end with run A's weights."""
     import random
 
-    k = random.Random(f"{CRASH_SEED}-torchrun").randint(5, 7)
+    k = random.Random(f"{CRASH_SEED}-torchrun-{fault}").randint(5, 7)
     out, logs = tmp_path / "torchrun", [tmp_path / "n1.log", tmp_path / "n2.log"]
     procs = _torchrun_on_each_host(cluster, work, out, logs)
     try:
         _wait_step(out, k, procs[0], checkpoint="global_step5")
         t0 = time.monotonic()
-        cluster.crash("n2")
+        cluster.crash("n2") if fault == "crash" else cluster.partition("n2")
         rc = procs[0].wait(timeout=120)
         launcher_s = time.monotonic() - t0
         survivor_s = _until_gone(f"train.output_dir={out}", t0, cluster=cluster, host="n1")
+        # behind a cut, n2's torchrun and rank stop by their own timeouts
+        cut_off_s = _until_gone(f"train.output_dir={out}", t0) if fault == "partition" else None
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        cluster.restart("n2")
+        cluster.restart("n2") if fault == "crash" else cluster.partition("n2", cut=False)
     text = logs[0].read_text()
     assert rc != 0 and launcher_s < 60 and survivor_s < 30 + 10, (rc, launcher_s, survivor_s, text[-3000:])
     assert "lost rank 1" in text and f"the last complete checkpoint is {out / 'checkpoints' / 'global_step5'}" in text, \
@@ -247,8 +250,11 @@ def test_torchrun_host_crash_then_resume_bit_exact(cluster, work, run_a, tmp_pat
     resume_s = time.monotonic() - t1
     assert "resumed at step 5 from global_step5" in logs[0].read_text()
     _assert_same_as_run_a(out, run_a)
-    _report(launcher="torchrun", test="crash", after_step=k, survivor_exit_s=round(survivor_s, 1),
-            launcher_exit_s=round(launcher_s, 1), launcher_rc=rc, resume_s=round(resume_s, 1), bit_exact=True)
+    assert cut_off_s is None or cut_off_s < 30 + 30, cut_off_s
+    _report(launcher="torchrun", test=fault, after_step=k, survivor_exit_s=round(survivor_s, 1),
+            launcher_exit_s=round(launcher_s, 1), launcher_rc=rc,
+            cut_off_rank_exit_s=None if cut_off_s is None else round(cut_off_s, 1), resume_s=round(resume_s, 1),
+            bit_exact=True)
 
 
 def _child(pid: int) -> int:
