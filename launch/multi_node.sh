@@ -74,8 +74,12 @@ hosts=$(awk 'NF && $1 !~ /^#/ {print $1}' "$HOSTFILE" | paste -sd, -)
 stop_job() {
   trap - INT TERM
   echo "$0: stopping this job (master $MASTER_ADDR:$MASTER_PORT) on $hosts" >&2
-  kill -KILL -- "-$runner" 2>/dev/null || true
-  if [[ "${LAUNCHER:-pdsh}" == pdsh ]]; then
+  if [[ "${LAUNCHER:-pdsh}" != pdsh ]]; then
+    # mpirun and srun stop their remote ranks themselves when told to
+    kill -TERM -- "-$runner" 2>/dev/null || true
+    wait "$runner" || true
+  else
+    kill -KILL -- "-$runner" 2>/dev/null || true
     # [d]: the pattern does not match the shell that runs pkill on the host
     local pattern="[d]eepspeed[.]launcher[.]launch .*--master_addr=${MASTER_ADDR//./[.]} --master_port=$MASTER_PORT( |\$)"
     local stop="pkill -TERM -f -- '$pattern'; for i in \$(seq 20); do pgrep -f -- '$pattern' > /dev/null || exit 0; sleep 0.5; done; pkill -KILL -f -- '$pattern'; true"
