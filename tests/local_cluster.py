@@ -72,6 +72,11 @@ def _free_subnet() -> int:
     raise ClusterUnavailable("no free 10.213.K.0/24 subnet")
 
 
+def _short_hostname() -> str:
+    """This machine's name as `hostname -s` gives it: slurmctld only runs where it matches SlurmctldHost."""
+    return socket.gethostname().split(".")[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
@@ -192,7 +197,7 @@ class LocalCluster:
 
     def _files(self) -> None:
         r = self.root
-        ctl = socket.gethostname()
+        ctl = _short_hostname()
         lines = ["127.0.0.1 localhost", f"{self.controller_address} {ctl}"]
         lines += [f"{self.address(h)} {h}" for h in self.hosts]
         (r / "hosts").write_text("\n".join(lines) + "\n")
@@ -286,7 +291,7 @@ while :; do sleep 3600 & wait; done
         (r / "slurm").mkdir()
         (r / "slurm.conf").write_text(f"""\
 ClusterName=radis{self.state['tag']}
-SlurmctldHost={socket.gethostname()}({self.controller_address})
+SlurmctldHost={_short_hostname()}({self.controller_address})
 SlurmctldPort={ctl_port}
 SlurmdPort={d_port}
 SlurmUser=root
