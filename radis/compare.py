@@ -369,12 +369,23 @@ def _f(v: Any, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _judged_cell(row: dict[str, Any], key: str) -> str:
+    """An MT-Bench / AlpacaEval cell; MT-Bench with unparsable judgments counts them."""
+    if key != "mt_bench":
+        return _f(row.get(key), 1)
+    text, unparsed = _f(row.get(key), 2), row.get("mt_bench_unparsed")
+    return f"{text} ({unparsed} unparsed)" if unparsed else text
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """One Markdown table: every model's averaged translation scores (the scored one of raw
     and cut marked *), MT-Bench and AlpacaEval where judged, retention proxies, refusal
     rate, and the lm-eval tasks."""
     tasks = list(dict.fromkeys(t for r in rows for t in (r.get("general") or {})))
-    judged = [k for k in ("mt_bench", "alpaca_eval_wr", "alpaca_eval_lc") if any(r.get(k) is not None for r in rows)]
+    # MT-Bench shows where it was judged even when no reply could be parsed (a weak judge):
+    # the column then says so instead of vanishing
+    judged = [k for k in ("mt_bench", "alpaca_eval_wr", "alpaca_eval_lc")
+              if any(r.get(k) is not None or (k == "mt_bench" and r.get("mt_bench_unparsed")) for r in rows)]
     head = ["model", "BLEU raw", "BLEU cut", "chrF raw", "chrF cut", "COMET",
             *[{"mt_bench": "MT-Bench", "alpaca_eval_wr": "AlpacaEval WR", "alpaca_eval_lc": "AlpacaEval LC"}[k]
               for k in judged],
@@ -386,7 +397,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         star = lambda text, scored: f"{text}*" if scored and text != "-" else text
         cells = [r["model"], star(_f(r.get("bleu_raw")), cut is False), star(_f(r.get("bleu_cut")), cut is True),
                  star(_f(r.get("chrf_raw")), cut is False), star(_f(r.get("chrf_cut")), cut is True),
-                 _f(r.get("comet_cut"), 4), *[_f(r.get(j), 2 if j == "mt_bench" else 1) for j in judged],
+                 _f(r.get("comet_cut"), 4), *[_judged_cell(r, j) for j in judged],
                  _f(k.get("kl"), 3), _f(k.get("nll_tuned"), 3), _f(k.get("nll_original"), 3),
                  f"{k['changed'] * 100:.0f}%" if k.get("changed") is not None else "-", _f(k.get("chrf_to_original"), 1),
                  f"{safety['refusal_rate'] * 100:.0f}%" if safety.get("refusal_rate") is not None else "-",

@@ -467,7 +467,10 @@ def test_compare_table_report_and_plot_show_mt_bench_and_alpaca_eval(tmp_path):
     assert rows[1]["mt_bench"] == 5.5 and rows[1]["alpaca_eval_lc"] == 30.5 and rows[0]["mt_bench_unparsed"] == 1
     table = comparison_table(rows)
     assert "| MT-Bench | AlpacaEval WR | AlpacaEval LC |" in table
-    assert "| original | - | - | 50.00* | - | - | 6.25 | 40.0 | - |" in table
+    assert "| original | - | - | 50.00* | - | - | 6.25 (1 unparsed) | 40.0 | - |" in table
+    # a judge that never gave a score: the column stays and says so
+    weak = [summary_row("original", {**result(None, None, None), "mt_bench": {"overall": None, "unparsed": 16}})]
+    assert "| MT-Bench |" in comparison_table(weak) and "| - (16 unparsed) |" in comparison_table(weak)
     assert "MT-Bench" in format_table(rows) and "35.2" in format_table(rows)
     titles = [p[0] for p in panels(rows)]
     assert titles[:2] == ["MT-Bench", "AlpacaEval (length-controlled)"]
