@@ -148,7 +148,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ up
 
-    def up(self, slurm: bool = True) -> "LocalCluster":
+    def up(self, slurm: bool = True) -> LocalCluster:
         reason = self.missing()
         if reason:
             raise ClusterUnavailable(reason)
@@ -246,11 +246,12 @@ trap '' TERM INT HUP
 while :; do sleep 3600 & wait; done
 """)
         (hd / "ready").unlink(missing_ok=True)
-        proc = subprocess.Popen([_which("nsenter"), f"--net=/run/netns/{self.netns(host)}", "--",
-                                 _which("unshare"), "--uts", "--mount", "--pid", "--fork", "--mount-proc",
-                                 "--propagation", "private", "bash", str(init)],
-                                stdin=subprocess.DEVNULL, stdout=open(hd / "init.log", "w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with open(hd / "init.log", "w") as log:  # the host keeps its own copy of the descriptor
+            proc = subprocess.Popen([_which("nsenter"), f"--net=/run/netns/{self.netns(host)}", "--",
+                                     _which("unshare"), "--uts", "--mount", "--pid", "--fork", "--mount-proc",
+                                     "--propagation", "private", "bash", str(init)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.state.setdefault("unshare", {})[host] = proc.pid
         self._save()
         deadline = time.monotonic() + 20
@@ -325,7 +326,7 @@ PartitionName=main Nodes={','.join(self.hosts)} Default=YES MaxTime=INFINITE Sta
 """)
         env = {**os.environ, **self.slurm_env}
         proc = subprocess.run([_which("slurmctld"), "-f", str(r / "slurm.conf")], env=env, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=60, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"slurmctld did not start: {proc.stderr.strip()} "
                                f"{(r / 'slurm' / 'slurmctld.log').read_text()[-2000:]}")
@@ -345,7 +346,7 @@ PartitionName=main Nodes={','.join(self.hosts)} Default=YES MaxTime=INFINITE Sta
         env = {**os.environ, **self.slurm_env}
         while True:
             out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True,
-                                 timeout=30).stdout
+                                 timeout=30, check=False).stdout
             states = dict(line.split() for line in out.splitlines() if line.strip())
             if states and all(states.get(h) == "idle" for h in self.hosts):
                 return
@@ -362,8 +363,8 @@ PartitionName=main Nodes={','.join(self.hosts)} Default=YES MaxTime=INFINITE Sta
         return [_which("nsenter"), f"--target={self.host_pid(host)}", "--net", "--uts", "--mount", "--pid",
                 f"--wd={Path(cwd or os.getcwd()).resolve()}", "--", *argv]
 
-    def run(self, host: str, argv: list[str], cwd=None, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(host, argv, cwd), **kwargs)
+    def run(self, host: str, argv: list[str], cwd=None, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(host, argv, cwd), check=check, **kwargs)
 
     def popen(self, host: str, argv: list[str], cwd=None, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(host, argv, cwd), **kwargs)

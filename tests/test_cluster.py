@@ -20,14 +20,18 @@ import time
 from pathlib import Path
 
 import pytest
+import test_train_dist
 import torch
-
 from local_cluster import LocalCluster
+from test_train_dist import _env, _numerics
+
 from radis.train.export import consolidated_state_dict
 from radis.train.metrics import read_metrics
-from test_train_dist import _env, _numerics, run_a, work  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.distributed]
+# test_train_dist's tiny Llama and its run A (2 ranks on one host), shared through build_once
+work = test_train_dist.work
+run_a = test_train_dist.run_a
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +156,8 @@ def test_slurm_schedules_torchrun_on_two_hosts(cluster, work, run_a, tmp_path):
     started = time.time()
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
                            f"--output={job_out}", "launch/slurm.sbatch", str(work["config"]),
-                           f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                           f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     state = _wait_job(cluster, job, timeout=300)
@@ -305,17 +310,18 @@ def test_sigterm_to_multi_node_stops_its_own_ranks_and_no_other_job(cluster, wor
     `pkill -f "<python> -u -m deepspeed.launcher.launch"` on every host, would kill both)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("n1 slots=1\nn2 slots=1\n")
-    jobs, logs = {}, {}
+    jobs = {}
     for name, port, steps in (("other", "29600", "30"), ("stopped", "29500", "1000")):
         out = tmp_path / name
-        logs[name] = open(tmp_path / f"{name}.log", "w")
-        jobs[name] = cluster.popen("n1", ["bash", "launch/multi_node.sh", str(work["config"]), f"train.output_dir={out}",
-                                          f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=100"],
-                                   cwd=ROOT, env=_env(RADIS_CPU="1", HOSTFILE=str(hostfile), MASTER_PORT=port),
-                                   stdout=logs[name], stderr=subprocess.STDOUT)
+        with open(tmp_path / f"{name}.log", "w") as log:
+            jobs[name] = cluster.popen("n1", ["bash", "launch/multi_node.sh", str(work["config"]),
+                                              f"train.output_dir={out}", f"train.max_steps={steps}",
+                                              "train.eval_every=0", "train.save_every=100"],
+                                       cwd=ROOT, env=_env(RADIS_CPU="1", HOSTFILE=str(hostfile), MASTER_PORT=port),
+                                       stdout=log, stderr=subprocess.STDOUT)
     try:
-        for name in jobs:
-            _wait_step(tmp_path / name, 1, jobs[name])
+        for name, job in jobs.items():
+            _wait_step(tmp_path / name, 1, job)
         assert _processes_with(f"train.output_dir={tmp_path / 'other'}")
         t0 = time.monotonic()
         os.kill(_child(jobs["stopped"].pid), signal.SIGTERM)  # the script itself, not nsenter
@@ -338,8 +344,6 @@ def test_sigterm_to_multi_node_stops_its_own_ranks_and_no_other_job(cluster, wor
             if p.poll() is None:
                 os.kill(_child(p.pid), signal.SIGTERM)
                 p.wait(timeout=60)
-        for f in logs.values():
-            f.close()
 
 
 CRASH_SEED = 26
@@ -431,7 +435,8 @@ def test_slurm_job_whose_node_crashes_is_requeued_and_resumes_bit_exact(cluster,
     env = _env(RADIS_CPU="1", NPROC="1", **cluster.slurm_env)
     proc = subprocess.run(["sbatch", "--parsable", "--requeue", "--open-mode=append", "--nodes=2", "--gpus-per-node=0",
                            "--cpus-per-task=1", f"--output={job_out}", "launch/slurm.sbatch", str(work["config"]),
-                           f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                           f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     try:
@@ -468,7 +473,13 @@ def test_generation_through_the_deepspeed_launcher_on_two_hosts(cluster, tmp_pat
     """RADIS_COMMAND=generate launch/multi_node.sh: rationales written by one rank on each
     host, merged, equal to the same generation in one process."""
     from test_generation import make_tiny_generator
-    from test_generation_resume import MERGED, _records, _reference_run, write_config, write_pairs
+    from test_generation_resume import (
+        MERGED,
+        _records,
+        _reference_run,
+        write_config,
+        write_pairs,
+    )
 
     gen, data = make_tiny_generator(tmp_path / "gen"), tmp_path / "pairs.jsonl"
     write_pairs(data, 12)
@@ -489,9 +500,10 @@ def test_evaluation_through_slurm_on_two_hosts(cluster, tmp_path):
     scores equal one process's."""
     import json
 
+    from test_evaluate import _save_tiny
+
     from radis.config import load_config
     from radis.evaluate.command import evaluate
-    from test_evaluate import _save_tiny
 
     base = _save_tiny(tmp_path / "base", seed=0)
     tuned = _save_tiny(tmp_path / "tuned", seed=1, perturb_from=base)
@@ -509,7 +521,8 @@ def test_evaluation_through_slurm_on_two_hosts(cluster, tmp_path):
                            f"--output={job_out}", "launch/slurm.sbatch", str(config),
                            f"eval.output_dir={tmp_path / 'two_hosts'}"], cwd=ROOT,
                           env=_env(RADIS_CPU="1", NPROC="1", RADIS_COMMAND="evaluate", **cluster.slurm_env),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     state = _wait_job(cluster, proc.stdout.strip().split(";")[0], timeout=300)
     assert state == "COMPLETED", job_out.read_text()[-4000:]

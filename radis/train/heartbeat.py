@@ -136,7 +136,7 @@ class Heartbeat:
         def target() -> None:
             try:
                 result["beats"] = self.read()
-            except BaseException as err:  # handed to the caller
+            except Exception as err:  # noqa: BLE001 -- handed to the caller, who raises it
                 result["error"] = err
 
         reader = threading.Thread(target=target, name=f"radis-heartbeat-read-{self.rank}", daemon=True)
