@@ -568,4 +568,6 @@ def test_heartbeats_name_the_rank_that_stopped(monkeypatch):
     gone = beats[0].lost_ranks(wait=0.1)
     assert gone.store_gone and "cannot be reached" in gone.describe("127.0.0.1:1")
     assert is_collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"))
+    # seen on the two-host cluster, a host cut off under torchrun (tests/test_cluster.py)
+    assert is_collective_failure(RuntimeError("Application timeout caused pair closure"))
     assert not is_collective_failure(ValueError("bad"))

@@ -175,4 +175,6 @@ def is_collective_failure(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, RuntimeError) and any(s in text for s in (
         "Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "Timed out", "timed out",
-        "failed to recv", "Socket Timeout"))
+        "failed to recv", "Socket Timeout",
+        # gloo, when the peer is cut off (not dead) and the group's timeout passes mid-recv
+        "Application timeout caused pair closure"))
