@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,26 +31,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_judge(port: int) -> tuple[subprocess.Popen, str, float]:
-    """`transformers serve` with SmolLM2's GGUF file; (process, model name, seconds to healthy)."""
+def start_judge(port: int, timeout: float = 300, env: dict[str, str] | None = None
+                ) -> tuple[subprocess.Popen, str, float]:
+    """`transformers serve` with SmolLM2's GGUF file on 127.0.0.1:port; (process, model
+    name, seconds to healthy). RuntimeError, with the server's output, if it exits or is
+    not healthy within `timeout` (the process is stopped then)."""
     sys.path.insert(0, str(ROOT))
     from radis.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
-    model = f"{gguf.parent}:{gguf.name}"
+    model = f"{gguf.parent}:{gguf.name}"  # how `transformers serve` names a GGUF file
     cmd = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--log-level", "warning", model]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    # its output to a file, not a pipe: its access log over a long run would fill a pipe
+    # nobody reads and block the server
+    log = tempfile.TemporaryFile()  # noqa: SIM115 -- open as long as the server runs
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return proc, model, time.time() - t0
         except OSError:
             pass
-        if proc.poll() is not None or time.time() - t0 > 300:
+        if proc.poll() is not None or time.time() - t0 > timeout:
             stop(proc)
-            raise SystemExit(f"transformers serve did not come up (exit {proc.returncode})")
+            log.seek(0)
+            raise RuntimeError(f"transformers serve did not come up within {timeout:.0f} s (exit {proc.returncode}):\n"
+                               f"{log.read().decode(errors='replace')[-3000:]}")
         time.sleep(1)
 
 
@@ -60,6 +70,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _f(v, digits: int = 1) -> str:
@@ -106,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-        proc, model, startup = start_judge(port)
+        try:
+            proc, model, startup = start_judge(port)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
         url = f"http://127.0.0.1:{port}/v1"
         print(f"judge: transformers serve {model} healthy after {startup:.0f} s at {url}", flush=True)
     try:

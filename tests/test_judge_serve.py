@@ -12,12 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from test_evaluate import _save_tiny
@@ -42,39 +38,20 @@ def smollm2_judge():
     why = _serve_available()
     if why:
         pytest.skip(why)
-    from radis.models import smollm2_gguf_path
+    from benchmark_scripts import load_benchmark
 
-    gguf = smollm2_gguf_path()
-    model = f"{gguf.parent}:{gguf.name}"  # how `transformers serve` names a GGUF file
+    bench = load_benchmark("bench_judged")  # the benchmark's server start and stop, shared
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--log-level", "warning", model]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
-            if time.time() > deadline:
-                pytest.fail("transformers serve did not answer /health within 240 s")
-            time.sleep(1)
+        proc, model, _ = bench.start_judge(port, timeout=240, env={"OMP_NUM_THREADS": "1"})
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    try:
         yield f"http://127.0.0.1:{port}/v1", model
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        bench.stop(proc)
 
 
 def test_mt_bench_and_alpaca_eval_judged_by_smollm2_through_transformers_serve(smollm2_judge, tmp_path):
