@@ -55,22 +55,31 @@ def _uts(pid: int) -> str | None:
         return None
 
 
+def _processes_with(text: str) -> list[int]:
+    """PIDs (on every host: their PID namespaces are inside this one) whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def _rank_environments(cluster: LocalCluster, stop: threading.Event, seen: dict) -> None:
     """While a run lasts: for each host, the environment of a `radis.cli train` process
     found in it (its UTS namespace is the host's), read from /proc of this machine."""
     hosts = {_uts(cluster.host_pid(h)): h for h in cluster.hosts}
     while not stop.is_set() and len(seen) < len(hosts):
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"radis.cli" not in cmdline or b"train" not in cmdline:
-                    continue
-                host = hosts.get(_uts(int(pid)))
-                if host and host not in seen:
+        for pid in _processes_with("radis.cli\0train\0"):
+            host = hosts.get(_uts(pid))
+            if host and host not in seen:
+                try:
                     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                    seen[host] = dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
-            except OSError:
-                continue
+                except OSError:  # gone meanwhile
+                    continue
+                seen[host] = dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
         time.sleep(0.2)
 
 
@@ -273,16 +282,6 @@ def _child(pid: int) -> int:
     raise AssertionError(f"process {pid} started nothing")
 
 
-def _processes_with(text: str) -> list[int]:
-    """PIDs (on every host: their PID namespaces are inside this one) whose command line holds `text`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 def _wait_step(out: Path, step: int, proc: subprocess.Popen | None, timeout: float = 180, checkpoint: str | None = None
